@@ -1,0 +1,40 @@
+"""seqshard.dist: ranks and wires.
+
+`Mesh` (who talks to whom), `Layout`s (how a sequence maps onto ranks), autograd-aware
+collectives and process-group start-up through DeepSpeed's comm. Knows nothing about models.
+"""
+
+from .collectives import (
+    CollectiveError,
+    RingComm,
+    all_gather,
+    all_reduce,
+    all_to_all,
+    check_same_shape,
+    exchange,
+    exclusive_scan,
+    heads_to_seq,
+    reduce_scatter,
+    ring_shift,
+    seq_to_heads,
+)
+from .layout import (
+    LAYOUTS,
+    Block,
+    Contiguous,
+    Layout,
+    Striped,
+    Zigzag,
+    get_layout,
+    pad_to_multiple,
+)
+from .mesh import Mesh, MeshShape
+from .process_group import default_backend, destroy_process_group, init_process_group
+
+__all__ = [
+    "Block", "CollectiveError", "Contiguous", "LAYOUTS", "Layout", "Mesh", "MeshShape",
+    "RingComm", "Striped", "Zigzag", "all_gather", "all_reduce", "all_to_all",
+    "check_same_shape", "default_backend", "destroy_process_group", "exchange",
+    "exclusive_scan", "get_layout", "heads_to_seq", "init_process_group", "pad_to_multiple",
+    "reduce_scatter", "ring_shift", "seq_to_heads",
+]

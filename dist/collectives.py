@@ -1,0 +1,365 @@
+"""Autograd-aware collectives over a process group, each with an exact backward.
+
+- `all_to_all(x, group, scatter_dim, gather_dim)`: split along one dim, send piece j to rank j,
+  concatenate what arrives along another. `seq_to_heads` / `heads_to_seq` are the two Ulysses
+  directions. Backward: the all-to-all with the dims swapped.
+- `all_gather(x, dim, group)`: backward is reduce-scatter (each rank gets the sum of every
+  rank's gradient for its own piece).
+- `reduce_scatter(x, dim, group)`: the transpose of `all_gather`.
+- `all_reduce(x, group)`: sum over ranks; backward is the same sum (exact for a total loss
+  that is the sum of every rank's loss).
+- `ring_shift(x, group, shift)`: rank r receives rank r-shift's tensor; backward shifts back.
+- `RingComm`: the non-autograd ring exchange used inside hand-written backward passes: post
+  the next send/receive, compute on the current block, then wait (overlap).
+- `exclusive_scan(value, combine, group)`: exclusive prefix over ranks of an associative
+  combine, in ceil(log2 P) rounds (forward values; ops define their own backward with
+  `reverse=True`).
+
+Every call waits at most `timeout` and raises `CollectiveError` naming the rank and the op.
+"""
+
+from __future__ import annotations
+
+import datetime
+from contextlib import contextmanager
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+Tensors = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; the message names the rank and the operation."""
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+@contextmanager
+def _guard(op: str, group):
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as err:
+        me = dist.get_rank() if dist.is_initialized() else 0
+        raise CollectiveError(
+            f"rank {me}: {op} over a group of {group_size(group)} ranks failed "
+            f"(a peer may have died, stalled or sent a different shape): {err}"
+        ) from err
+
+
+def _wait(work, timeout: datetime.timedelta | None) -> None:
+    if timeout is None:
+        work.wait()
+    else:
+        work.wait(timeout)
+
+
+def _run(op, *args, group, timeout, **kwargs) -> None:
+    work = op(*args, group=group, async_op=True, **kwargs)
+    _wait(work, timeout)
+
+
+# --- all-to-all ------------------------------------------------------------------------------
+def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int, timeout) -> torch.Tensor:
+    world = group_size(group)
+    if world == 1:
+        return x
+    if x.shape[scatter_dim] % world != 0:
+        raise ValueError(
+            f"all_to_all: dim {scatter_dim} of shape {tuple(x.shape)} is {x.shape[scatter_dim]}, "
+            f"not divisible by the group size {world}"
+        )
+    # [world, ...piece] with piece j going to rank j
+    send = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
+    recv = torch.empty_like(send)
+    with _guard("all_to_all", group):
+        _run(dist.all_to_all_single, recv, send, group=group, timeout=timeout)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim, timeout):
+        ctx.args = (group, scatter_dim, gather_dim, timeout)
+        return _all_to_all(x, group, scatter_dim, gather_dim, timeout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, scatter_dim, gather_dim, timeout = ctx.args
+        return _all_to_all(grad, group, gather_dim, scatter_dim, timeout), None, None, None, None
+
+
+def all_to_all(
+    x: torch.Tensor, group, scatter_dim: int, gather_dim: int, *, timeout=None
+) -> torch.Tensor:
+    """Split `x` along scatter_dim into P pieces, send piece j to rank j, concatenate the
+    received pieces (in rank order) along gather_dim."""
+    scatter_dim %= x.dim()
+    gather_dim %= x.dim()
+    return _AllToAll.apply(x, group, scatter_dim, gather_dim, timeout)
+
+
+def seq_to_heads(x: torch.Tensor, group, *, seq_dim=2, head_dim=1, timeout=None) -> torch.Tensor:
+    """[B, H, N/P, D] sequence-sharded -> [B, H/P, N, D] head-sharded (Ulysses, first leg)."""
+    return all_to_all(x, group, scatter_dim=head_dim, gather_dim=seq_dim, timeout=timeout)
+
+
+def heads_to_seq(x: torch.Tensor, group, *, seq_dim=2, head_dim=1, timeout=None) -> torch.Tensor:
+    """[B, H/P, N, D] head-sharded -> [B, H, N/P, D] sequence-sharded (Ulysses, second leg)."""
+    return all_to_all(x, group, scatter_dim=seq_dim, gather_dim=head_dim, timeout=timeout)
+
+
+# --- all-gather / reduce-scatter -------------------------------------------------------------
+def _all_gather(x: torch.Tensor, dim: int, group, timeout) -> torch.Tensor:
+    world = group_size(group)
+    if world == 1:
+        return x
+    send = x.movedim(dim, 0).contiguous()
+    recv = send.new_empty((world * send.shape[0],) + tuple(send.shape[1:]))
+    with _guard("all_gather", group):
+        _run(dist.all_gather_into_tensor, recv, send, group=group, timeout=timeout)
+    return recv.movedim(0, dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group, timeout) -> torch.Tensor:
+    world = group_size(group)
+    if world == 1:
+        return x
+    if x.shape[dim] % world != 0:
+        raise ValueError(
+            f"reduce_scatter: dim {dim} of shape {tuple(x.shape)} is not divisible by {world}"
+        )
+    send = x.movedim(dim, 0).contiguous()
+    recv = send.new_empty((send.shape[0] // world,) + tuple(send.shape[1:]))
+    with _guard("reduce_scatter", group):
+        _run(dist.reduce_scatter_tensor, recv, send, group=group, timeout=timeout)
+    return recv.movedim(0, dim)
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group, timeout):
+        ctx.args = (dim, group, timeout)
+        return _all_gather(x, dim, group, timeout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, group, timeout = ctx.args
+        return _reduce_scatter(grad, dim, group, timeout), None, None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group, timeout):
+        ctx.args = (dim, group, timeout)
+        return _reduce_scatter(x, dim, group, timeout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, group, timeout = ctx.args
+        return _all_gather(grad, dim, group, timeout), None, None, None
+
+
+def all_gather(x: torch.Tensor, dim: int, group, *, timeout=None) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim`, in rank order. Backward: reduce-scatter."""
+    return _AllGather.apply(x, dim % x.dim(), group, timeout)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group, *, timeout=None) -> torch.Tensor:
+    """Sum `x` over ranks and keep this rank's piece along `dim`. Backward: all-gather."""
+    return _ReduceScatter.apply(x, dim % x.dim(), group, timeout)
+
+
+# --- all-reduce ------------------------------------------------------------------------------
+def _all_reduce(x: torch.Tensor, group, timeout) -> torch.Tensor:
+    if group_size(group) == 1:
+        return x
+    out = x.clone()
+    with _guard("all_reduce", group):
+        _run(dist.all_reduce, out, group=group, timeout=timeout)
+    return out
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, timeout):
+        ctx.args = (group, timeout)
+        return _all_reduce(x, group, timeout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, timeout = ctx.args
+        return _all_reduce(grad, group, timeout), None, None
+
+
+def all_reduce(x: torch.Tensor, group, *, timeout=None) -> torch.Tensor:
+    """Sum of `x` over ranks (a new tensor). Backward: the sum of the ranks' gradients."""
+    return _AllReduce.apply(x, group, timeout)
+
+
+# --- point to point --------------------------------------------------------------------------
+def _peer(group, rank_in_group: int) -> int:
+    return rank_in_group if group is None else dist.get_global_rank(group, rank_in_group)
+
+
+class Pending:
+    """Receives posted by `RingComm.post`; `wait()` returns the received tensors."""
+
+    def __init__(self, works, received, timeout, op, group):
+        self._works, self._received = works, received
+        self._timeout, self._op, self._group = timeout, op, group
+
+    def wait(self):
+        with _guard(self._op, self._group):
+            for work in self._works:
+                _wait(work, self._timeout)
+        self._works = []
+        return self._received
+
+
+def exchange(
+    sends: Sequence[tuple[torch.Tensor, int]],
+    recvs: Sequence[tuple[torch.Tensor, int]],
+    group,
+    *,
+    timeout=None,
+    op="exchange",
+) -> Pending:
+    """Post sends (tensor, dst) and receives (buffer, src), ranks given inside `group`.
+
+    Returns at once; `wait()` on the result blocks until all complete and returns the
+    receive buffers in order.
+    """
+    ops = [dist.P2POp(dist.isend, t.contiguous(), _peer(group, d), group) for t, d in sends]
+    ops += [dist.P2POp(dist.irecv, b, _peer(group, s), group) for b, s in recvs]
+    buffers = [b for b, _ in recvs]
+    if not ops:
+        return Pending([], buffers, timeout, op, group)
+    with _guard(op, group):
+        works = dist.batch_isend_irecv(ops)
+    return Pending(works, buffers, timeout, op, group)
+
+
+class RingComm:
+    """Ring exchange within `group`: send to rank+1, receive from rank-1.
+
+    Usage, overlapping communication with compute:
+
+        comm = RingComm(group, timeout)
+        for step in range(comm.size):
+            if step + 1 < comm.size:
+                pending = comm.post(k, v)          # next block starts travelling
+            compute(k, v)                          # ... while this one is used
+            if step + 1 < comm.size:
+                k, v = pending.wait()
+    """
+
+    def __init__(self, group, timeout=None, shift: int = 1):
+        self.group, self.timeout = group, timeout
+        self.size, self.rank = group_size(group), group_rank(group)
+        self.send_to = (self.rank + shift) % self.size
+        self.recv_from = (self.rank - shift) % self.size
+
+    def source(self, step: int) -> int:
+        """The rank whose block this rank holds after `step` exchanges."""
+        return (self.rank - step) % self.size
+
+    def post(self, *tensors: torch.Tensor) -> Pending:
+        if self.size == 1:
+            return Pending([], list(tensors), self.timeout, "ring_exchange", self.group)
+        sends = [(t, self.send_to) for t in tensors]
+        recvs = [(torch.empty_like(t, memory_format=torch.contiguous_format), self.recv_from)
+                 for t in tensors]
+        return exchange(sends, recvs, self.group, timeout=self.timeout, op="ring_exchange")
+
+
+class _RingShift(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, shift, timeout):
+        ctx.args = (group, shift, timeout)
+        return RingComm(group, timeout, shift).post(x).wait()[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, shift, timeout = ctx.args
+        return RingComm(group, timeout, -shift).post(grad).wait()[0], None, None, None
+
+
+def ring_shift(x: torch.Tensor, group, shift: int = 1, *, timeout=None) -> torch.Tensor:
+    """Rank r gets rank (r - shift)'s `x` (cyclically). Backward sends gradients back."""
+    return _RingShift.apply(x, group, shift, timeout)
+
+
+# --- prefix scan -----------------------------------------------------------------------------
+def _as_tuple(value: Tensors) -> tuple[torch.Tensor, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def exclusive_scan(
+    value: Tensors,
+    combine: Callable[[Tensors, Tensors], Tensors],
+    group,
+    *,
+    identity: Tensors | None = None,
+    reverse: bool = False,
+    timeout=None,
+) -> Tensors | None:
+    """Exclusive prefix of `value` over the ranks of `group` under an associative `combine`.
+
+    Rank r gets combine(v_0, ..., v_{r-1}) with the *earlier* operand on the left:
+    combine(earlier, later). Rank 0 gets `identity` (None if not given). With reverse=True
+    the order runs the other way: rank r gets the combination of v_{P-1}, ..., v_{r+1}, the
+    rank farther away on the left.
+
+    ceil(log2 P) rounds; in round d each rank sends its running inclusive value 2^d ranks
+    on and receives from 2^d ranks back, so every rank keeps O(1) values live. Every rank
+    must pass tensors of the same shapes and dtypes.
+    """
+    world, rank = group_size(group), group_rank(group)
+    inclusive = _as_tuple(value)
+    single = not isinstance(value, tuple)
+    exclusive: tuple[torch.Tensor, ...] | None = None
+    # position along the scan direction
+    pos = (world - 1 - rank) if reverse else rank
+    to_rank = (lambda p: world - 1 - p) if reverse else (lambda p: p)
+    offset = 1
+    while offset < world:
+        sends = [(t, to_rank(pos + offset)) for t in inclusive] if pos + offset < world else []
+        recvs = ([(torch.empty_like(t, memory_format=torch.contiguous_format), to_rank(pos - offset))
+                  for t in inclusive] if pos - offset >= 0 else [])
+        received = exchange(sends, recvs, group, timeout=timeout, op="exclusive_scan").wait()
+        if received:
+            earlier = tuple(received)
+            earlier_v = earlier[0] if single else earlier
+            incl_v = inclusive[0] if single else inclusive
+            inclusive = _as_tuple(combine(earlier_v, incl_v))
+            if exclusive is None:
+                exclusive = earlier
+            else:
+                excl_v = exclusive[0] if single else exclusive
+                exclusive = _as_tuple(combine(earlier_v, excl_v))
+        offset *= 2
+    if exclusive is None:
+        return identity
+    return exclusive[0] if single else exclusive
+
+
+def check_same_shape(x: torch.Tensor, group, name: str, *, timeout=None) -> None:
+    """Raise ValueError on every rank if `x` does not have the same shape on all ranks."""
+    world = group_size(group)
+    if world == 1:
+        return
+    shape = torch.tensor([x.dim()] + list(x.shape) + [0] * (8 - x.dim()), dtype=torch.int64)
+    shapes = _all_gather(shape.unsqueeze(0), 0, group, timeout)
+    if not bool((shapes == shapes[0]).all()):
+        listed = [tuple(s[1 : 1 + int(s[0])].tolist()) for s in shapes]
+        raise ValueError(f"{name} has different shapes across ranks: {listed}")

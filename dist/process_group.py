@@ -1,0 +1,94 @@
+"""Process-group start-up through DeepSpeed's comm (gloo on CPU, NCCL on CUDA).
+
+This is the only place seqshard starts a process group. Everything else receives a
+`Mesh` built on top of it. The environment follows torchrun's convention
+(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so the same worker code runs
+under the Ray launcher, `deepspeed` and `torchrun`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def default_backend() -> str:
+    """NCCL when this process sees a CUDA device, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        if default is None:
+            raise ValueError(
+                f"environment variable {name} is not set; launch with torchrun, deepspeed or "
+                f"`seqshard run`, or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
+            )
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_process_group(
+    backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> None:
+    """Join the default process group from the environment, or adopt one already started.
+
+    Goes through `deepspeed.comm.init_distributed`, so DeepSpeed's engine later finds the same
+    group. On a machine without CUDA, DeepSpeed's CPU accelerator is selected
+    (`DS_ACCELERATOR=cpu`) and the backend is gloo.
+
+    A rank that never joins makes the others fail after `timeout_s` with a `RuntimeError`
+    naming the rank, the world size and the rendezvous address, instead of hanging.
+    """
+    if dist.is_initialized():
+        return
+    backend = backend or default_backend()
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend={backend!r}: expected 'gloo' or 'nccl'")
+    if backend == "gloo" and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    rank = _env_int("RANK")
+    world_size = _env_int("WORLD_SIZE")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = _env_int("MASTER_PORT", 29500)
+    os.environ.setdefault("MASTER_ADDR", addr)
+    os.environ.setdefault("MASTER_PORT", str(port))
+    if backend == "nccl":
+        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+
+    import deepspeed.comm as ds_comm  # deferred: importing deepspeed costs ~1 s
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        ds_comm.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            distributed_port=port,
+            verbose=False,
+            timeout=timeout,
+            init_method=f"tcp://{addr}:{port}",
+            rank=rank,
+            world_size=world_size,
+        )
+    except Exception as err:  # torch raises DistStoreError / RuntimeError on rendezvous timeout
+        raise RuntimeError(
+            f"rank {rank} of {world_size} could not join the process group at {addr}:{port} "
+            f"within {timeout_s:.0f} s (backend {backend}): {err}"
+        ) from err
+
+
+def destroy_process_group() -> None:
+    """Leave the default process group if one is running."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
