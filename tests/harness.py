@@ -25,7 +25,9 @@ import os
 import queue
 import socket
 import sys
+import time
 import traceback
+from dataclasses import dataclass
 
 TASK_TIMEOUT_S = float(os.environ.get("SEQSHARD_TEST_TIMEOUT", "300"))
 COLLECTIVE_TIMEOUT_S = 60.0
@@ -98,18 +100,30 @@ class _Pool:
             p.start()
         self._collect("ready", TASK_TIMEOUT_S)
 
-    def _collect(self, what: str, timeout: float) -> list:
+    def _collect(self, what: str, timeout: float, allow_dead: bool = False) -> list:
         out: list = [None] * self.world
         errors: dict[int, str] = {}
-        for _ in range(self.world):
+        pending = set(range(self.world))
+        deadline = time.monotonic() + timeout
+        while pending:
             try:
-                rank, status, payload = self.results.get(timeout=timeout)
+                rank, status, payload = self.results.get(timeout=0.5)
             except queue.Empty:
-                dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
-                raise AssertionError(
-                    f"{what}: no answer from all {self.world} ranks within {timeout:.0f} s "
-                    f"(dead ranks: {dead})"
-                ) from None
+                dead = {r for r in pending if not self.procs[r].is_alive()}
+                if dead:
+                    if not allow_dead:
+                        codes = {r: self.procs[r].exitcode for r in sorted(dead)}
+                        raise AssertionError(f"{what}: ranks died (exit codes {codes})") from None
+                    for r in dead:
+                        out[r] = RankDied(r, self.procs[r].exitcode)
+                    pending -= dead
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"{what}: ranks {sorted(pending)} of {self.world} gave no answer "
+                        f"within {timeout:.0f} s"
+                    ) from None
+                continue
+            pending.discard(rank)
             if status == "error":
                 errors[rank] = payload
             else:
@@ -119,11 +133,11 @@ class _Pool:
             raise AssertionError(f"{what} failed on ranks {sorted(errors)}:\n{report}")
         return out
 
-    def run(self, fn, args, kwargs, timeout: float) -> list:
+    def run(self, fn, args, kwargs, timeout: float, allow_dead: bool = False) -> list:
         task = (fn, args, kwargs, list(sys.path))
         for q in self.tasks:
             q.put(task)
-        return self._collect(getattr(fn, "__name__", "task"), timeout)
+        return self._collect(getattr(fn, "__name__", "task"), timeout, allow_dead)
 
     def close(self) -> None:
         for q, p in zip(self.tasks, self.procs):
@@ -138,8 +152,28 @@ class _Pool:
                 p.kill()
 
 
-def run_ranks(fn, world: int, *args, timeout: float = TASK_TIMEOUT_S, **kwargs) -> list:
-    """Run `fn(rank, world, *args, **kwargs)` on `world` gloo ranks; return every rank's result."""
+@dataclass(frozen=True)
+class RankDied:
+    """Stands in an isolated run's results for a rank process that exited without answering."""
+
+    rank: int
+    exitcode: int | None
+
+
+def run_ranks(
+    fn, world: int, *args, timeout: float = TASK_TIMEOUT_S, isolated: bool = False, **kwargs
+) -> list:
+    """Run `fn(rank, world, *args, **kwargs)` on `world` gloo ranks; return every rank's result.
+
+    isolated=True runs on a throw-away pool (for tests that kill ranks or wedge a group); there
+    a rank that dies yields a `RankDied` in the results instead of failing the call.
+    """
+    if isolated:
+        pool = _Pool(world)
+        try:
+            return pool.run(fn, args, kwargs, timeout, allow_dead=True)
+        finally:
+            pool.close()
     pool = _pools.get(world)
     if pool is None:
         pool = _pools[world] = _Pool(world)

@@ -1,0 +1,71 @@
+"""A rank that never arrives, dies, or never joins gives an error naming it, not a hang."""
+
+import datetime
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from seqshard.dist import CollectiveError, all_reduce
+from tests.harness import RankDied, free_port, run_ranks
+
+
+def _short_timeout_group(seconds: float):
+    import torch.distributed as dist
+
+    return dist.new_group([0, 1], timeout=datetime.timedelta(seconds=seconds))
+
+
+def _rank_never_arrives(rank, world):
+    group = _short_timeout_group(2.0)
+    if rank == 1:
+        return "skipped the collective"
+    try:
+        all_reduce(torch.ones(3), group, timeout=datetime.timedelta(seconds=2.0))
+    except CollectiveError as err:
+        return str(err)
+    return "no error"
+
+
+def test_rank_that_never_arrives_times_out():
+    results = run_ranks(_rank_never_arrives, 2, isolated=True, timeout=120)
+    assert results[1] == "skipped the collective"
+    assert results[0].startswith("rank 0: all_reduce over a group of 2 ranks failed"), results[0]
+
+
+def _rank_dies(rank, world):
+    group = _short_timeout_group(10.0)
+    if rank == 1:
+        os._exit(3)
+    try:
+        all_reduce(torch.ones(3), group, timeout=datetime.timedelta(seconds=10.0))
+    except CollectiveError as err:
+        return str(err)
+    return "no error"
+
+
+def test_rank_that_dies_gives_an_error():
+    results = run_ranks(_rank_dies, 2, isolated=True, timeout=120)
+    assert results[1] == RankDied(1, 3)
+    assert results[0].startswith("rank 0: all_reduce over a group of 2 ranks failed"), results[0]
+
+
+def test_rank_that_never_joins_fails_within_the_timeout():
+    script = textwrap.dedent(
+        """
+        from seqshard.dist import Mesh
+        try:
+            Mesh.from_env(timeout_s=3)
+        except RuntimeError as err:
+            print("ERROR:", err)
+        """
+    )
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
+    # the outer timeout only guards the test run; the error must come from seqshard itself
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert "ERROR: rank 0 of 2 could not join the process group" in proc.stdout, proc.stderr[-2000:]
+    assert "within 3 s" in proc.stdout
