@@ -1,0 +1,81 @@
+"""FIT across ranks: the only places where a FIT block talks to other ranks.
+
+The sequence is sharded with the CONTIGUOUS layout and the shard length is a multiple of
+the group size, so every group lives on exactly one rank: rank r holds groups
+r * t_local ... (r + 1) * t_local - 1. Local layers, read and write need nothing from other
+ranks. The global layers see every latent: `gather_latents` all-gathers the small latent
+sequence (backward: reduce-scatter, so each rank receives the summed gradient of its own
+latents), every rank runs the same global layers on it, and `own_groups` cuts out the
+latents this rank's groups use (shifted by one group for the causal write).
+
+Gradient convention (what the models engineer relies on): each rank back-propagates only
+its own loss, so the cotangent entering the global layers is non-zero only on this rank's
+slice. Backprop is linear in that cotangent, so the global layers' parameter gradients
+summed over ranks equal the unsharded gradient -- exactly like the local layers, whose
+gradients are partial sums over this rank's groups. Sum (all-reduce) every FIT parameter
+gradient over the sp group; never average it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqshard.dist import Mesh, all_gather, check_same_shape
+
+
+def world_and_rank(mesh: Mesh | None) -> tuple[int, int]:
+    """(sp size, sp rank); None means one process."""
+    return (1, 0) if mesh is None else (mesh.size, mesh.rank)
+
+
+def check_tokens(x: torch.Tensor, dim: int, group_size: int, mesh: Mesh | None) -> int:
+    """Validate a token shard [B, N_local, dim]; return the number of local groups.
+
+    Raises ValueError (with the values) on a wrong rank, width, a shard that splits a group,
+    or shards whose shapes differ across ranks (which would otherwise hang the gather).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [batch, seq_local, dim], got shape {tuple(x.shape)}")
+    if x.shape[-1] != dim:
+        raise ValueError(f"x has width {x.shape[-1]} (shape {tuple(x.shape)}), expected dim={dim}")
+    n_local = x.shape[1]
+    if n_local == 0 or n_local % group_size != 0:
+        raise ValueError(
+            f"shard length N_local={n_local} is not a positive multiple of group_size="
+            f"{group_size}: groups must not straddle ranks (pad the global sequence to a "
+            f"multiple of world x group_size, e.g. with seqshard.dist.pad_to_multiple)"
+        )
+    world, _ = world_and_rank(mesh)
+    if world > 1:
+        check_same_shape(x, mesh.group, "FIT input shard", timeout=mesh.timeout)
+    return n_local // group_size
+
+
+def group_index(t_local: int, mesh: Mesh | None, device=None) -> torch.Tensor:
+    """Global indices of this rank's groups (contiguous layout). int64 [t_local]."""
+    _, rank = world_and_rank(mesh)
+    return torch.arange(rank * t_local, (rank + 1) * t_local, device=device)
+
+
+def gather_latents(latents: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
+    """Every rank's latents in global group order: [B, t_local, m, D] -> [B, T, m, D].
+
+    Backward is a reduce-scatter: rank r gets the sum over ranks of the gradient of its groups.
+    """
+    world, _ = world_and_rank(mesh)
+    if world == 1:
+        return latents
+    return all_gather(latents, 1, mesh.group, timeout=mesh.timeout)
+
+
+def own_groups(full: torch.Tensor, t_local: int, mesh: Mesh | None, shift: int = 0) -> torch.Tensor:
+    """This rank's groups of a global latent tensor, `shift` groups back.
+
+    full [B, T, m, D] -> [B, t_local, m, D] holding global groups g - shift for this rank's
+    groups g; groups before the start of the sequence are zeros (the causal write of group 0).
+    """
+    _, rank = world_and_rank(mesh)
+    if shift:
+        zeros = full.new_zeros(full.shape[0], shift, *full.shape[2:])
+        full = torch.cat([zeros, full[:, : full.shape[1] - shift]], dim=1)  # [B, T, m, D]
+    return full[:, rank * t_local : (rank + 1) * t_local]
