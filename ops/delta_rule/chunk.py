@@ -1,0 +1,236 @@
+"""Chunkwise delta rule (WY / UT-transform form): the one kernel and the one autograd.Function.
+
+Notation per chunk of C tokens (state S [Dk, Dv], read o = S^T q; see README.md):
+gamma = cumulative log-decay inside the chunk (0 without a gate), Gamma[t, s] = exp(gamma_t -
+gamma_s) for s <= t, else 0.
+
+    T = (I + strict_tril(diag(b) (K K^T * Gamma)))^-1 diag(b)
+    W = T diag(exp(gamma)) K,   U = T V,   Delta = U - W S
+    O = diag(exp(gamma)) Q S + (Q K^T * Gamma) Delta
+    S' = exp(gamma_C) S + Kt^T Delta,  Kt[s] = exp(gamma_C - gamma_s) K[s]
+
+`prepare` does everything that is parallel over chunks (plain torch, differentiated by
+autograd in backward). The only sequential part is the state chain S_j -> S_{j+1}, written
+out by hand both ways (`chain_states`, `chain_grads`). Forward keeps the inputs and one state
+per chunk start (N/C * Dk * Dv numbers), never per-token states or per-chunk transitions;
+backward recomputes `prepare`.
+
+A *schedule* decides where the first chunk's state comes from and where the last one goes:
+`LocalSchedule` here (one process), the sharded ones in sharded.py. Same Function for all.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Chunks(NamedTuple):
+    """Per-chunk tensors, chunk-major so the state chain indexes dim 0."""
+
+    qg: torch.Tensor  # [nc, B, H, C, Dk] scaled queries, decayed from the chunk start
+    aqk: torch.Tensor  # [nc, B, H, C, C] causal (Q K^T * Gamma)
+    w: torch.Tensor  # [nc, B, H, C, Dk]
+    u: torch.Tensor  # [nc, B, H, C, Dv]
+    kt: torch.Tensor  # [nc, B, H, C, Dk] keys decayed to the chunk end
+    decay: torch.Tensor | None  # [nc, B, H] exp(total log-decay of the chunk), None: no gate
+
+
+def to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
+    """[B, H, N, ...] -> [nc, B, H, C, ...], zero-padded at the end.
+
+    Zero padding is exact: a token with k = 0, b = 0, g = 0 leaves the state unchanged.
+    """
+    N = x.shape[2]
+    nc = -(-N // C)
+    if nc * C != N:
+        pad = x.new_zeros(x.shape[:2] + (nc * C - N,) + x.shape[3:])
+        x = torch.cat([x, pad], dim=2)
+    return x.unflatten(2, (nc, C)).movedim(2, 0)
+
+
+def from_chunks(x: torch.Tensor, N: int) -> torch.Tensor:
+    """[nc, B, H, C, D] -> [B, H, N, D] (drops the padding)."""
+    return x.movedim(0, 2).flatten(2, 3)[:, :, :N]
+
+
+def prepare(q, k, v, beta, gate, scale: float, C: int) -> Chunks:
+    """The chunk-parallel part: the UT transform and the intra-chunk scores."""
+    qc, kc, vc = to_chunks(q * scale, C), to_chunks(k, C), to_chunks(v, C)
+    bc = to_chunks(beta, C)  # [nc, B, H, C]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    kk = kc @ kc.mT  # [nc, B, H, C, C]
+    qk = qc @ kc.mT
+    if gate is None:
+        strict = (bc[..., None] * kk).tril(-1)
+        rhs_k = bc[..., None] * kc
+        qg, kt, decay = qc, kc, None
+        aqk = qk.masked_fill(~causal, 0.0)
+    else:
+        gam = to_chunks(gate, C).cumsum(-1)  # [nc, B, H, C]
+        # -inf above the diagonal first, so exp never sees a large positive gap
+        ratio = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+        strict = (bc[..., None] * kk * ratio).tril(-1)
+        rhs_k = (bc * gam.exp())[..., None] * kc
+        qg = qc * gam.exp()[..., None]
+        kt = kc * (gam[..., -1:] - gam).exp()[..., None]
+        decay = gam[..., -1].exp()
+        aqk = qk * ratio
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    # (I + strict) X = [diag(b) e^gamma K | diag(b) V]: forward substitution, one solve for both
+    wu = torch.linalg.solve_triangular(
+        strict + eye, torch.cat([rhs_k, bc[..., None] * vc], -1), upper=False, unitriangular=True
+    )
+    w, u = wu.split([k.shape[-1], v.shape[-1]], dim=-1)
+    return Chunks(qg, aqk, w, u, kt, decay)
+
+
+def _decayed(s: torch.Tensor, decay: torch.Tensor | None, j: int) -> torch.Tensor:
+    return s if decay is None else s * decay[j][..., None, None]
+
+
+def chain_states(s0: torch.Tensor, ch: Chunks, keep: bool = True):
+    """Run the state through the chunks. Returns (state at each chunk start [nc, B, H, Dk, Dv]
+    or None, state after the last chunk [B, H, Dk, Dv])."""
+    nc = ch.w.shape[0]
+    states = s0.new_empty((nc,) + s0.shape) if keep else None
+    s = s0
+    for j in range(nc):
+        if keep:
+            states[j] = s
+        delta = ch.u[j] - ch.w[j] @ s  # [B, H, C, Dv]
+        s = _decayed(s, ch.decay, j) + ch.kt[j].mT @ delta
+    return states, s
+
+
+def shard_map(ch: Chunks) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine map S -> A S + Bm that all chunks apply together, composed while streaming
+    (only the running pair is live). Returns A [B, H, Dk, Dk], Bm [B, H, Dk, Dv]."""
+    nc, B, H, _, Dk = ch.w.shape
+    # one running matrix [A | Bm]: the A columns see no U (homogeneous part)
+    m = torch.cat([torch.eye(Dk, dtype=ch.w.dtype, device=ch.w.device).expand(B, H, Dk, Dk),
+                   ch.u.new_zeros(B, H, Dk, ch.u.shape[-1])], dim=-1)
+    for j in range(nc):
+        delta = -(ch.w[j] @ m)  # [B, H, C, Dk + Dv]
+        delta[..., Dk:] += ch.u[j]
+        m = _decayed(m, ch.decay, j) + ch.kt[j].mT @ delta
+    return m[..., :Dk], m[..., Dk:]
+
+
+def chain_grads(ch: Chunks, ds_states: torch.Tensor, ds_end: torch.Tensor, keep: bool = True):
+    """The state chain backward. ds_states [nc, B, H, Dk, Dv]: gradient reaching each chunk-start
+    state from the outputs; ds_end: gradient of the state after the last chunk.
+    Returns (gradient of the state after each chunk [nc, ...] or None, gradient of s0)."""
+    nc = ch.w.shape[0]
+    after = ds_end.new_empty(ds_states.shape) if keep else None
+    g = ds_end
+    for j in range(nc - 1, -1, -1):
+        if keep:
+            after[j] = g
+        d_delta = ch.kt[j] @ g  # [B, H, C, Dv]
+        g = ds_states[j] + _decayed(g, ch.decay, j) - ch.w[j].mT @ d_delta
+    return after, g
+
+
+class LocalSchedule:
+    """One process: the first state is the initial state, the last one is the final state."""
+
+    def state_in(self, h0: torch.Tensor, ch: Chunks) -> torch.Tensor:
+        return h0
+
+    def state_out(self, s_out: torch.Tensor) -> torch.Tensor:
+        return s_out
+
+    def grad_out(self, ds_final: torch.Tensor, ch: Chunks, ds_states: torch.Tensor):
+        return ds_final
+
+    def grad_in(self, ds_in: torch.Tensor) -> torch.Tensor:
+        return ds_in
+
+
+def _fwd(q, k, v, beta, gate, h0, schedule, scale, C):
+    """Returns (o [B, H, N, Dv], final state, chunk-start states, incoming state)."""
+    ch = prepare(q, k, v, beta, gate, scale, C)
+    s_in = schedule.state_in(h0, ch)
+    states, s_out = chain_states(s_in, ch)
+    final = schedule.state_out(s_out)  # sharded schedules post their send here
+    delta = ch.u - ch.w @ states  # [nc, B, H, C, Dv]
+    o = ch.qg @ states + ch.aqk @ delta
+    return from_chunks(o, q.shape[2]), final, states
+
+
+def _bwd(inputs, states, do, ds_final, schedule, scale, C):
+    """Gradients of (q, k, v, beta, gate) and of the incoming state."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    with torch.enable_grad():
+        ch = prepare(*leaves, scale, C)
+    do_c = to_chunks(do, C)  # [nc, B, H, C, Dv]
+    delta = ch.u.detach() - ch.w.detach() @ states
+    d_delta_o = ch.aqk.detach().mT @ do_c  # outputs' pull on Delta
+    ds_states = ch.qg.detach().mT @ do_c - ch.w.detach().mT @ d_delta_o
+    det = Chunks(*(t.detach() if t is not None else None for t in ch))
+    ds_end = schedule.grad_out(ds_final, det, ds_states)
+    after, ds_in = chain_grads(det, ds_states, ds_end)
+    d_delta = d_delta_o + det.kt @ after
+    outs = [ch.qg, ch.aqk, ch.w, ch.u, ch.kt]
+    grads = [do_c @ states.mT, do_c @ delta.mT, -(d_delta @ states.mT), d_delta,
+             delta @ after.mT]
+    if ch.decay is not None:
+        outs.append(ch.decay)
+        grads.append((states * after).sum((-2, -1)))
+    want = [t for t in leaves if t is not None]
+    got = iter(torch.autograd.grad(outs, want, grads))
+    d_inputs = [next(got) if t is not None else None for t in leaves]
+    return d_inputs, schedule.grad_in(ds_in)
+
+
+class _DeltaRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, gate, h0, schedule, scale, C):
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp32 state chain
+        inputs = [t.to(work) if t is not None else None for t in (q, k, v, beta, gate)]
+        s0 = h0.to(work) if h0 is not None else q.new_zeros(
+            q.shape[:2] + (k.shape[-1], v.shape[-1]), dtype=work)
+        o, final, states = _fwd(*inputs, s0, schedule, scale, C)
+        ctx.save_for_backward(*inputs, states)
+        ctx.n = q.shape[2]
+        ctx.args = (schedule, scale, C)
+        ctx.dtypes = [t.dtype if t is not None else None for t in (q, k, v, beta, gate, h0)]
+        return o.to(v.dtype), final.to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, do, ds_final):
+        *inputs, states = ctx.saved_tensors
+        work = states.dtype
+        if do is None:
+            do = states.new_zeros(states.shape[1:3] + (ctx.n, states.shape[-1]))
+        do = do.to(work)
+        ds_final = torch.zeros_like(states[0]) if ds_final is None else ds_final.to(work)
+        d_inputs, dh0 = _bwd(inputs, states, do, ds_final, *ctx.args)
+        grads = [g.to(dt) if g is not None and dt is not None else None
+                 for g, dt in zip(d_inputs + [dh0], ctx.dtypes)]
+        return (*grads, None, None, None)
+
+
+def run(q, k, v, beta, gate, initial_state, schedule, scale: float, chunk_size: int):
+    """Apply the chunked delta rule with `schedule`; inputs already validated.
+    Returns (o [B, H, N, Dv], state after the last token [B, H, Dk, Dv])."""
+    C = min(chunk_size, q.shape[2])
+    return _DeltaRule.apply(q, k, v, beta, gate, initial_state, schedule, scale, C)
+
+
+def chunk_delta_rule(q, k, v, beta, *, initial_state=None, scale=None, gate=None,
+                     chunk_size: int = 64):
+    """Single-process chunked delta rule without argument checks (see `delta_rule`).
+
+    q, k [B, H, N, Dk]; v [B, H, N, Dv]; beta, gate (log-decay) [B, H, N];
+    initial_state [B, H, Dk, Dv]. Returns (o [B, H, N, Dv], final state [B, H, Dk, Dv]).
+
+    >>> q = k = torch.nn.functional.normalize(torch.randn(1, 2, 100, 8), dim=-1)
+    >>> o, s = chunk_delta_rule(q, k, torch.randn(1, 2, 100, 8), torch.rand(1, 2, 100))
+    >>> o.shape, s.shape
+    (torch.Size([1, 2, 100, 8]), torch.Size([1, 2, 8, 8]))
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return run(q, k, v, beta, gate, initial_state, LocalSchedule(), scale, chunk_size)
