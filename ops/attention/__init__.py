@@ -1,0 +1,18 @@
+"""seqshard.ops.attention: exact multi-head attention on one device and across ranks.
+
+- `sharded_attention(q, k, v, mesh, *, causal, scale, layout, strategy, doc_lens)`: ring,
+  Ulysses, 2-D hybrid and all-gather-KV strategies, forward and backward.
+- `ShardedAttention`: the same as an nn.Module; `make_sdpa(mesh, ...)`: a drop-in with
+  torch's `scaled_dot_product_attention` signature.
+- `local_attention(q, k, v, causal, scale) -> (out, lse)`: the fused single-device kernel.
+
+The readable reference lives in `seqshard.ops.attention.naive` (tests import it).
+"""
+
+from .kernels import local_attention
+from .sharded import STRATEGIES, ShardedAttention, make_sdpa, resolve_strategy, sharded_attention
+
+__all__ = [
+    "STRATEGIES", "ShardedAttention", "local_attention", "make_sdpa", "resolve_strategy",
+    "sharded_attention",
+]

@@ -1,0 +1,143 @@
+"""Plans: which local query pieces meet which key pieces, under which mask.
+
+Every strategy ends in the same situation: this rank holds the queries of some sequence
+shards ("members", sp ranks whose shards are concatenated in rank order) and, at each ring
+step, the keys of some other members. A plan lists the blocks to compute. It is derived from
+`layout.causal_blocks` of the member pairs (so contiguous, zigzag and striped layouts are
+data, not code), refined by packed-document boundaries, and then coalesced so that, e.g.,
+contiguous Ulysses runs as one causal kernel call instead of u^2 small ones.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from seqshard.dist import Layout
+
+from .kernels import kind_mask
+from .naive import doc_ids
+
+
+@dataclass(frozen=True)
+class Piece:
+    """q[..., q_start:q_start+q_len, :] meets k/v[..., k_start:k_start+k_len, :].
+
+    kind: 'full' | 'causal' | 'strict' (see dist.Block). mask: optional bool [q_len, k_len]
+    (True = may attend) that already includes the kind's mask; set for document boundaries.
+    """
+
+    q_start: int
+    q_len: int
+    k_start: int
+    k_len: int
+    kind: str
+    mask: torch.Tensor | None = None
+
+    @property
+    def q_slice(self) -> slice:
+        return slice(self.q_start, self.q_start + self.q_len)
+
+    @property
+    def k_slice(self) -> slice:
+        return slice(self.k_start, self.k_start + self.k_len)
+
+
+def _member_blocks(layout, seq_len, world, q_members, k_members, causal) -> list[Piece]:
+    n = seq_len // world
+    if not causal:
+        return [Piece(0, n * len(q_members), 0, n * len(k_members), "full")]
+    pieces = []
+    for qi, a in enumerate(q_members):
+        for ki, b in enumerate(k_members):
+            for blk in layout.causal_blocks(seq_len, a, b, world):
+                pieces.append(Piece(qi * n + blk.q_start, blk.q_len, ki * n + blk.k_start,
+                                    blk.k_len, blk.mask))
+    return pieces
+
+
+def _positions(layout, seq_len, world, members) -> torch.Tensor:
+    return torch.cat([layout.positions(seq_len, m, world) for m in members])
+
+
+def _is_run(pos: torch.Tensor) -> bool:
+    """True when positions are one ascending run of consecutive tokens."""
+    return bool((pos == torch.arange(int(pos[0]), int(pos[0]) + pos.numel())).all())
+
+
+def _coalesce(pieces: list[Piece]) -> list[Piece]:
+    """Merge 'full' blocks that tile a larger rectangle (adjacent along k, then along q)."""
+    changed = True
+    while changed:
+        changed = False
+        pieces = sorted(pieces, key=lambda p: (p.kind != "full", p.q_start, p.k_start))
+        out: list[Piece] = []
+        for p in pieces:
+            last = out[-1] if out else None
+            if last is not None and last.kind == p.kind == "full" and last.mask is None and p.mask is None:
+                if last.q_slice == p.q_slice and last.k_start + last.k_len == p.k_start:
+                    out[-1] = Piece(last.q_start, last.q_len, last.k_start, last.k_len + p.k_len, "full")
+                    changed = True
+                    continue
+                if last.k_slice == p.k_slice and last.q_start + last.q_len == p.q_start:
+                    out[-1] = Piece(last.q_start, last.q_len + p.q_len, last.k_start, last.k_len, "full")
+                    changed = True
+                    continue
+            out.append(p)
+        pieces = out
+    return pieces
+
+
+def _split_docs(pieces, q_docs, k_docs) -> list[Piece]:
+    """Restrict every block to same-document pairs; drop blocks left empty."""
+    out = []
+    for p in pieces:
+        qd, kd = q_docs[p.q_slice], k_docs[p.k_slice]
+        if int(qd.min()) == int(qd.max()) == int(kd.min()) == int(kd.max()):
+            out.append(p)  # one document on both sides: the plain kind mask is exact
+            continue
+        mask = (qd[:, None] == kd[None, :]) & kind_mask(p.kind, p.q_len, p.k_len)
+        if bool(mask.any()):
+            out.append(Piece(p.q_start, p.q_len, p.k_start, p.k_len, p.kind, mask))
+    return out
+
+
+def build_plan(layout: Layout, seq_len: int, world: int, q_members, k_members, *,
+               causal: bool, doc_lens=None) -> list[Piece]:
+    """Blocks for local queries of `q_members` against local keys of `k_members`."""
+    q_members, k_members = tuple(q_members), tuple(k_members)
+    q_pos = _positions(layout, seq_len, world, q_members)
+    k_pos = _positions(layout, seq_len, world, k_members)
+    if causal and q_members == k_members and _is_run(q_pos):
+        # the concatenation is already in global order: one causal block
+        pieces = [Piece(0, q_pos.numel(), 0, k_pos.numel(), "causal")]
+    else:
+        pieces = _coalesce(_member_blocks(layout, seq_len, world, q_members, k_members, causal))
+    if doc_lens is not None:
+        ids = doc_ids(doc_lens, seq_len)
+        pieces = _split_docs(pieces, ids[q_pos], ids[k_pos])
+    return pieces
+
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 512
+
+
+def cached_plan(layout: Layout, seq_len: int, world: int, q_members, k_members, *,
+                causal: bool, doc_lens=None) -> list[Piece]:
+    """`build_plan`, memoised: a training step asks for the same plans every layer."""
+    docs = None if doc_lens is None else tuple(torch.as_tensor(doc_lens).flatten().tolist())
+    key = (type(layout), repr(layout), seq_len, world, tuple(q_members), tuple(k_members),
+           causal, docs)
+    plan = _CACHE.get(key)
+    if plan is None:
+        plan = build_plan(layout, seq_len, world, q_members, k_members, causal=causal,
+                          doc_lens=docs)
+        _CACHE[key] = plan
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return plan
