@@ -1,0 +1,31 @@
+"""seqshard.models: language models built from the sharded ops, the sharded LM loss, the
+synthetic recall data and the DeepSpeed Trainer.
+
+    from seqshard.models import build_model, sharded_lm_loss, Trainer, TrainConfig
+    model = build_model("transformer", {"dim": 128, "num_heads": 4}, mesh)
+    logits_local = model(input_ids_local)            # [B, N_local] -> [B, N_local, vocab]
+    loss = sharded_lm_loss(logits_local, input_ids_local, mesh, layout="contiguous")
+
+Model classes import their op lazily through `build_model`, so the Transformer works even where
+an op package is unavailable. The Hugging Face adapter lives in `seqshard.models.hf`.
+"""
+
+from .build import build_model, model_class
+from .config import (
+    DeltaNetConfig,
+    FITConfig,
+    LMConfig,
+    TrainConfig,
+    TransformerConfig,
+    make_config,
+    make_train_config,
+)
+from .data import RecallTask, random_batch, recall_batch
+from .loss import next_token_targets, sharded_accuracy, sharded_lm_loss
+from .trainer import Trainer
+
+__all__ = [
+    "DeltaNetConfig", "FITConfig", "LMConfig", "RecallTask", "TrainConfig", "Trainer",
+    "TransformerConfig", "build_model", "make_config", "make_train_config", "model_class",
+    "next_token_targets", "random_batch", "recall_batch", "sharded_accuracy", "sharded_lm_loss",
+]

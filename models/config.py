@@ -1,0 +1,219 @@
+"""Typed configs: one dataclass per model kind, and the training config.
+
+Every field has a docstring-style comment; `make_config(kind, dict)` turns a plain dict (from
+TOML or the launcher) into the right dataclass and rejects unknown keys with ValueError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+STRATEGIES = ("auto", "ring", "ulysses", "hybrid", "allgather")
+DTYPES = ("fp32", "bf16")
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(obj).__name__}.{name}={value!r} must be a positive integer")
+
+
+@dataclass
+class LMConfig:
+    """Fields every language model shares."""
+
+    vocab_size: int = 256
+    """Number of token ids; the head produces this many logits per token."""
+    dim: int = 128
+    """Model width (residual stream size)."""
+    num_layers: int = 2
+    """Number of blocks."""
+    num_heads: int = 4
+    """Attention / mixer heads."""
+    mlp_ratio: int = 4
+    """Hidden size of the feed-forward block is mlp_ratio * dim (SwiGLU uses 2/3 of it)."""
+    layout: str = "contiguous"
+    """How the sequence is sharded over the sp group: contiguous | zigzag | striped."""
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass instead of keeping its activations."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the output head."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of linear and embedding weights."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "dim", "num_layers", "num_heads", "mlp_ratio")
+
+
+@dataclass
+class TransformerConfig(LMConfig):
+    """A pre-norm decoder: RMSNorm -> attention (RoPE) -> RMSNorm -> SwiGLU."""
+
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention (None = num_heads)."""
+    head_dim: int | None = None
+    """Per-head width (None = dim // num_heads)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    strategy: str = "auto"
+    """Sharded attention algorithm: auto | ring | ulysses | hybrid | allgather."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            if self.dim % self.num_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+            self.head_dim = self.dim // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
+
+
+@dataclass
+class DeltaNetConfig(LMConfig):
+    """DeltaNet blocks (delta-rule mixer + SwiGLU); optionally some layers global attention."""
+
+    head_dim: int | None = None
+    """Per-head key/value width of the delta rule (None = dim // num_heads)."""
+    use_short_conv: bool = True
+    """Short causal convolution on q, k, v (the common DeltaNet layer)."""
+    conv_size: int = 4
+    """Kernel size of the short convolution."""
+    allow_neg_eigval: bool = False
+    """beta in (0, 2) instead of (0, 1)."""
+    attn_layers: tuple[int, ...] = ()
+    """Indices of layers that use (global, causal) sharded attention instead of the delta rule:
+    the hybrid of the DeltaNet paper."""
+    rope_theta: float = 10000.0
+    """RoPE base for the attention layers of the hybrid."""
+    strategy: str = "auto"
+    """Sharded attention algorithm for the attention layers."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.attn_layers = tuple(int(i) for i in self.attn_layers)
+        bad = [i for i in self.attn_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"attn_layers {bad} outside 0..{self.num_layers - 1}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
+
+
+@dataclass
+class FITConfig(LMConfig):
+    """FIT blocks (local layers in groups, global layers over latents), causal variant."""
+
+    group_size: int = 16
+    """Tokens per group (local attention span). A rank's shard must hold whole groups."""
+    num_latents: int = 4
+    """Latent tokens per group."""
+    local_layers: int = 1
+    """Local transformer layers per FIT block."""
+    global_layers: int = 1
+    """Global (latent) transformer layers per FIT block."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "group_size", "num_latents", "local_layers", "global_layers")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimisation, precision, sharding choices and the synthetic task."""
+
+    steps: int = 100
+    """Optimizer steps to run."""
+    batch_size: int = 1
+    """Sequences per step per data-parallel replica."""
+    seq_len: int = 1024
+    """Global sequence length (sharded over the sp group)."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps; then cosine decay to min_lr_ratio * lr at `steps`."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off); DeepSpeed's gradient_clipping."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (partitions over all ranks: dp x sp)."""
+    seed: int = 0
+    """Seeds the model initialisation and the data (data depends only on (seed, step))."""
+    layout: str = "contiguous"
+    """Sequence layout over the sp group: contiguous | zigzag | striped."""
+    strategy: str = "auto"
+    """Sharded attention algorithm: auto | ring | ulysses | hybrid | allgather."""
+    activation_checkpointing: bool = False
+    """Recompute every block in the backward pass (long contexts)."""
+    dtype: str = "fp32"
+    """fp32, or bf16 autocast (weights and optimizer stay fp32)."""
+    task: str = "recall"
+    """Synthetic data: 'recall' (multi-query associative recall) or 'random' (uniform tokens)."""
+    recall_pairs: int = 8
+    """Key-value pairs written at the start of each recall sequence."""
+    recall_queries: int = 8
+    """Queries (key -> value look-ups) placed at the end of each recall sequence."""
+    vocab_size: int = 64
+    """Token ids the task uses (the model's vocab_size must be at least this)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "seq_len", "recall_pairs", "recall_queries",
+                  "vocab_size")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage={self.zero_stage!r}: expected 0, 1, 2 or 3")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: expected one of {DTYPES}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
+        if self.task not in ("recall", "random"):
+            raise ValueError(f"task={self.task!r}: expected 'recall' or 'random'")
+        if self.warmup_steps < 0 or self.lr <= 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps}, lr={self.lr}: need >= 0 and > 0")
+        self.betas = tuple(float(b) for b in self.betas)
+
+
+CONFIGS: dict[str, type[LMConfig]] = {
+    "transformer": TransformerConfig,
+    "deltanet": DeltaNetConfig,
+    "fit": FITConfig,
+}
+
+
+def _from_dict(cls, values: dict | object):
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, dict):
+        raise ValueError(f"expected a dict or {cls.__name__}, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def make_config(kind: str, values: dict | LMConfig) -> LMConfig:
+    """The config dataclass of a model `kind` ('transformer' | 'deltanet' | 'fit')."""
+    if kind not in CONFIGS:
+        raise ValueError(f"model kind={kind!r}: expected one of {sorted(CONFIGS)}")
+    return _from_dict(CONFIGS[kind], values)
+
+
+def make_train_config(values: dict | TrainConfig) -> TrainConfig:
+    return _from_dict(TrainConfig, values)
+
+
+__all__ = [
+    "CONFIGS", "DeltaNetConfig", "FITConfig", "LMConfig", "TrainConfig", "TransformerConfig",
+    "make_config", "make_train_config",
+]

@@ -1,0 +1,61 @@
+"""DeltaNetLM: DeltaNet (delta-rule) blocks, optionally with some global-attention layers
+(the hybrid of the DeltaNet paper).
+
+Block: x + Mixer(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)); the mixer is
+`seqshard.ops.delta_rule.DeltaNet` (state passed across ranks), or for layers listed in
+`attn_layers` the causal sharded attention with RoPE. DeltaNet shards are contiguous only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seqshard.dist import Mesh
+from seqshard.ops.delta_rule import DeltaNet
+
+from .config import DeltaNetConfig
+from .layers import Attention, RMSNorm, ShardContext, SwiGLU
+from .lm import CausalLM
+
+
+class DeltaNetBlock(nn.Module):
+    def __init__(self, cfg: DeltaNetConfig, attention: bool):
+        super().__init__()
+        self.mixer_norm = RMSNorm(cfg.dim)
+        self.is_attention = attention
+        if attention:
+            head_dim = cfg.head_dim or cfg.dim // cfg.num_heads
+            self.mixer = Attention(cfg.dim, cfg.num_heads, cfg.num_heads, head_dim,
+                                   cfg.rope_theta, cfg.strategy)
+        else:
+            self.mixer = DeltaNet(cfg.dim, cfg.num_heads, head_dim=cfg.head_dim,
+                                  use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size,
+                                  allow_neg_eigval=cfg.allow_neg_eigval)
+        self.mlp_norm = RMSNorm(cfg.dim)
+        self.mlp = SwiGLU(cfg.dim, cfg.mlp_ratio)
+
+    def forward(self, x: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
+        h = self.mixer_norm(x)
+        x = x + (self.mixer(h, ctx) if self.is_attention else self.mixer(h, ctx.mesh))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DeltaNetLM(CausalLM):
+    """Causal DeltaNet LM on a contiguously sharded sequence.
+
+    Example:
+        >>> model = DeltaNetLM(DeltaNetConfig(vocab_size=64, dim=96, num_heads=2))
+        >>> model(torch.randint(0, 64, (1, 10))).shape
+        torch.Size([1, 10, 64])
+    """
+
+    supported_layouts = ("contiguous",)
+
+    def __init__(self, config: DeltaNetConfig, mesh: Mesh | None = None):
+        super().__init__(config, mesh)
+        self.blocks = nn.ModuleList(DeltaNetBlock(config, i in config.attn_layers)
+                                    for i in range(config.num_layers))
+        # the delta-rule layers keep the op's own initialisation
+        owned = [b.mlp for b in self.blocks] + [b.mixer for b in self.blocks if b.is_attention]
+        self.finish(owned)

@@ -1,0 +1,117 @@
+"""Building blocks shared by the language models: the shard context, RMSNorm, SwiGLU, RoPE
+from global positions, and a causal self-attention layer on the sharded-attention op.
+
+A model never assumes its shard is a contiguous slice: every position-dependent piece (RoPE,
+the loss targets) asks the layout which global positions this rank holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqshard.dist import Layout, Mesh, get_layout
+from seqshard.ops.attention import sharded_attention
+
+
+@dataclass(frozen=True)
+class ShardContext:
+    """Where this rank's tokens sit in the global sequence; built once per forward.
+
+    mesh: the Mesh (size 1 when unsharded). layout: the Layout. seq_len: global length N.
+    positions: int64 [N_local] global positions of the local tokens, in local order.
+    """
+
+    mesh: Mesh
+    layout: Layout
+    seq_len: int
+    positions: torch.Tensor
+
+    @classmethod
+    def make(cls, n_local: int, mesh: Mesh | None, layout: str | Layout, device) -> "ShardContext":
+        mesh = mesh or Mesh.single()
+        layout = get_layout(layout)
+        seq_len = n_local * mesh.size
+        positions = layout.positions(seq_len, mesh.rank, mesh.size).to(device)
+        return cls(mesh, layout, seq_len, positions)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 so bf16 autocast does not lose the variance
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x) with hidden = 2/3 * ratio * dim rounded up to a multiple of 8."""
+
+    def __init__(self, dim: int, ratio: int = 4):
+        super().__init__()
+        hidden = -(-(2 * ratio * dim // 3) // 8) * 8
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N_local, head_dim] for the given global positions (fp32).
+
+    Computed from the *global* positions the layout assigns, so a zigzag or striped shard gets
+    the same rotation its tokens get in the unsharded model.
+    """
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [N_local, head_dim / 2]
+    angles = torch.cat([angles, angles], dim=-1)  # [N_local, head_dim] (rotate-half pairing)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, N_local, D] by the tables [N_local, D] (rotate-half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head (grouped-query) self-attention over a sharded sequence.
+
+    x [B, N_local, C] -> [B, N_local, C]. The attention itself is
+    `seqshard.ops.attention.sharded_attention` with the mesh, layout and strategy, so the
+    result equals attention over the whole (gathered) sequence.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 rope_theta: float, strategy: str):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope_theta, self.strategy = rope_theta, strategy
+        self.wq = nn.Linear(dim, num_heads * head_dim, bias=False)
+        self.wk = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(num_heads * head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.wq(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, N, D]
+        k = self.wk(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, N, D]
+        v = self.wv(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope_tables(ctx.positions, self.head_dim, self.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = sharded_attention(q, k, v, ctx.mesh, causal=True, layout=ctx.layout,
+                                strategy=self.strategy)  # [B, Hq, N_local, D]
+        return self.wo(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))

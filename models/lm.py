@@ -1,0 +1,92 @@
+"""The shell every language model shares: embedding -> blocks -> RMSNorm -> head.
+
+A subclass builds `self.blocks` (each called as block(x, ctx) with x [B, N_local, C] and the
+`ShardContext`) and may override `mix` when its mixer is one op over the whole stack (FIT).
+The model holds its Mesh; `model(input_ids_local)` returns logits [B, N_local, V] for the
+local shard. Parameter gradients after backward are this rank's share: sum them over the
+mesh's sp group (the Trainer / DeepSpeed does) to get the exact gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from seqshard.dist import Mesh
+
+from .config import LMConfig
+from .layers import ShardContext, RMSNorm
+
+
+def checkpoint_each(modules) -> None:
+    """Recompute each module's forward in the backward pass (activation checkpointing).
+
+    Overrides the instance's `forward` rather than wrapping the module, so parameter names
+    and state_dicts stay the same with and without checkpointing. Collectives inside a block
+    are re-run in the same order on every rank during recomputation, so this is safe sharded.
+    """
+    for module in modules:
+        inner = module.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        module.forward = forward
+
+
+def init_normal(modules, std: float) -> None:
+    """Normal(0, std) weights and zero biases for the Linear and Embedding layers given."""
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(sub.weight, std=std)
+                if getattr(sub, "bias", None) is not None:
+                    nn.init.zeros_(sub.bias)
+
+
+class CausalLM(nn.Module):
+    """Base class; see the module docstring. Subclasses call `finish()` after their blocks."""
+
+    supported_layouts: tuple[str, ...] = ("contiguous", "zigzag", "striped")
+
+    def __init__(self, config: LMConfig, mesh: Mesh | None = None):
+        super().__init__()
+        if config.layout not in self.supported_layouts:
+            raise ValueError(f"{type(self).__name__} supports layouts {self.supported_layouts}, "
+                             f"got layout={config.layout!r}")
+        self.config = config
+        self.mesh = mesh or Mesh.single()
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.norm = RMSNorm(config.dim)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.blocks = nn.ModuleList()
+
+    def finish(self, owned: list[nn.Module]) -> None:
+        """Initialise the layers this package owns and set up checkpointing and tying."""
+        init_normal([self.embed, self.head, *owned], self.config.init_std)
+        if self.config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        if self.config.activation_checkpointing:
+            checkpoint_each(self.checkpoint_units())
+
+    def checkpoint_units(self):
+        """The modules recomputed one by one under activation checkpointing."""
+        return self.blocks
+
+    def context(self, input_ids: torch.Tensor) -> ShardContext:
+        return ShardContext.make(input_ids.shape[1], self.mesh, self.config.layout,
+                                 input_ids.device)
+
+    def mix(self, x: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, ctx)
+        return x
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, N_local] (this rank's shard) -> logits [B, N_local, vocab_size]."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, N_local], got {tuple(input_ids.shape)}")
+        ctx = self.context(input_ids)
+        x = self.mix(self.embed(input_ids), ctx)  # [B, N_local, C]
+        return self.head(self.norm(x))  # [B, N_local, V]

@@ -1,0 +1,247 @@
+"""Trainer: one sharded language model trained through DeepSpeed's engine.
+
+Gradient bookkeeping (why the loss is scaled by sp before backward): every rank's loss term is
+its share of its replica's mean loss (see loss.py), so the exact gradient of a replica is the
+SUM over its sp ranks of their gradients, and the step wants the MEAN over dp replicas.
+DeepSpeed averages gradients over its whole data-parallel world, which here is every rank
+(dp x sp; ZeRO also partitions over all of them). Its average is
+    (1 / (dp sp)) sum_ranks g_rank = (1 / dp) sum_replicas (1 / sp) g_replica,
+so backpropagating sp * loss gives exactly (1 / dp) sum_replicas g_replica.
+
+Data: every rank of a replica builds the same global batch from (seed, step, replica) and keeps
+its shard, so the data position is just the step counter; `save` / `load` store it with the
+DeepSpeed checkpoint (model, optimizer, LR schedule) so a resumed run continues identically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+
+from seqshard.dist import Mesh, get_layout, init_process_group
+
+from .build import build_model
+from .config import LMConfig, TrainConfig, make_config, make_train_config
+from .data import RecallTask, random_batch, recall_batch
+from .loss import next_token_targets, sharded_accuracy, sharded_lm_loss
+
+
+def lr_lambda(tc: TrainConfig):
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at tc.steps (a LambdaLR factor)."""
+
+    def factor(step: int) -> float:
+        if step < tc.warmup_steps:
+            return (step + 1) / tc.warmup_steps
+        span = max(1, tc.steps - tc.warmup_steps)
+        progress = min(1.0, (step - tc.warmup_steps) / span)
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig):
+    """AdamW (decay on matrices only) and its LambdaLR schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+
+
+def deepspeed_config(tc: TrainConfig) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": tc.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": tc.grad_clip,
+        "zero_optimization": {"stage": tc.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW, wrapped by ZeRO
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _single_process_group() -> None:
+    """A one-rank gloo group, so DeepSpeed runs when no launcher started one."""
+    if dist.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        os.environ.setdefault(key, value)
+    init_process_group()
+
+
+def _model_config(kind: str, values: dict | LMConfig, tc: TrainConfig) -> LMConfig:
+    """The model config with the sharding / memory choices of the train config filled in."""
+    values = dict(vars(values)) if isinstance(values, LMConfig) else dict(values)
+    shared = {"layout": tc.layout, "activation_checkpointing": tc.activation_checkpointing}
+    if kind != "fit":
+        shared["strategy"] = tc.strategy
+    for key, value in shared.items():
+        if key in values and values[key] != value:
+            raise ValueError(f"model config {key}={values[key]!r} conflicts with the train "
+                             f"config's {key}={value!r}; set it in one place")
+        values[key] = value
+    values.setdefault("vocab_size", tc.vocab_size)
+    cfg = make_config(kind, values)
+    if cfg.vocab_size < tc.vocab_size:
+        raise ValueError(f"model vocab_size={cfg.vocab_size} < the task's vocab_size="
+                         f"{tc.vocab_size}")
+    return cfg
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated accelerator memory, or on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class Trainer:
+    """Owns the model, the DeepSpeed engine, the layout and the synthetic data.
+
+    Example (2 ranks, e.g. under `torchrun --nproc-per-node 2`):
+        mesh = Mesh.from_env(ulysses=1)
+        trainer = Trainer("transformer", {"dim": 64, "num_heads": 2},
+                          {"seq_len": 256, "steps": 10}, mesh)
+        for _ in range(10):
+            print(trainer.step())
+    """
+
+    def __init__(self, kind: str, model_config: dict | LMConfig,
+                 train_config: TrainConfig | dict, mesh: Mesh | None = None):
+        import deepspeed  # deferred: importing deepspeed costs about a second
+
+        self.tc = tc = make_train_config(train_config)
+        if mesh is None or mesh.world_size == 1:
+            _single_process_group()
+        self.mesh = mesh or Mesh.single()
+        self.kind = kind
+        self.layout = get_layout(tc.layout)
+        self.layout.check(tc.seq_len, self.mesh.size)
+        self.task = RecallTask(tc.vocab_size, tc.recall_pairs, tc.recall_queries)
+        if tc.task == "recall" and tc.seq_len < self.task.min_len():
+            raise ValueError(f"seq_len={tc.seq_len} < {self.task.min_len()} needed by the "
+                             f"recall task (2 * pairs + 2 * queries)")
+        self.model_config = _model_config(kind, model_config, tc)
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank
+        model = build_model(kind, self.model_config, self.mesh).to(self.mesh.device)
+        optimizer, scheduler = make_optimizer(model, tc)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(tc))
+        self.step_count = 0
+        self.autocast = torch.autocast(self.mesh.device.type, dtype=torch.bfloat16,
+                                       enabled=tc.dtype == "bf16")
+
+    # --- data --------------------------------------------------------------------------------
+    def global_batch(self, step: int, seq_len: int | None = None):
+        """(ids [B, N], mask [B, N]) of this replica at `step`, before sharding."""
+        tc = self.tc
+        seq_len = seq_len or tc.seq_len
+        if tc.task == "recall":
+            return recall_batch(self.task, tc.batch_size, seq_len, seed=tc.seed, step=step,
+                                replica=self.mesh.dp_rank)
+        return random_batch(tc.vocab_size, tc.batch_size, seq_len, seed=tc.seed, step=step,
+                            replica=self.mesh.dp_rank)
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layout.shard(x, 1, self.mesh.rank, self.mesh.size).to(self.mesh.device)
+
+    def _dp_mean(self, value: float) -> float:
+        if self.mesh.dp_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.mesh.dp_group)
+        return float(t) / self.mesh.dp_size
+
+    # --- training ----------------------------------------------------------------------------
+    def step(self) -> dict:
+        """One optimizer step. Returns step, loss (global mean), accuracy, lr, tokens, seconds,
+        peak_mem_bytes; loss and accuracy are the same on every rank."""
+        start = time.perf_counter()
+        ids, mask = self.global_batch(self.step_count)
+        ids, mask = self.shard(ids), self.shard(mask)  # [B, N_local]
+        targets = next_token_targets(ids, self.mesh, layout=self.layout)
+        self.engine.train()
+        with self.autocast:
+            logits = self.engine(ids)  # [B, N_local, V]
+        loss = sharded_lm_loss(logits, mesh=self.mesh, targets=targets, loss_mask=mask)
+        self.engine.backward(loss * self.mesh.size)  # see the module docstring
+        lr = self.engine.get_lr()[0]
+        self.engine.step()
+        accuracy = sharded_accuracy(logits.detach(), targets, mask, self.mesh)
+        self.step_count += 1
+        return {
+            "step": self.step_count,
+            "loss": self._dp_mean(float(loss.detach())),
+            "accuracy": self._dp_mean(accuracy),
+            "lr": lr,
+            "tokens": self.tc.batch_size * self.tc.seq_len * self.mesh.dp_size,
+            "seconds": time.perf_counter() - start,
+            "peak_mem_bytes": peak_memory_bytes(self.mesh.device),
+        }
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        """Write a DeepSpeed checkpoint plus our step (= data position) and RNG states."""
+        if not os.path.isdir(directory):
+            raise ValueError(f"checkpoint directory {directory!r} does not exist")
+        state = {"step": self.step_count, "torch_rng": torch.get_rng_state(),
+                 "kind": self.kind, "seed": self.tc.seed}
+        self.engine.save_checkpoint(directory, tag=f"step{self.step_count}", client_state=state)
+
+    def load(self, directory: str) -> None:
+        """Resume from the latest checkpoint in `directory` (written by `save`)."""
+        path, state = self.engine.load_checkpoint(directory)
+        if path is None:
+            raise ValueError(f"no DeepSpeed checkpoint found in {directory!r}")
+        if state.get("kind") != self.kind or state.get("seed") != self.tc.seed:
+            raise ValueError(f"checkpoint in {directory!r} is for kind={state.get('kind')!r} "
+                             f"seed={state.get('seed')!r}, not {self.kind!r} seed={self.tc.seed}")
+        self.step_count = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+
+    # --- checks ------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict:
+        """The model's parameters as full tensors (gathered from ZeRO-3 partitions)."""
+        module = self.engine.module
+        if self.tc.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                return {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def exactness_check(self, seq_len: int) -> float:
+        """Max abs difference of loss and logits between the sharded model and an unsharded copy
+        run on the gathered sequence (fp32, random tokens, this step's weights; max over ranks)."""
+        self.layout.check(seq_len, self.mesh.size)
+        ids, _ = random_batch(self.tc.vocab_size, 1, seq_len, seed=self.tc.seed,
+                              step=-1 - self.step_count, replica=self.mesh.dp_rank)
+        ids_local = self.shard(ids)
+        self.engine.eval()
+        logits = self.engine(ids_local).float()  # [1, N_local, V]
+        loss = sharded_lm_loss(logits, ids_local, self.mesh, layout=self.layout)
+        reference = build_model(self.kind, self.model_config, Mesh.single()).to(self.mesh.device)
+        reference.load_state_dict(self.full_state_dict())
+        full_logits = reference(ids.to(self.mesh.device)).float()  # [1, N, V]
+        full_loss = sharded_lm_loss(full_logits, ids.to(self.mesh.device))
+        err = max(float((loss - full_loss).abs()),
+                  float((logits - self.shard(full_logits)).abs().max()))
+        result = torch.tensor([err], dtype=torch.float64)
+        if self.mesh.world_size > 1:
+            dist.all_reduce(result, op=dist.ReduceOp.MAX)
+        return float(result)
