@@ -1,0 +1,139 @@
+"""The `seqshard` command.
+
+    seqshard --version
+    seqshard env                                  versions, backend and devices a worker would use
+    seqshard run CONFIG.toml [--set k=v ...] [--address ADDR] [--out DIR]     on Ray
+    seqshard worker CONFIG.toml [--set k=v ...] [--out DIR]     under torchrun / deepspeed
+
+Subcommands live in a small registry (`command`), so `seqshard bench` and `seqshard plan`
+plug in with one decorated function each. Config errors are reported before any worker or
+Ray instance starts, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import metadata
+from typing import Callable
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
+
+
+def command(name: str, help: str):
+    """Register `fn(args) -> int` as a subcommand; `fn.add_arguments(parser)` adds its flags."""
+
+    def register(fn):
+        COMMANDS[name] = (help, getattr(fn, "add_arguments", lambda p: None), fn)
+        return fn
+
+    return register
+
+
+def version() -> str:
+    try:
+        return metadata.version("seqshard")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _job_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="job TOML file, e.g. launch/configs/demo.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=20 (repeatable)")
+    p.add_argument("--out", help="output folder (overrides job.out)")
+
+
+def _load(args):
+    from . import config
+
+    cfg = config.load(args.config, list(args.overrides))
+    if getattr(args, "out", None):
+        cfg.job.out = args.out
+    return cfg
+
+
+def cmd_env(args) -> int:
+    import platform
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from seqshard.dist import default_backend
+
+    rows = [("seqshard", version()), ("python", platform.python_version()),
+            ("torch", torch.__version__)]
+    for pkg in ("ray", "deepspeed", "msgpack", "matplotlib"):
+        try:
+            rows.append((pkg, metadata.version(pkg)))
+        except metadata.PackageNotFoundError:
+            rows.append((pkg, "not installed"))
+    if torch.cuda.is_available():
+        devices = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    else:
+        devices = f"cpu ({os.cpu_count()} cores)"
+    rows += [("backend", default_backend()), ("devices", devices),
+             ("ray address", os.environ.get("RAY_ADDRESS") or "(none: embedded local Ray)")]
+    for key, value in rows:
+        print(f"{key:<12} {value}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    cfg = _load(args)  # raises ValueError before Ray starts
+    from .ray_launcher import LaunchError, launch
+
+    try:
+        result = launch(cfg, address=args.address)
+    except LaunchError as err:
+        print(f"seqshard: {err}", file=sys.stderr)
+        return 1
+    with open(result["summary"]) as f:
+        print(f.read())
+    return 0
+
+
+cmd_run.add_arguments = lambda p: (_job_arguments(p), p.add_argument(
+    "--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)"))
+
+
+def cmd_worker(args) -> int:
+    cfg = _load(args)
+    from .worker import main_from_env
+
+    main_from_env(cfg)
+    return 0
+
+
+cmd_worker.add_arguments = _job_arguments
+
+command("env", "show versions, the backend and the devices a worker would use")(cmd_env)
+command("run", "run a job on Ray (embedded local Ray unless --address / RAY_ADDRESS)")(cmd_run)
+command("worker", "run one rank of a job under torchrun / deepspeed (reads RANK, WORLD_SIZE, ...)")(cmd_worker)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seqshard", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"seqshard {version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command is None:
+        parser().print_help()
+        return 2
+    try:
+        return COMMANDS[args.command][2](args)
+    except ValueError as err:
+        print(f"seqshard {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Job configs: typed dataclasses filled from TOML, checked before any worker starts.
+
+A job file has one table per dataclass below:
+
+    [job]     name, task ("train" | "probe"), out folder, exactness check length
+    [mesh]    workers and the degrees dp x ulysses x ring, backend, collective timeout
+    [launch]  Ray resources, restarts, checkpoint cadence
+    [model]   kind + the model's own config (passed to seqshard.models as a dict)
+    [train]   the task's training config (models.TrainConfig for "train", ProbeConfig for "probe")
+    [fault]   deliberate failures, for testing the restart path
+
+Unknown tables or keys, values of the wrong type and meshes that do not multiply to the worker
+count raise ValueError naming the key or the degrees, so a typo never reaches a cluster.
+`--set section.key=value` overrides go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seqshard.dist import MeshShape, get_layout
+
+TASKS = ("train", "probe")
+
+
+@dataclass
+class JobSection:
+    name: str = "job"
+    """A short name; the default output folder is runs/<name>."""
+    task: str = "train"
+    """'train' trains a seqshard.models model with its Trainer; 'probe' is the launcher's own
+    self-test (a sharded least-squares fit) that needs no model code."""
+    out: str = ""
+    """Output folder for records, summary, plot and checkpoints (default runs/<name>)."""
+    exactness_seq_len: int = 0
+    """After training, compare sharded vs unsharded loss/logits at this length (0: skip)."""
+
+
+@dataclass
+class MeshSection:
+    workers: int = 1
+    """Number of worker processes (one per device): the world size."""
+    dp: int = 1
+    """Data-parallel degree."""
+    ulysses: int = 1
+    """Ulysses (all-to-all) degree inside a sequence-parallel group."""
+    ring: int = 0
+    """Ring degree; 0 fills it in so that dp * ulysses * ring == workers."""
+    backend: str = "auto"
+    """'gloo', 'nccl' or 'auto' (NCCL where a worker sees a GPU, else gloo)."""
+    collective_timeout_s: float = 120.0
+    """A collective that waits longer than this fails, naming the rank and the op."""
+
+    def shape(self) -> MeshShape:
+        """The checked MeshShape (raises ValueError naming the degrees)."""
+        return MeshShape.fit(
+            self.workers, dp=self.dp, ulysses=self.ulysses, ring=self.ring or None
+        )
+
+
+@dataclass
+class LaunchSection:
+    address: str = ""
+    """Ray cluster address; empty starts an embedded local Ray (RAY_ADDRESS also works)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker actor (also its torch thread count, at least 1)."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker actor: 0 on CPU, 1 for one worker per GPU."""
+    placement: str = "PACK"
+    """Ray placement-group strategy: PACK (fill a node first), SPREAD, STRICT_PACK, STRICT_SPREAD."""
+    max_restarts: int = 2
+    """Restarts after a worker failure before the job fails for good."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are pruned (at least 2, so a torn latest can fall back)."""
+    poll_s: float = 0.5
+    """How often the driver drains metrics and checks worker health."""
+    progress: bool = True
+    """Print a live progress line."""
+
+
+@dataclass
+class FaultSection:
+    kill_rank: int = -1
+    """Testing only: this rank SIGKILLs itself ... (-1: never)."""
+    kill_at_step: int = 0
+    """... right after finishing this step (before its checkpoint) ..."""
+    kill_on_attempt: int = 0
+    """... on this attempt only (0 = the first run), so the restarted job finishes."""
+
+
+@dataclass
+class ProbeConfig:
+    """The 'probe' task: fit w in y = x w over one long sequence sharded across ranks."""
+
+    steps: int = 10
+    """Optimizer steps."""
+    seq_len: int = 96
+    """Global sequence length (tokens), split by the layout over the sp group."""
+    dim: int = 6
+    """Feature size of each token."""
+    lr: float = 0.1
+    """SGD learning rate."""
+    seed: int = 0
+    """Data and init seed; data for step s is a function of (seed, s, dp rank) only."""
+    layout: str = "zigzag"
+    """Sequence layout: contiguous, zigzag or striped."""
+
+
+@dataclass
+class JobConfig:
+    """A whole job. `model` and `train` stay dicts: their schema belongs to seqshard.models."""
+
+    job: JobSection = field(default_factory=JobSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    launch: LaunchSection = field(default_factory=LaunchSection)
+    fault: FaultSection = field(default_factory=FaultSection)
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.job.out or os.path.join("runs", self.job.name)).resolve()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"job": JobSection, "mesh": MeshSection, "launch": LaunchSection, "fault": FaultSection}
+
+
+def _check_type(where: str, value: Any, default: Any) -> Any:
+    """Coerce int -> float where a float is expected; reject anything else of the wrong type."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ValueError(
+            f"config key {where} = {value!r}: expected {type(default).__name__}, "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+def fill(cls, table: dict, section: str):
+    """Build dataclass `cls` from a TOML table, naming any unknown key."""
+    if not isinstance(table, dict):
+        raise ValueError(f"config [{section}] must be a table, got {table!r}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+            f"[{section}] accepts {', '.join(sorted(names))}"
+        )
+    defaults = cls()
+    values = {
+        k: _check_type(f"{section}.{k}", v, getattr(defaults, k)) for k, v in table.items()
+    }
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'train.steps=10' -> ('train', 'steps', 10). The value is read as TOML, else a string."""
+    if "=" not in text:
+        raise ValueError(f"--set {text!r}: expected section.key=value")
+    path, raw = text.split("=", 1)
+    if path.count(".") != 1:
+        raise ValueError(f"--set {text!r}: the key must be section.key, e.g. train.steps")
+    section, key = path.strip().split(".")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words like zigzag
+    return section, key, value
+
+
+def build(data: dict, overrides: list[str] = ()) -> JobConfig:
+    """Check a parsed TOML document (plus overrides) and return the JobConfig."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        data.setdefault(section, {})[key] = value
+    allowed = set(SECTIONS) | {"model", "train"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown config section(s) {', '.join(f'[{u}]' for u in unknown)}; "
+            f"expected {', '.join(f'[{a}]' for a in sorted(allowed))}"
+        )
+    parts = {name: fill(cls, data.get(name, {}), name) for name, cls in SECTIONS.items()}
+    cfg = JobConfig(**parts, model=dict(data.get("model", {})), train=dict(data.get("train", {})))
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | os.PathLike, overrides: list[str] = ()) -> JobConfig:
+    """Read and check a TOML job file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    return build(data, overrides)
+
+
+def validate(cfg: JobConfig) -> None:
+    """Everything that can be checked without starting a worker."""
+    if cfg.job.task not in TASKS:
+        raise ValueError(f"job.task = {cfg.job.task!r}: expected one of {TASKS}")
+    if cfg.mesh.workers < 1:
+        raise ValueError(f"mesh.workers = {cfg.mesh.workers}: must be >= 1")
+    if cfg.mesh.ring < 0:
+        raise ValueError(f"mesh.ring = {cfg.mesh.ring}: must be >= 0 (0 fills it in)")
+    try:
+        shape = cfg.mesh.shape()
+    except ValueError as err:
+        raise ValueError(
+            f"impossible mesh: mesh.workers = {cfg.mesh.workers} with mesh.dp = {cfg.mesh.dp}, "
+            f"mesh.ulysses = {cfg.mesh.ulysses}, mesh.ring = {cfg.mesh.ring}: {err}"
+        ) from None
+    if cfg.mesh.backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"mesh.backend = {cfg.mesh.backend!r}: expected auto, gloo or nccl")
+    if cfg.mesh.collective_timeout_s <= 0:
+        raise ValueError(f"mesh.collective_timeout_s = {cfg.mesh.collective_timeout_s}: must be > 0")
+    lc = cfg.launch
+    if lc.placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        raise ValueError(f"launch.placement = {lc.placement!r}: expected PACK, SPREAD, "
+                         f"STRICT_PACK or STRICT_SPREAD")
+    for key in ("max_restarts", "checkpoint_every"):
+        if getattr(lc, key) < 0:
+            raise ValueError(f"launch.{key} = {getattr(lc, key)}: must be >= 0")
+    if lc.keep_checkpoints < 2:
+        raise ValueError(f"launch.keep_checkpoints = {lc.keep_checkpoints}: must be >= 2 so a "
+                         f"torn latest checkpoint can fall back to the previous one")
+    if lc.cpus_per_worker <= 0 or lc.gpus_per_worker < 0:
+        raise ValueError(f"launch.cpus_per_worker = {lc.cpus_per_worker}, launch.gpus_per_worker"
+                         f" = {lc.gpus_per_worker}: need cpus > 0 and gpus >= 0")
+    if not -1 <= cfg.fault.kill_rank < cfg.mesh.workers:
+        raise ValueError(f"fault.kill_rank = {cfg.fault.kill_rank}: outside -1..{cfg.mesh.workers - 1}")
+    train = train_config(cfg)
+    steps, seq_len = _get(train, "steps"), _get(train, "seq_len")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"train.steps = {steps!r}: must be a positive integer")
+    layout = get_layout(_get(train, "layout") or "contiguous")
+    for key, n in (("train.seq_len", seq_len), ("job.exactness_seq_len", cfg.job.exactness_seq_len)):
+        if isinstance(n, int) and n > 0 and n % layout.divisor(shape.sp) != 0:
+            raise ValueError(
+                f"{key} = {n} does not split over sp = ulysses {shape.ulysses} x ring "
+                f"{shape.ring} = {shape.sp} ranks with the {layout.name} layout (needs a "
+                f"multiple of {layout.divisor(shape.sp)})"
+            )
+    if cfg.job.task == "train":
+        _validate_model(cfg, shape)
+
+
+def _get(obj, key):
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+
+def train_config(cfg: JobConfig):
+    """The task's checked training config: ProbeConfig, models.TrainConfig, or the dict."""
+    if cfg.job.task == "probe":
+        return fill(ProbeConfig, cfg.train, "train")
+    TrainConfig = _models_attr("TrainConfig")
+    if TrainConfig is not None and dataclasses.is_dataclass(TrainConfig):
+        return fill(TrainConfig, cfg.train, "train")
+    return cfg.train
+
+
+def _models_attr(name: str):
+    """An attribute of seqshard.models, or None while that package does not provide it."""
+    try:
+        import seqshard.models as models
+    except ImportError:
+        return None
+    return getattr(models, name, None)
+
+
+def _validate_model(cfg: JobConfig, shape: MeshShape) -> None:
+    kind = cfg.model.get("kind")
+    if not isinstance(kind, str):
+        raise ValueError(f"model.kind = {kind!r}: name the model, e.g. 'transformer'")
+    check = _models_attr("check_model_config")
+    if check is not None:
+        check(kind, {k: v for k, v in cfg.model.items() if k != "kind"}, shape)
+        return
+    heads = cfg.model.get("n_heads")
+    if isinstance(heads, int) and heads % shape.ulysses != 0:
+        raise ValueError(f"model.n_heads = {heads} is not divisible by mesh.ulysses = "
+                         f"{shape.ulysses} (Ulysses splits heads across ranks)")

@@ -1,0 +1,252 @@
+"""The Ray launcher: placement group, one worker actor per device, failure -> resume.
+
+    driver (seqshard run)
+      |- MetricsHub actor             workers push records; the driver drains it every poll_s
+      |- placement group, N bundles   PACK: fill a node before the next
+      '- WorkerActor x N              told rank, local rank, world size and rank 0's address;
+                                      exports the torchrun variables and calls run_worker,
+                                      the same entry as `seqshard worker` under torchrun
+
+The driver waits on the workers' result refs. A dead actor (killed process, lost node) makes
+its ref fail within about a second; a stalled collective raises CollectiveError in the worker
+after mesh.collective_timeout_s. Either way the whole group is torn down (its process group is
+wedged) and, up to launch.max_restarts times, a fresh group resumes from the newest intact
+checkpoint. Errors that a restart cannot fix (ValueError, TypeError, ImportError, ...) fail
+at once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .config import JobConfig
+from .records import Recorder
+from .worker import run_meta, train_config_steps
+
+PLACEMENT_TIMEOUT_S = 120.0
+_NOT_RETRYABLE = (ValueError, TypeError, KeyError, ImportError, AttributeError,
+                  NotImplementedError)
+
+
+class LaunchError(RuntimeError):
+    """The job failed for good (restarts exhausted, or an error a restart cannot fix)."""
+
+
+class WorkerFailure(Exception):
+    def __init__(self, reason: str, retryable: bool):
+        super().__init__(reason)
+        self.retryable = retryable
+
+
+@ray.remote(num_cpus=0)
+class MetricsHub:
+    """Mailbox between workers and the driver; outlives worker groups across restarts."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def push(self, record: dict) -> None:
+        self.items.append(record)
+
+    def drain(self) -> list[dict]:
+        out, self.items = self.items, []
+        return out
+
+
+@ray.remote
+class WorkerActor:
+    """One rank. Holds no state between `run` calls; a restart makes fresh actors."""
+
+    def node_info(self) -> dict:
+        with socket.socket() as s:  # a free port, used only if this actor becomes rank 0
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return {"ip": ray.util.get_node_ip_address(), "node": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port}
+
+    def run(self, cfg: JobConfig, env: dict, attempt: int, hub) -> dict:
+        os.environ.update(env)
+        if not env.get("CUDA_VISIBLE_DEVICES"):
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+        import torch
+
+        torch.set_num_threads(max(1, int(cfg.launch.cpus_per_worker)))
+        from .worker import run_worker
+
+        return run_worker(cfg, attempt=attempt, report=lambda r: hub.push.remote(r))
+
+
+def assign_ranks(infos: list[dict]) -> list[dict]:
+    """Rank order for actors on bundles 0..N-1: node by node (consecutive ranks share a node,
+    which keeps Ulysses groups inside a node), each actor's local rank and visible GPUs."""
+    nodes: list[str] = []
+    for info in infos:
+        if info["node"] not in nodes:
+            nodes.append(info["node"])
+    order = sorted(range(len(infos)), key=lambda i: (nodes.index(infos[i]["node"]), i))
+    plan = []
+    for rank, i in enumerate(order):
+        same = [j for j in order if infos[j]["node"] == infos[i]["node"]]
+        # every rank of a node sees the node's GPUs in local-rank order, so cuda:LOCAL_RANK is
+        # its own device (what torchrun and deepspeed give a process, too)
+        gpus = [g for j in same for g in infos[j]["gpus"]]
+        plan.append({"bundle": i, "rank": rank, "local_rank": same.index(i),
+                     "local_world": len(same), "node": infos[i]["node"], "gpus": gpus})
+    return plan
+
+
+class WorkerGroup:
+    """A placement group and its N worker actors for one attempt."""
+
+    def __init__(self, cfg: JobConfig):
+        lc, world = cfg.launch, cfg.mesh.workers
+        bundle = {"CPU": lc.cpus_per_worker}
+        if lc.gpus_per_worker:
+            bundle["GPU"] = lc.gpus_per_worker
+        self.pg = placement_group([dict(bundle) for _ in range(world)], strategy=lc.placement)
+        self.actors: list = []
+        ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            self.teardown()
+            raise WorkerFailure(
+                f"could not place {world} workers x {bundle} ({lc.placement}) within "
+                f"{PLACEMENT_TIMEOUT_S:.0f} s; the cluster has {ray.cluster_resources()}",
+                retryable=False)
+        self.actors = [
+            WorkerActor.options(
+                num_cpus=lc.cpus_per_worker, num_gpus=lc.gpus_per_worker, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=i),
+            ).remote()
+            for i in range(world)
+        ]
+        infos = ray.get([a.node_info.remote() for a in self.actors])
+        self.plan = assign_ranks(infos)
+        rank0 = infos[self.plan[0]["bundle"]]
+        self.master = (rank0["ip"], rank0["port"])
+        self.infos = infos
+
+    def start(self, cfg: JobConfig, attempt: int, hub) -> dict:
+        """Start every rank; returns {result ref: rank}."""
+        addr, port = self.master
+        refs = {}
+        for p in self.plan:
+            env = {"RANK": str(p["rank"]), "LOCAL_RANK": str(p["local_rank"]),
+                   "WORLD_SIZE": str(len(self.plan)), "LOCAL_WORLD_SIZE": str(p["local_world"]),
+                   "MASTER_ADDR": addr, "MASTER_PORT": str(port),
+                   "CUDA_VISIBLE_DEVICES": ",".join(p["gpus"])}
+            refs[self.actors[p["bundle"]].run.remote(cfg, env, attempt, hub)] = p["rank"]
+        return refs
+
+    def teardown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+
+
+def _describe(err: BaseException) -> tuple[str, bool]:
+    """(first useful line, retryable) of a worker's failure."""
+    cause = getattr(err, "cause", None)
+    if isinstance(err, ray.exceptions.RayTaskError) and cause is not None:
+        return f"{type(cause).__name__}: {cause}", not isinstance(cause, _NOT_RETRYABLE)
+    if isinstance(err, ray.exceptions.RayActorError):
+        return "worker process died (killed, crashed or its node was lost)", True
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", True
+
+
+def _watch(refs: dict, hub, recorder: Recorder, poll_s: float) -> list[dict]:
+    """Wait for every rank, streaming metrics; raise WorkerFailure on the first failure."""
+    pending, results = list(refs), {}
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+        for record in ray.get(hub.drain.remote()):
+            recorder.add(record)
+        failures = {}
+        for ref in ready:
+            try:
+                results[refs[ref]] = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - every failure is reported below
+                failures[refs[ref]] = err
+        if failures:
+            # give the peers a moment to fail too, so the report shows the root cause
+            more, _ = ray.wait(pending, num_returns=len(pending), timeout=min(2.0, poll_s * 4))
+            for ref in more:
+                try:
+                    ray.get(ref)
+                except Exception as err:  # noqa: BLE001
+                    failures[refs[ref]] = err
+            described = {rank: _describe(e) for rank, e in sorted(failures.items())}
+            reason = "; ".join(f"rank {r}: {d[0]}" for r, d in described.items())
+            raise WorkerFailure(reason, retryable=all(d[1] for d in described.values()))
+    return [results[r] for r in sorted(results)]
+
+
+def launch(cfg: JobConfig, *, address: str | None = None, on_record=None) -> dict:
+    """Run the job on Ray: start (or join) Ray, run workers, restart on failure.
+
+    Returns rank 0's result plus "status", "attempts", "nodes" (node id per rank), "out".
+    Raises LaunchError when restarts are exhausted or the failure is not retryable.
+
+    Example:
+        >>> from seqshard.launch import config, ray_launcher
+        >>> cfg = config.load("launch/configs/demo.toml")
+        >>> result = ray_launcher.launch(cfg)        # local embedded Ray, 2 workers
+    """
+    address = address or cfg.launch.address or os.environ.get("RAY_ADDRESS") or None
+    started = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            need = cfg.mesh.workers * cfg.launch.cpus_per_worker
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+                     include_dashboard=False, log_to_driver=True)
+        started = True
+    recorder = Recorder(cfg.out_dir, run_meta(cfg, launcher="ray"), train_config_steps(cfg),
+                        progress=cfg.launch.progress)
+    if on_record is not None:
+        add = recorder.add
+        recorder.add = lambda r: (add(r), on_record(r))
+    hub = MetricsHub.remote()
+    attempt = 0
+    try:
+        while True:
+            group = None
+            try:
+                group = WorkerGroup(cfg)
+                recorder.event("placed", attempt=attempt,
+                               nodes=len({p["node"] for p in group.plan}),
+                               master=f"{group.master[0]}:{group.master[1]}")
+                results = _watch(group.start(cfg, attempt, hub), hub, recorder, cfg.launch.poll_s)
+                break
+            except WorkerFailure as err:
+                recorder.event("failure", attempt=attempt, reason=str(err))
+                if not err.retryable or attempt >= cfg.launch.max_restarts:
+                    why = ("not retryable" if not err.retryable
+                           else f"gave up after {cfg.launch.max_restarts} restart(s)")
+                    recorder.finish({"status": "failed", "attempts": attempt + 1, "error": str(err)})
+                    raise LaunchError(f"job {cfg.job.name!r} failed ({why}): {err}") from None
+                attempt += 1
+                recorder.event("restart", attempt=attempt, reason=str(err).splitlines()[0][:200])
+            finally:
+                if group is not None:
+                    group.teardown()
+        nodes = {p["rank"]: p["node"] for p in group.plan}
+        final = {"status": "completed", "attempts": attempt + 1, **results[0],
+                 "nodes": nodes, "out": str(cfg.out_dir)}
+        final["summary"] = str(recorder.finish(final))
+        final["ranks"] = results
+        return final
+    finally:
+        ray.kill(hub)
+        if started:
+            ray.shutdown()

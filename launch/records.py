@@ -1,0 +1,181 @@
+"""The driver's side of metrics: a live progress line, msgpack records, summary.md, loss plot.
+
+records.msgpack is a stream of msgpack maps, appended and flushed as they arrive so a crash
+loses nothing already received:
+
+    {"type": "meta",  ...}          the job config, once per driver start
+    {"type": "event", "event": ...} worker started, failure noticed, restart, resume, ...
+    {"type": "step",  "step", "loss", "tokens", "seconds", "peak_mem_bytes", "attempt", ...}
+    {"type": "final", ...}          digest, exactness error, totals
+
+`read_records(path)` gives them back as a list. A step that is re-run after a restart appears
+again with a higher attempt; the summary and the plot use the latest attempt of each step.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+
+RECORDS = "records.msgpack"
+SUMMARY = "summary.md"
+PLOT = "loss.png"
+
+
+def read_records(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECORDS
+    with open(path, "rb") as f:
+        return list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
+
+
+def _mib(n) -> str:
+    return f"{(n or 0) / 2**20:.0f} MiB"
+
+
+class Recorder:
+    """Receives records (from worker actors or, under torchrun, from rank 0 itself)."""
+
+    def __init__(self, out_dir: Path, meta: dict, total_steps: int, *, progress: bool = True,
+                 stream=None):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.total = total_steps
+        self.show = progress
+        self.stream = stream or sys.stdout
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.steps: dict[int, dict] = {}
+        self.events: list[dict] = []
+        self.meta = meta
+        self.started = time.time()
+        self._file = open(self.out / RECORDS, "ab")
+        self._write({"type": "meta", "time": self.started, **meta})
+
+    def _write(self, record: dict) -> None:
+        self._file.write(msgpack.packb(record, use_bin_type=True))
+        self._file.flush()
+
+    # --- incoming --------------------------------------------------------------------------
+    def add(self, record: dict) -> None:
+        kind = record.get("type")
+        if kind == "step":
+            self.steps[int(record["step"])] = record
+            self._write(record)
+            self._progress(record)
+        else:
+            self.event(kind, **{k: v for k, v in record.items() if k != "type"})
+
+    def event(self, event: str, **fields) -> None:
+        record = {"type": "event", "event": event, "time": time.time(), **fields}
+        self.events.append(record)
+        self._write(record)
+        if event not in ("worker_started",):
+            self._line(f"[seqshard] {event}: " + ", ".join(f"{k}={v}" for k, v in fields.items()),
+                       final=True)
+
+    # --- progress line ---------------------------------------------------------------------
+    def _line(self, text: str, final: bool = False) -> None:
+        if not self.show:
+            return
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + text + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _progress(self, r: dict) -> None:
+        rate = r["tokens"] / r["seconds"] if r.get("seconds") else float("nan")
+        width = 20
+        done = min(width, int(width * r["step"] / max(1, self.total)))
+        bar = "#" * done + "." * (width - done)
+        self._line(
+            f"[{bar}] step {r['step']}/{self.total} | {rate:,.0f} tok/s | loss {r['loss']:.4f}"
+            f" | mem {_mib(r.get('peak_mem_bytes'))} | attempt {r.get('attempt', 0)}"
+        )
+
+    # --- the end ---------------------------------------------------------------------------
+    def curve(self) -> tuple[list[int], list[float]]:
+        steps = sorted(self.steps)
+        return steps, [float(self.steps[s]["loss"]) for s in steps]
+
+    def finish(self, final: dict) -> Path:
+        """Write the final record, summary.md and the loss plot; return the summary's path."""
+        final = {"type": "final", "time": time.time(), "wall_s": time.time() - self.started, **final}
+        self._write(final)
+        self._file.close()
+        if self.tty and self.show:
+            self.stream.write("\n")
+        plot_note = write_plot(self.out / PLOT, *self.curve())
+        text = self.summary(final, plot_note)
+        (self.out / SUMMARY).write_text(text)
+        return self.out / SUMMARY
+
+    def summary(self, final: dict, plot_note: str) -> str:
+        steps, losses = self.curve()
+        recs = [self.steps[s] for s in steps]
+        tok = sum(r["tokens"] for r in recs)
+        secs = sum(r["seconds"] for r in recs)
+        restarts = [e for e in self.events if e["event"] == "restart"]
+        m = self.meta
+        lines = [
+            f"# seqshard run: {m.get('name', 'job')}",
+            "",
+            f"- task: {m.get('task')}" + (f", model {m['model_kind']}" if m.get("model_kind") else ""),
+            f"- mesh: {m.get('workers')} workers = dp {m.get('dp')} x ulysses {m.get('ulysses')}"
+            f" x ring {m.get('ring')} ({m.get('backend', '?')})",
+            f"- status: **{final.get('status', '?')}** after {final.get('attempts', 1)} attempt(s),"
+            f" {len(restarts)} restart(s); wall {final['wall_s']:.1f} s",
+            f"- steps: {steps[-1] if steps else 0}/{self.total}"
+            + (f", loss {losses[0]:.5f} -> {losses[-1]:.5f}" if losses else ""),
+            f"- throughput: {tok / secs:,.0f} tokens/s over the steps (time inside step())"
+            if secs > 0 else "- throughput: n/a",
+            f"- peak memory: {_mib(max((r.get('peak_mem_bytes') or 0) for r in recs))}"
+            if recs else "- peak memory: n/a",
+        ]
+        if final.get("exactness") is not None:
+            lines.append(f"- exactness (sharded vs unsharded, N = {final.get('exactness_seq_len')}):"
+                         f" max abs diff {final['exactness']:.3g}")
+        if final.get("resumed_from"):
+            lines.append(f"- resumed from checkpoint step {final['resumed_from']}")
+        if final.get("digest"):
+            lines.append(f"- final state sha256: `{final['digest'][:16]}...`")
+        if final.get("error"):
+            lines.append(f"- error: {final['error']}")
+        for e in restarts:
+            lines.append(f"- restart {e.get('attempt')}: {e.get('reason', '')}")
+        lines.append(f"- plot: {plot_note}")
+        if recs:
+            lines += ["", "| step | loss | tokens/s | peak mem | attempt |", "|---:|---:|---:|---:|---:|"]
+            stride = max(1, math.ceil(len(recs) / 20))
+            for r in recs[::stride] + ([recs[-1]] if (len(recs) - 1) % stride else []):
+                rate = r["tokens"] / r["seconds"] if r["seconds"] else float("nan")
+                lines.append(f"| {r['step']} | {r['loss']:.5f} | {rate:,.0f} |"
+                             f" {_mib(r.get('peak_mem_bytes'))} | {r.get('attempt', 0)} |")
+        return "\n".join(lines) + "\n"
+
+
+def write_plot(path: Path, steps: list[int], losses: list[float]) -> str:
+    """Plot the loss curve to a PNG; without matplotlib, say so and skip."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "skipped (matplotlib is not installed: pip install matplotlib)"
+    if not steps:
+        return "skipped (no steps)"
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path.name)

@@ -1,0 +1,179 @@
+"""The worker entry: one function that runs a job on one rank, under any launcher.
+
+The Ray actor, `seqshard worker` under torchrun and the `deepspeed` launcher all end in
+`run_worker`. It reads the torchrun variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT), joins the process group through DeepSpeed's comm (`Mesh.from_env`), resumes from
+the newest intact checkpoint, steps the task, checkpoints atomically and reports metrics
+through `report` (a Ray actor under Ray, the local Recorder on rank 0 under torchrun).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from seqshard.dist import CollectiveError, Mesh, destroy_process_group
+
+from . import checkpoint as ckpt
+from .config import JobConfig, train_config
+from .tasks import make_task
+
+Report = Callable[[dict], None]
+
+
+def _barrier(what: str) -> None:
+    # gloo's barrier honours the process group's timeout (mesh.collective_timeout_s)
+    try:
+        dist.barrier()
+    except RuntimeError as err:
+        raise CollectiveError(
+            f"rank {dist.get_rank()}: barrier ({what}) over {dist.get_world_size()} ranks "
+            f"failed (a peer may have died or stalled): {err}"
+        ) from err
+
+
+def _broadcast(value, what: str):
+    box = [value]
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except RuntimeError as err:
+        raise CollectiveError(f"rank {dist.get_rank()}: broadcast ({what}) failed: {err}") from err
+    return box[0]
+
+
+def build_mesh(cfg: JobConfig) -> Mesh:
+    shape = cfg.mesh.shape()
+    backend = None if cfg.mesh.backend == "auto" else cfg.mesh.backend
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != shape.world_size:
+        raise ValueError(f"WORLD_SIZE={world} from the launcher, but the config's mesh needs "
+                         f"mesh.workers = {cfg.mesh.workers}; launch {cfg.mesh.workers} processes")
+    return Mesh.from_env(dp=shape.dp, ulysses=shape.ulysses, ring=shape.ring, backend=backend,
+                         timeout_s=cfg.mesh.collective_timeout_s)
+
+
+def resume(task, cfg: JobConfig, mesh: Mesh, log: Callable[[str], None]) -> int:
+    """Load the newest intact checkpoint (rank 0 picks it for everyone); return its step."""
+    found = None
+    if mesh.global_rank == 0:
+        skipped: list[str] = []
+        found = ckpt.latest_complete(cfg.checkpoint_dir, log=skipped.append)
+        for note in skipped:
+            log(note)
+        found = (found[0], str(found[1])) if found else None
+    found = _broadcast(found, "resume point")
+    if found is None:
+        return 0
+    step, path = found
+    task.load(Path(path))
+    return step
+
+
+def save(task, cfg: JobConfig, mesh: Mesh, step: int) -> None:
+    """Every rank writes into the temp folder; rank 0 seals it with the manifest and renames."""
+    root = cfg.checkpoint_dir
+    if mesh.global_rank == 0:
+        ckpt.prepare(root, step)
+    _barrier(f"checkpoint {step}: prepare")
+    task.save(ckpt.temp_dir(root, step))
+    _barrier(f"checkpoint {step}: write")
+    if mesh.global_rank == 0:
+        ckpt.commit(root, step, world_size=mesh.world_size, meta={"job": cfg.job.name})
+        ckpt.prune(root, cfg.launch.keep_checkpoints)
+    _barrier(f"checkpoint {step}: commit")
+
+
+def _maybe_die(cfg: JobConfig, rank: int, step: int, attempt: int) -> None:
+    f = cfg.fault
+    if f.kill_rank == rank and f.kill_at_step == step and f.kill_on_attempt == attempt:
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no cleanup, no goodbye
+
+
+def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None,
+               log: Callable[[str], None] = print) -> dict:
+    """Run the job on this rank; returns this rank's result (digest, exactness, steps).
+
+    Example (after `torchrun --nproc_per_node 2 ...` set the environment):
+        >>> from seqshard.launch import config, worker
+        >>> result = worker.run_worker(config.load("launch/configs/demo.toml"))
+    """
+    mesh = build_mesh(cfg)
+    rank = mesh.global_rank
+    emit = report if (report is not None and rank == 0) else None
+    if report is not None:
+        report({"type": "worker_started", "rank": rank, "pid": os.getpid(),
+                "host": socket.gethostname(), "attempt": attempt})
+    total = train_config_steps(cfg)
+    task = make_task(cfg, mesh)
+    start = resume(task, cfg, mesh, log if rank == 0 else (lambda _: None))
+    if start and emit:
+        emit({"type": "resumed", "step": start, "attempt": attempt})
+    every = cfg.launch.checkpoint_every
+    step = start
+    while step < total:
+        metrics = task.step()
+        step += 1
+        metrics.update(type="step", step=step, attempt=attempt)
+        if emit:
+            emit(_plain(metrics))
+        _maybe_die(cfg, rank, step, attempt)
+        if (every and step % every == 0) or step == total:
+            save(task, cfg, mesh, step)
+    n = cfg.job.exactness_seq_len
+    exactness = task.exactness_check(n) if n > 0 else None
+    result = {"rank": rank, "steps": step, "resumed_from": start, "digest": task.digest(),
+              "exactness": exactness, "exactness_seq_len": n, "mesh": mesh.describe()}
+    _barrier("finish")
+    destroy_process_group()
+    return result
+
+
+def train_config_steps(cfg: JobConfig) -> int:
+    tc = train_config(cfg)
+    return int(tc["steps"] if isinstance(tc, dict) else tc.steps)
+
+
+def _plain(metrics: dict) -> dict:
+    """Metrics as msgpack-able Python scalars (tensors -> floats)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        out[k] = v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+    return out
+
+
+def main_from_env(cfg: JobConfig) -> dict:
+    """`seqshard worker`: the job under torchrun / deepspeed; rank 0 records and prints."""
+    from .records import Recorder
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+                              or int(cfg.launch.cpus_per_worker)))
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    rank = int(os.environ.get("RANK", "0"))
+    recorder = None
+    if rank == 0:
+        recorder = Recorder(cfg.out_dir, run_meta(cfg, launcher="torchrun"),
+                            train_config_steps(cfg), progress=cfg.launch.progress)
+    report = (lambda r: recorder.add(r)) if recorder else (lambda r: None)
+    result = run_worker(cfg, attempt=attempt, report=report)
+    if recorder:
+        summary = recorder.finish({"status": "completed", "attempts": attempt + 1, **result})
+        print(summary.read_text())
+    return result
+
+
+def run_meta(cfg: JobConfig, launcher: str) -> dict:
+    shape = cfg.mesh.shape()
+    return {"name": cfg.job.name, "task": cfg.job.task, "model_kind": cfg.model.get("kind"),
+            "workers": shape.world_size, "dp": shape.dp, "ulysses": shape.ulysses,
+            "ring": shape.ring, "backend": cfg.mesh.backend, "launcher": launcher,
+            "config": cfg.to_dict()}
