@@ -139,7 +139,10 @@ def sharded_attention(q, k, v, mesh: Mesh | None = None, *, causal: bool = False
     mesh = Mesh.single(q.device) if mesh is None else mesh
     layout = get_layout(layout)
     strategy = resolve_strategy(strategy, mesh, q.shape[1])
-    layout.check(q.shape[2] * mesh.size, mesh.size)
+    if mesh.size > 1:
+        layout.check(q.shape[2] * mesh.size, mesh.size)
+    else:  # one process holds the whole sequence in order, whatever the layout
+        layout = get_layout("contiguous")
     scale = default_scale(q.shape[-1], scale)
     if mesh.size == 1 and doc_lens is None:
         return local_attention(q, k, v, causal=causal, scale=scale)[0]

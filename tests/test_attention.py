@@ -1,0 +1,253 @@
+"""Exact attention: the fused local kernel and every sharded strategy against the naive oracle
+and torch SDPA, outputs and all three gradients, on 1, 2 and 4 gloo ranks."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqshard.dist import get_layout
+from seqshard.ops.attention import (ShardedAttention, local_attention, make_sdpa,
+                                    resolve_strategy, sharded_attention)
+from seqshard.ops.attention import kernels
+from seqshard.ops.attention.naive import naive_attention
+from tests.harness import mesh, run_ranks
+
+# named tolerances (max abs error relative to 1 + max |reference|)
+TOL = {"fp32": {"out": 2e-5, "dq": 2e-5, "dk": 2e-5, "dv": 2e-5},
+       "bf16": {"out": 3e-2, "dq": 5e-2, "dk": 5e-2, "dv": 5e-2}}
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = (out.float() - ref.float()).abs().max().item()
+    bound = tol * (1.0 + ref.float().abs().max().item())
+    assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e}"
+
+
+def _inputs(seed, b, hq, hkv, n, d, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, g = (torch.randn(b, h, n, d, generator=gen) for h in (hq, hkv, hkv, hq))
+    return [t.to(dtype) for t in (q, k, v)], g.to(dtype)
+
+
+def _grads(fn, q, k, v, g):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(g)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+# --- single process ----------------------------------------------------------------------------
+def test_fused_kernel_schema():
+    """Fails loudly when a torch release renames or changes the private fused CPU kernels."""
+    assert kernels.FUSED_CPU is not None, (
+        "torch's _scaled_dot_product_flash_attention_for_cpu(_backward) changed; expected "
+        f"{kernels.FUSED_CPU_SCHEMAS}; seqshard runs on the slower plain-torch fallback"
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+def test_local_attention_matches_naive_and_sdpa(causal, hkv):
+    (q, k, v), g = _inputs(0, 2, 4, hkv, 37, 48)
+    got = _grads(lambda *t: local_attention(*t, causal=causal)[0], q, k, v, g)
+    ref = _grads(lambda *t: naive_attention(*t, causal=causal)[0], q, k, v, g)
+    sdpa = _grads(lambda *t: F.scaled_dot_product_attention(*t, is_causal=causal,
+                                                            enable_gqa=True), q, k, v, g)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ref, got, sdpa):
+        assert_close(name, a, b, TOL["fp32"][name])
+        assert_close(name + " (sdpa)", c, b, TOL["fp32"][name])
+    _, lse = local_attention(q, k, v, causal=causal)
+    assert_close("lse", naive_attention(q, k, v, causal=causal)[1], lse, 2e-5)
+
+
+@pytest.mark.parametrize("kind", ["full", "causal", "strict"])
+def test_block_kernel_fused_matches_plain_path(kind):
+    """The fused and plain block paths agree, given a final out/lse from a larger softmax."""
+    (q, k, v), g = _inputs(1, 1, 4, 2, 9, 32)
+    scale = 32 ** -0.5
+    mask = kernels.kind_mask(kind, 9, 9)
+    o1, l1 = kernels.block_forward(q, k, v, kind, scale)
+    o2, l2 = kernels.block_forward(q, k, v, kind, scale, mask)
+    assert_close("out", o2, o1, 2e-5)
+    finite = ~l2.isinf()
+    assert torch.equal(finite, ~l1.isinf()) and torch.allclose(l1[finite], l2[finite], atol=2e-5)
+    lse = torch.logaddexp(l1, torch.randn_like(l1))  # as if other blocks had contributed
+    for a, b in zip(kernels.block_backward(g, q, k, v, o1, lse, kind, scale),
+                    kernels.block_backward(g, q, k, v, o1, lse, kind, scale, mask)):
+        assert_close("grad", b, a, 2e-5)
+
+
+def test_bf16_local_attention():
+    (q, k, v), g = _inputs(2, 2, 4, 2, 33, 64, torch.bfloat16)
+    got = _grads(lambda *t: sharded_attention(*t, causal=True), q, k, v, g)
+    ref = _grads(lambda *t: naive_attention(*t, causal=True)[0],
+                 *(t.float() for t in (q, k, v)), g.float())
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.bfloat16
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ref, got):
+        assert_close(name, a, b, TOL["bf16"][name])
+
+
+def test_packed_docs_single_process_equal_per_document_attention():
+    lens = [5, 1, 11, 8]
+    (q, k, v), g = _inputs(3, 2, 4, 2, sum(lens), 48)
+    for causal in (False, True):
+        got = _grads(lambda *t: sharded_attention(*t, causal=causal, doc_lens=lens), q, k, v, g)
+        # reference: each document on its own, concatenated
+        def per_doc(q, k, v):
+            outs = [naive_attention(*(t.narrow(2, s, n) for t in (q, k, v)), causal=causal)[0]
+                    for s, n in zip(itertools.accumulate([0] + lens[:-1]), lens)]
+            return torch.cat(outs, 2)
+        ref = _grads(per_doc, q, k, v, g)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), ref, got):
+            assert_close(f"{name} causal={causal}", a, b, TOL["fp32"][name])
+
+
+def test_bad_input_single_process():
+    q = torch.randn(1, 4, 8, 32)
+    cases = [
+        ((q, torch.randn(1, 3, 8, 32), torch.randn(1, 3, 8, 32)), {}, "not divisible by key/value heads 3"),
+        ((q, torch.randn(1, 4, 7, 32), torch.randn(1, 4, 7, 32)), {}, "(1, 4, 7, 32)"),
+        ((q, q, torch.randn(1, 4, 8, 16)), {}, "(1, 4, 8, 16)"),
+        ((q, q.double(), q), {}, "torch.float64"),
+        ((q, torch.randn(1, 4, 8, 32, device="meta"), q), {}, "meta"),
+        ((q[0], q[0], q[0]), {}, "4-D"),
+        ((q, q, q), {"strategy": "bogus"}, "bogus"),
+        ((q, q, q), {"layout": "spiral"}, "spiral"),
+        ((q, q, q), {"doc_lens": [3, 4]}, "[3, 4]"),
+    ]
+    for args, kwargs, text in cases:
+        with pytest.raises(ValueError, match=None) as info:
+            sharded_attention(*args, **kwargs)
+        assert text in str(info.value), (text, str(info.value))
+    sdpa = make_sdpa(None)
+    with pytest.raises(ValueError, match="attn_mask"):
+        sdpa(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dropout_p=0.1"):
+        sdpa(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        sdpa(q, q[:, :2], q[:, :2])
+
+
+def test_sdpa_dropin_and_module_single_process():
+    (q, k, v), g = _inputs(4, 2, 4, 2, 21, 32)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+    out = make_sdpa(None)(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+    assert_close("sdpa drop-in", ref, out, 2e-5)
+    module = ShardedAttention(None, causal=True, scale=0.3)
+    assert_close("module", ref, module(q, k, v), 2e-5)
+
+
+# --- across ranks ------------------------------------------------------------------------------
+def _run_case(rank, world, m, *, seed, strategy, causal, layout, hq, hkv, d, n_local=10, b=2,
+              dtype=torch.float32, doc_lens=None, tol="fp32"):
+    """One configuration: this rank's output and gradients against the full-sequence oracle."""
+    n = n_local * world
+    (q, k, v), g = _inputs(seed, b, hq, hkv, n, d, dtype)
+    lay = get_layout(layout)
+    full = [t.float() for t in (q, k, v)]
+    ref = _grads(lambda *t: naive_attention(*t, causal=causal, doc_lens=doc_lens)[0], *full,
+                 g.float())
+    shard = lambda t: lay.shard(t, 2, m.rank, world)  # noqa: E731
+    got = _grads(lambda *t: sharded_attention(*t, m, causal=causal, layout=layout,
+                                              strategy=strategy, doc_lens=doc_lens),
+                 *(shard(t) for t in (q, k, v)), shard(g))
+    label = (f"P={world} {strategy} causal={causal} {layout} Hq={hq} Hkv={hkv} D={d} "
+             f"{dtype} docs={doc_lens}")
+    for name, a, c in zip(("out", "dq", "dk", "dv"), ref, got):
+        assert_close(f"{label}: {name}", shard(a), c, TOL[tol][name])
+    if doc_lens is None and dtype == torch.float32:  # torch's own kernel as a second oracle
+        sdpa = _grads(lambda *t: F.scaled_dot_product_attention(*t, is_causal=causal,
+                                                                enable_gqa=True),
+                      *full, g.float())
+        for name, a, c in zip(("out", "dq", "dk", "dv"), sdpa, got):
+            assert_close(f"{label}: {name} vs sdpa", shard(a), c, TOL[tol][name])
+
+
+def _strategy_cases(world):
+    strategies = ["ring", "ulysses", "allgather"] + (["hybrid"] if world == 4 else [])
+    layouts = ["contiguous", "zigzag", "striped"]
+    cases = []
+    for i, (strategy, causal, layout, hkv) in enumerate(
+            itertools.product(strategies, (False, True), layouts, (4, 2, 1))):
+        cases.append(dict(seed=i, strategy=strategy, causal=causal, layout=layout, hq=4,
+                          hkv=hkv, d=48 if i % 2 else 32))
+    # packed documents: boundaries inside and across shards, a one-token document
+    docs = {1: [3, 7], 2: [7, 1, 12], 4: [13, 1, 6, 20]}[world]
+    for j, (strategy, causal, layout) in enumerate(itertools.product(
+            strategies, (False, True), ("contiguous", "zigzag"))):
+        cases.append(dict(seed=100 + j, strategy=strategy, causal=causal, layout=layout, hq=4,
+                          hkv=2, d=32, doc_lens=docs))
+    for j, strategy in enumerate(strategies):  # bf16 stays within bf16 tolerance
+        cases.append(dict(seed=200 + j, strategy=strategy, causal=True, layout="zigzag", hq=4,
+                          hkv=2, d=64, dtype=torch.bfloat16, tol="bf16"))
+    return cases
+
+
+def _all_cases(rank, world):
+    for case in _strategy_cases(world):
+        hybrid = case["strategy"] == "hybrid"
+        m = mesh(ulysses=2, ring=2) if hybrid else mesh()
+        _run_case(rank, world, m, **case)
+    return len(_strategy_cases(world))
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_every_strategy_matches_oracle(world):
+    counts = run_ranks(_all_cases, world)
+    assert counts == [len(_strategy_cases(world))] * world
+
+
+def _deepspeed_equal(rank, world):
+    """Our Ulysses equals DeepSpeed's DistributedAttention on the same inputs, incl. grads."""
+    from deepspeed.sequence.layer import DistributedAttention
+
+    m = mesh()
+
+    def local(q, k, v, causal):  # DeepSpeed hands [B, N, H/P, D]
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                             is_causal=causal)
+        return out.transpose(1, 2)
+
+    for causal in (False, True):
+        (q, k, v), g = _inputs(7, 2, 4, 4, 12 * world, 48)
+        shard = lambda t: get_layout("contiguous").shard(t, 2, m.rank, world)  # noqa: E731
+        q, k, v, g = (shard(t) for t in (q, k, v, g))
+        ours = _grads(lambda *t: sharded_attention(*t, m, causal=causal, strategy="ulysses"),
+                      q, k, v, g)
+        ds_attn = DistributedAttention(lambda *t: local(*t, causal), m.group, scatter_idx=2,
+                                       gather_idx=1)
+        theirs = _grads(lambda *t: ds_attn(*(x.transpose(1, 2) for x in t), 0).transpose(1, 2),
+                        q, k, v, g)
+        for name, a, c in zip(("out", "dq", "dk", "dv"), theirs, ours):
+            assert_close(f"deepspeed causal={causal}: {name}", a, c, TOL["fp32"][name])
+
+
+def test_ulysses_equals_deepspeed():
+    run_ranks(_deepspeed_equal, 2)
+
+
+def _bad_input_across_ranks(rank, world):
+    m = mesh()
+    q = torch.randn(1, 3, 6, 32)
+    with pytest.raises(ValueError, match="query heads 3 are not divisible by the Ulysses degree 2"):
+        sharded_attention(q, q, q, m, strategy="ulysses")
+    q = torch.randn(1, 4, 5, 32)
+    with pytest.raises(ValueError, match="sequence length 10 .* zigzag"):
+        sharded_attention(q, q, q, m, layout="zigzag", causal=True)
+    with pytest.raises(ValueError, match="sum to the global sequence length 10"):
+        sharded_attention(q, q, q, m, doc_lens=[4, 5])
+    # auto: heads divisible -> ulysses; not divisible -> ring; both degrees > 1 -> hybrid
+    assert resolve_strategy("auto", m, 4) == "ulysses"
+    assert resolve_strategy("auto", m, 3) == "ring"
+    # the group still works after the errors: no rank is left waiting in a collective
+    out = sharded_attention(q, q, q, m, causal=True, strategy="ring")
+    return out.shape
+
+
+def test_bad_input_across_ranks():
+    assert run_ranks(_bad_input_across_ranks, 2) == [torch.Size([1, 4, 5, 32])] * 2
