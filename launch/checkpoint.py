@@ -147,7 +147,7 @@ def latest_complete(root: Path, log=print) -> tuple[int, Path] | None:
         problem = verify(path)
         if problem is None:
             return step, path
-        log(f"checkpoint skipped: {problem}")
+        log(f"checkpoint {problem}; falling back to an older one")
     return None
 
 

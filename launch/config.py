@@ -302,11 +302,16 @@ def _validate_model(cfg: JobConfig, shape: MeshShape) -> None:
     kind = cfg.model.get("kind")
     if not isinstance(kind, str):
         raise ValueError(f"model.kind = {kind!r}: name the model, e.g. 'transformer'")
-    check = _models_attr("check_model_config")
-    if check is not None:
-        check(kind, {k: v for k, v in cfg.model.items() if k != "kind"}, shape)
+    try:
+        from seqshard.models.config import CONFIGS
+    except ImportError:  # models not installed: the worker's Trainer checks the rest
         return
-    heads = cfg.model.get("n_heads")
-    if isinstance(heads, int) and heads % shape.ulysses != 0:
-        raise ValueError(f"model.n_heads = {heads} is not divisible by mesh.ulysses = "
+    if kind not in CONFIGS:
+        raise ValueError(f"model.kind = {kind!r}: expected one of {sorted(CONFIGS)}")
+    values = {k: v for k, v in cfg.model.items() if k != "kind"}
+    fill(CONFIGS[kind], values, "model")  # names unknown keys as model.<key>
+    heads = values.get("num_heads", getattr(CONFIGS[kind](), "num_heads", None))
+    strategy = _get(train_config(cfg), "strategy")
+    if strategy in ("ulysses", "hybrid") and isinstance(heads, int) and heads % shape.ulysses:
+        raise ValueError(f"model.num_heads = {heads} is not divisible by mesh.ulysses = "
                          f"{shape.ulysses} (Ulysses splits heads across ranks)")

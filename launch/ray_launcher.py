@@ -185,7 +185,9 @@ def _watch(refs: dict, hub, recorder: Recorder, poll_s: float) -> list[dict]:
                 except Exception as err:  # noqa: BLE001
                     failures[refs[ref]] = err
             described = {rank: _describe(e) for rank, e in sorted(failures.items())}
-            reason = "; ".join(f"rank {r}: {d[0]}" for r, d in described.items())
+            # dead ranks first: they are the cause, their peers' collective errors the effect
+            died = sorted(described, key=lambda r: (not isinstance(failures[r], ray.exceptions.RayActorError), r))
+            reason = "; ".join(f"rank {r}: {described[r][0]}" for r in died)
             raise WorkerFailure(reason, retryable=all(d[1] for d in described.values()))
     return [results[r] for r in sorted(results)]
 

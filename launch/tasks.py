@@ -63,9 +63,8 @@ class TrainTask:
         return float(self.trainer.exactness_check(seq_len))
 
     def digest(self) -> str:
-        model = getattr(self.trainer, "model", None)
-        model = getattr(model, "module", model)  # a DeepSpeed engine wraps the module
-        return state_digest(p for _, p in sorted(model.state_dict().items()))
+        state = self.trainer.full_state_dict()  # full tensors, also under ZeRO-3
+        return state_digest(state[k] for k in sorted(state))
 
 
 class ProbeTask:

@@ -59,14 +59,15 @@ def build_mesh(cfg: JobConfig) -> Mesh:
                          timeout_s=cfg.mesh.collective_timeout_s)
 
 
-def resume(task, cfg: JobConfig, mesh: Mesh, log: Callable[[str], None]) -> int:
+def resume(task, cfg: JobConfig, mesh: Mesh, emit: Report | None) -> int:
     """Load the newest intact checkpoint (rank 0 picks it for everyone); return its step."""
     found = None
     if mesh.global_rank == 0:
         skipped: list[str] = []
         found = ckpt.latest_complete(cfg.checkpoint_dir, log=skipped.append)
         for note in skipped:
-            log(note)
+            if emit:
+                emit({"type": "checkpoint_skipped", "reason": note})
         found = (found[0], str(found[1])) if found else None
     found = _broadcast(found, "resume point")
     if found is None:
@@ -97,8 +98,7 @@ def _maybe_die(cfg: JobConfig, rank: int, step: int, attempt: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no cleanup, no goodbye
 
 
-def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None,
-               log: Callable[[str], None] = print) -> dict:
+def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None) -> dict:
     """Run the job on this rank; returns this rank's result (digest, exactness, steps).
 
     Example (after `torchrun --nproc_per_node 2 ...` set the environment):
@@ -113,7 +113,7 @@ def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None
                 "host": socket.gethostname(), "attempt": attempt})
     total = train_config_steps(cfg)
     task = make_task(cfg, mesh)
-    start = resume(task, cfg, mesh, log if rank == 0 else (lambda _: None))
+    start = resume(task, cfg, mesh, emit)
     if start and emit:
         emit({"type": "resumed", "step": start, "attempt": attempt})
     every = cfg.launch.checkpoint_every

@@ -1,0 +1,177 @@
+"""Honest measurements inside one rank: median time, peak memory, bytes on the wire.
+
+- Time: `warmup` untimed runs (first-call allocations, kernel selection, gloo buffers), then
+  `repeats` timed runs, each bracketed by barriers so the time is the slowest rank's wall
+  time; the median is kept and every repeat is recorded.
+- Peak memory (CPU): the kernel's resident-set high-water mark. Before a run we reset it by
+  writing 5 to /proc/self/clear_refs (Linux >= 4.0) and read the baseline VmRSS; after the run
+  the peak is VmHWM - baseline. tracemalloc does not see torch's allocator, and torch has no
+  CPU allocator statistics, so the OS is the honest witness. For the OS to see frees, worker
+  processes start with MALLOC_MMAP_THRESHOLD_=65536 (see `MALLOC_ENV`): every tensor above
+  64 KiB is its own mmap and goes back to the OS when freed, so RSS tracks live tensors.
+  On CUDA, torch.cuda.max_memory_allocated is used instead.
+- Communication: `CommCounter` wraps torch.distributed's collectives for the duration of one
+  run and adds up the bytes each call makes this rank send under the bandwidth-optimal
+  algorithm (all-to-all: (P-1)/P of the input; all-gather: (P-1) x the input; reduce-scatter:
+  (P-1)/P of the input; all-reduce: 2 (P-1)/P; point-to-point: every isend). The calls still
+  go to the real collectives; only the accounting is added.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in {_STATUS}")
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+class PeakMemory:
+    """`with PeakMemory() as pm: run()` then `pm.peak_bytes` (above the baseline at entry)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.cuda = device is not None and device.type == "cuda"
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            _CLEAR_REFS.write_text("5")  # reset VmHWM to the current RSS
+            self._base = rss_bytes()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self.peak_bytes = max(0, _status_kib("VmHWM") * 1024 - self._base)
+        return False
+
+
+def _group_size(kwargs, args, index) -> int:
+    group = kwargs.get("group", args[index] if len(args) > index else None)
+    return dist.get_world_size(group)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class CommCounter:
+    """Counts bytes this rank sends through torch.distributed while active (see module doc)."""
+
+    # name -> (position of the group argument, bytes sent given (args, kwargs, P))
+    _RULES: dict[str, tuple[int, Callable]] = {
+        "all_to_all_single": (4, lambda a, k, p: _nbytes(k.get("input", a[1] if len(a) > 1 else None)) * (p - 1) // p),
+        "all_to_all": (2, lambda a, k, p: sum(_nbytes(t) for t in k.get("input_tensor_list", a[1])) * (p - 1) // p),
+        "all_gather_into_tensor": (2, lambda a, k, p: _nbytes(k.get("input_tensor", a[1] if len(a) > 1 else None)) * (p - 1)),
+        "all_gather": (2, lambda a, k, p: _nbytes(k.get("tensor", a[1] if len(a) > 1 else None)) * (p - 1)),
+        "reduce_scatter_tensor": (3, lambda a, k, p: _nbytes(k.get("input", a[1] if len(a) > 1 else None)) * (p - 1) // p),
+        "all_reduce": (2, lambda a, k, p: 2 * _nbytes(k.get("tensor", a[0] if a else None)) * (p - 1) // p),
+        "send": (2, lambda a, k, p: _nbytes(k.get("tensor", a[0] if a else None))),
+        "isend": (2, lambda a, k, p: _nbytes(k.get("tensor", a[0] if a else None))),
+    }
+
+    def __init__(self):
+        self.bytes_sent = 0
+        self.calls = 0
+        self._saved: dict[str, Callable] = {}
+
+    def _wrap(self, name: str, fn: Callable, group_pos: int, rule: Callable) -> Callable:
+        def counted(*args, **kwargs):
+            p = _group_size(kwargs, args, group_pos)
+            self.bytes_sent += int(rule(args, kwargs, p)) if p > 1 else 0
+            self.calls += 1
+            return fn(*args, **kwargs)
+        counted.__name__ = name
+        return counted
+
+    def _wrap_batch(self, fn: Callable) -> Callable:
+        def counted(p2p_ops):
+            for op in p2p_ops:
+                if getattr(op.op, "__name__", "") == "isend":
+                    self.bytes_sent += _nbytes(op.tensor)
+            self.calls += 1
+            return fn(p2p_ops)
+        return counted
+
+    def __enter__(self):
+        # isend/irecv themselves are not replaced: P2POp checks them by identity
+        for name, (pos, rule) in self._RULES.items():
+            if name in ("isend",):
+                continue
+            self._saved[name] = getattr(dist, name)
+            setattr(dist, name, self._wrap(name, self._saved[name], pos, rule))
+        self._saved["batch_isend_irecv"] = dist.batch_isend_irecv
+        dist.batch_isend_irecv = self._wrap_batch(self._saved["batch_isend_irecv"])
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        self._saved.clear()
+        return False
+
+
+def barrier(group=None) -> None:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.barrier(group=group)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_runs(run: Callable[[], None], *, warmup: int, repeats: int, group=None,
+              device: torch.device = torch.device("cpu")) -> list[float]:
+    """Seconds per timed run on this rank, between barriers (so the slowest rank sets it)."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup={warmup} must be >= 0 and repeats={repeats} >= 1")
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        barrier(group)
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        barrier(group)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+@contextmanager
+def measuring(device: torch.device):
+    """Peak memory and communication of the enclosed block: yields (PeakMemory, CommCounter)."""
+    with PeakMemory(device) as pm, CommCounter() as cc:
+        yield pm, cc

@@ -1,0 +1,247 @@
+"""Run benchmark points on P real gloo ranks: one group of worker processes per world size.
+
+The driver starts P spawned processes with the torchrun variables (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT), each joins the process group through `Mesh.from_env` and then
+measures every point of that world size that the driver sends it (see measure.py for how).
+Process start-up (import torch, join the group) is paid once per world size, not per point.
+
+A point that fails on any rank, or runs past `point_timeout_s`, is recorded with status
+"error" and its world is restarted for the remaining points (a half-finished collective can
+leave the group wedged). Points that can never run (e.g. heads not divisible by the Ulysses
+degree) are recorded as "skipped" with the reason, before any process sees them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Callable
+
+from . import records
+from .workloads import check_spec
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pin_malloc() -> None:
+    """Large tensors become their own mmaps (freed back to the OS), so RSS tracks live memory."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 65536)
+        libc.mallopt(M_TRIM_THRESHOLD, 65536)
+    except OSError:  # not glibc: peak memory then also counts the allocator's cache
+        pass
+
+
+def _measure_point(spec: dict, mesh, modes, warmup: int, repeats: int) -> dict:
+    import torch
+
+    from .measure import measuring, time_runs
+    from .workloads import build
+
+    workload = build(spec, mesh)
+    out = {}
+    for mode in modes:
+        backward = mode == "fwdbwd"
+        inputs = workload.make_inputs()
+        times = time_runs(lambda: workload.run(inputs, backward), warmup=warmup,
+                          repeats=repeats, group=mesh.group, device=mesh.device)
+        del inputs
+        # a separate run for memory and bytes, with fresh inputs inside the measured window
+        with measuring(mesh.device) as (pm, cc):
+            inputs = workload.make_inputs()
+            workload.run(inputs, backward)
+            del inputs
+        out[mode] = {"times": times, "mem": pm.peak_bytes, "comm": cc.bytes_sent,
+                     "calls": cc.calls}
+    del workload
+    torch.set_grad_enabled(True)
+    return out
+
+
+def _worker(rank: int, world: int, port: int, tasks, results, threads: int,
+            timeout_s: float) -> None:
+    _pin_malloc()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch
+
+    torch.set_num_threads(threads)
+    from seqshard.dist import Mesh
+
+    meshes = {}
+    try:
+        meshes[(world, 1)] = Mesh.from_env(ulysses=1, ring=world, timeout_s=timeout_s)
+        results.put((rank, "ready", None))
+    except Exception:
+        results.put((rank, "error", traceback.format_exc()))
+        return
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        index, spec, modes, warmup, repeats = task
+        try:
+            key = (spec["ulysses"], spec["ring"])
+            if key not in meshes:  # every rank creates the same groups in the same order
+                meshes[key] = Mesh.new(ulysses=key[0], ring=key[1], timeout_s=timeout_s)
+            torch.manual_seed(1234 + rank)
+            result = _measure_point(spec, meshes[key], modes, warmup, repeats)
+            results.put((rank, "ok", (index, result)))
+        except Exception as err:
+            results.put((rank, "error", (index, f"{type(err).__name__}: {err}\n"
+                                                f"{traceback.format_exc(limit=4)}")))
+
+
+class World:
+    """P worker processes in one gloo group; `measure(spec)` -> per-rank results."""
+
+    def __init__(self, world: int, *, timeout_s: float = 120.0, start_timeout_s: float = 180.0):
+        self.world = world
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(world)]
+        threads = max(1, (os.cpu_count() or 1) // world)
+        port = _free_port()
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.procs = [ctx.Process(target=_worker, daemon=True,
+                                  args=(r, world, port, self.tasks[r], self.results, threads,
+                                        timeout_s)) for r in range(world)]
+        for p in self.procs:
+            p.start()
+        for _ in range(world):
+            rank, status, payload = self._get(start_timeout_s, "start")
+            if status != "ready":
+                self.close()
+                raise RuntimeError(f"bench rank {rank} of {world} failed to start:\n{payload}")
+
+    def _get(self, timeout_s: float, what: str):
+        try:
+            return self.results.get(timeout=timeout_s)
+        except queue.Empty:
+            raise TimeoutError(f"{what}: no answer from the {self.world} bench ranks within "
+                               f"{timeout_s:.0f} s") from None
+
+    def measure(self, index: int, spec: dict, modes, warmup: int, repeats: int,
+                timeout_s: float) -> list[dict]:
+        """Per-rank {mode: {times, mem, comm, calls}}; raises RuntimeError naming failed ranks."""
+        for q in self.tasks:
+            q.put((index, spec, tuple(modes), warmup, repeats))
+        per_rank: dict[int, dict] = {}
+        errors = []
+        deadline = time.monotonic() + timeout_s
+        while len(per_rank) + len(errors) < self.world:
+            left = deadline - time.monotonic()
+            rank, status, payload = self._get(max(left, 0.01), f"point {index}")
+            if status == "ok":
+                per_rank[rank] = payload[1]
+            else:
+                errors.append(f"rank {rank}: {payload[1] if isinstance(payload, tuple) else payload}")
+                break  # the other ranks may be stuck in a collective: do not wait for them
+        if errors:
+            raise RuntimeError("\n".join(errors))
+        return [per_rank[r] for r in range(self.world)]
+
+    def close(self) -> None:
+        for q in self.tasks:
+            try:
+                q.put(None)
+            except (OSError, ValueError):
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():  # only our own children, by handle
+                p.terminate()
+                p.join(timeout=5)
+
+
+def merge(spec: dict, per_rank: list[dict], modes) -> dict:
+    """One record point from every rank's measurements."""
+    from .measure import median
+
+    measures = {}
+    for mode in records.MODES:
+        if mode not in modes:
+            measures[mode] = None
+            continue
+        runs = [r[mode] for r in per_rank]
+        # barriers bracket each repeat, so the repeat's time is the slowest rank's
+        times = [max(t) for t in zip(*(r["times"] for r in runs))]
+        time_s = median(times)
+        measures[mode] = {"time_s": time_s, "times_s": times,
+                          "tokens_per_s": spec["n"] / time_s,
+                          "mem_peak_bytes": [int(r["mem"]) for r in runs],
+                          "comm_bytes": [int(r["comm"]) for r in runs],
+                          "comm_calls": [int(r["calls"]) for r in runs]}
+    return records.make_point(spec["family"], spec["impl"], spec["n"], spec["world"],
+                              spec["ulysses"], spec["ring"], spec["shape"],
+                              fwd=measures["fwd"], fwdbwd=measures["fwdbwd"])
+
+
+def _failed(spec: dict, status: str, message: str) -> dict:
+    return records.make_point(spec["family"], spec["impl"], spec["n"], spec["world"],
+                              spec["ulysses"], spec["ring"], spec["shape"], status=status,
+                              error=message)
+
+
+def run_points(specs: list[dict], *, modes=("fwd", "fwdbwd"), warmup: int = 1,
+               repeats: int = 3, point_timeout_s: float = 300.0,
+               log: Callable[[str], None] = print) -> list[dict]:
+    """Measure every spec; returns record points in the order of `specs`."""
+    points: list[dict | None] = [None] * len(specs)
+    by_world: dict[int, list[int]] = {}
+    for i, spec in enumerate(specs):
+        try:
+            check_spec(spec)
+        except (ValueError, KeyError) as err:
+            points[i] = _failed(spec, "skipped", str(err))
+            continue
+        by_world.setdefault(spec["world"], []).append(i)
+    for world, indices in sorted(by_world.items()):
+        pool = None
+        for i in indices:
+            spec = specs[i]
+            label = describe(spec)
+            try:
+                pool = pool or World(world, timeout_s=min(point_timeout_s, 120.0))
+                started = time.monotonic()
+                points[i] = merge(spec, pool.measure(i, spec, modes, warmup, repeats,
+                                                     point_timeout_s), modes)
+                log(f"  {label}: {summary(points[i])} ({time.monotonic() - started:.1f} s)")
+            except (RuntimeError, TimeoutError) as err:
+                points[i] = _failed(spec, "error", str(err)[-2000:])
+                log(f"  {label}: ERROR {str(err).splitlines()[0][:200]}")
+                if pool is not None:
+                    pool.close()
+                pool = None
+        if pool is not None:
+            pool.close()
+    return points  # type: ignore[return-value]
+
+
+def describe(spec: dict) -> str:
+    split = f" {spec['ulysses']}x{spec['ring']}" if spec["impl"] == "hybrid" else ""
+    return f"{spec['family']}/{spec['impl']}{split} N={spec['n']} P={spec['world']}"
+
+
+def summary(point: dict) -> str:
+    parts = []
+    for mode in records.MODES:
+        m = point.get(mode)
+        if m:
+            parts.append(f"{mode} {m['time_s'] * 1e3:.1f} ms, "
+                         f"{max(m['mem_peak_bytes']) / 2**20:.1f} MiB, "
+                         f"{max(m['comm_bytes']) / 2**20:.2f} MiB sent")
+    return "; ".join(parts)
