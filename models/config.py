@@ -140,8 +140,11 @@ class TrainConfig:
     """Linear warm-up steps; then cosine decay to min_lr_ratio * lr at `steps`."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr."""
+    optimizer: str = "adamw"
+    """'adamw', or 'sgd' (plain, no momentum: its update is proportional to the gradient,
+    which is what the engine-equality test needs to catch a wrong gradient scale)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Decoupled (AdamW) or L2 (SGD) weight decay on matrices."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     grad_clip: float = 1.0
@@ -176,6 +179,8 @@ class TrainConfig:
             raise ValueError(f"dtype={self.dtype!r}: expected one of {DTYPES}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer={self.optimizer!r}: expected 'adamw' or 'sgd'")
         if self.task not in ("recall", "random"):
             raise ValueError(f"task={self.task!r}: expected 'recall' or 'random'")
         if self.warmup_steps < 0 or self.lr <= 0:

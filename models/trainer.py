@@ -45,13 +45,16 @@ def lr_lambda(tc: TrainConfig):
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig):
-    """AdamW (decay on matrices only) and its LambdaLR schedule."""
+    """AdamW or SGD (weight decay on matrices only) and its LambdaLR schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
+    if tc.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=tc.lr)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
 
 
