@@ -163,7 +163,8 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_
     new_lse = torch.logaddexp(lse, blk_lse)
     safe = new_lse.masked_fill(new_lse.isinf(), 0.0)
     out.mul_(torch.exp(lse - safe).unsqueeze(-1))
-    out.add_(blk_out.float() * torch.exp(blk_lse - safe).unsqueeze(-1))
+    blk = blk_out.float()  # fp32 block outputs are scratch: scaled in place, no temporary
+    out.add_(blk.mul_(torch.exp(blk_lse - safe).unsqueeze(-1)))
     lse.copy_(new_lse)
 
 

@@ -23,11 +23,26 @@ from seqshard.dist import RingComm
 from .kernels import block_backward, block_forward, merge_into
 
 
+def _add_rows(acc, part, rows: slice, n: int):
+    """acc[..., rows, :] += part, allocating acc only when part does not cover all n rows.
+
+    A block covering every row (the common case) becomes the accumulator itself: no zeros,
+    no copy, one full-size buffer less at the memory peak.
+    """
+    if acc is None:
+        if rows == slice(0, n):
+            return part
+        acc = torch.zeros(part.shape[:2] + (n,) + part.shape[3:], dtype=part.dtype,
+                          device=part.device)
+    acc[:, :, rows] += part
+    return acc
+
+
 def _ring_fwd(q, k, v, plans, scale, group, timeout):
     # q [B, Hq, nq, D]; k, v [B, Hkv, nk, D]; plans[s]: pieces against ring rank (r - s) % R
     comm = RingComm(group, timeout)
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # [B, Hq, nq, D]
-    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    nq = q.shape[2]
+    out = lse = None  # fp32 [B, Hq, nq, D] and [B, Hq, nq], merged exactly by log-sum-exp
     for step in range(comm.size):
         last = step + 1 == comm.size
         if not last:
@@ -35,38 +50,53 @@ def _ring_fwd(q, k, v, plans, scale, group, timeout):
         for p in plans[step]:
             o_blk, lse_blk = block_forward(q[:, :, p.q_slice], k[:, :, p.k_slice],
                                            v[:, :, p.k_slice], p.kind, scale, p.mask)
+            if out is None and p.q_slice == slice(0, nq):
+                out, lse = o_blk.float(), lse_blk
+                continue
+            if out is None:
+                out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+                lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32,
+                                 device=q.device)
             merge_into(out[:, :, p.q_slice], lse[:, :, p.q_slice], o_blk, lse_blk)
         if not last:
             k, v = pending.wait()
+    if out is None:  # a plan with no blocks at all: nothing to attend to
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
     return out.to(q.dtype), lse
 
 
 def _ring_bwd(do, q, k, v, out, lse, plans, scale, group, timeout):
     comm = RingComm(group, timeout)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    nq, nk = q.shape[2], k.shape[2]
+    dq = None
     grads = None  # Pending dK/dV accumulators travelling one hop behind K/V
     for step in range(comm.size):
         last = step + 1 == comm.size
         if not last:
             pending_kv = comm.post(k, v)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # [B, Hkv, nk, D]
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        dk = dv = None  # fp32 [B, Hkv, nk, D] for the block held now
         for p in plans[step]:
             qs, ks = p.q_slice, p.k_slice
             g_q, g_k, g_v = block_backward(do[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks],
                                            out[:, :, qs], lse[:, :, qs], p.kind, scale, p.mask)
-            dq[:, :, qs] += g_q
-            dk[:, :, ks] += g_k
-            dv[:, :, ks] += g_v
+            dq = _add_rows(dq, g_q, qs, nq)
+            dk, dv = _add_rows(dk, g_k, ks, nk), _add_rows(dv, g_v, ks, nk)
         if grads is not None:
-            # what the previous rank accumulated for the block we hold now
+            # what the previous ranks accumulated for the block we hold now
             prev_dk, prev_dv = grads.wait()
-            dk += prev_dk
-            dv += prev_dv
+            dk = prev_dk if dk is None else dk.add_(prev_dk)
+            dv = prev_dv if dv is None else dv.add_(prev_dv)
+        if dk is None:
+            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         grads = comm.post(dk, dv)  # after R hops it arrives at the block's owner
+        del dk, dv
         if not last:
             k, v = pending_kv.wait()
     dk, dv = grads.wait()
+    if dq is None:
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     return dq, dk, dv
 
 

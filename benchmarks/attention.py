@@ -1,0 +1,145 @@
+"""Sharded attention vs single-process SDPA and DeepSpeed Ulysses: fwd+bwd time, peak memory.
+
+    python benchmarks/attention.py --quick      # N up to 4K, ~1-2 min
+    python benchmarks/attention.py              # N sweep up to 16K
+
+Every strategy runs on 2 gloo ranks (1 thread each); the baseline is torch SDPA on the full
+sequence in one process with 2 threads -- the same two cores either way. Everything is
+measured in the same run and reported as ratios to the SDPA baseline. Time: the slower
+rank's fwd+bwd wall time, best of `--reps` (the machine may be shared; the load average
+is printed). Peak memory: the rise of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) over its resident set before the inputs were made, max over ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+# big tensors come from mmap and go back to the OS when freed, so RSS tracks live tensors
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+STRATEGIES = {  # name -> (layout, how it runs)
+    "ring": "zigzag",
+    "ulysses": "contiguous",
+    "allgather": "zigzag",
+    "deepspeed-ulysses": "contiguous",
+}
+
+
+# --- measuring ---------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measure(make_inputs, step, reps: int, barrier=lambda: None):
+    """Best fwd+bwd seconds over reps (after one warm-up) and the peak RSS rise in bytes."""
+    times, peaks = [], []
+    for rep in range(reps + 1):
+        gc.collect()
+        barrier()
+        base = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        inputs = make_inputs()
+        barrier()
+        t0 = time.perf_counter()
+        step(*inputs)
+        elapsed = time.perf_counter() - t0
+        peak = (_status_kib("VmHWM") - base) * 1024
+        del inputs
+        if rep > 0:  # the warm-up pays for one-time set-up (plans, imports, buffers)
+            times.append(elapsed)
+            peaks.append(peak)
+    return min(times), max(peaks)
+
+
+def _tensors(shape, gen_seed, n=4):
+    gen = torch.Generator().manual_seed(gen_seed)
+    return [torch.randn(*shape, generator=gen).requires_grad_(i < 3) for i in range(n)]
+
+
+# --- rank functions (module level: the rank processes import them) -----------------------------
+def _single_sdpa(rank, world, n, heads, dim, reps):
+    def step(q, k, v, g):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+
+    return _measure(lambda: _tensors((1, heads, n, dim), 0), step, reps)
+
+
+def _sharded(rank, world, n, heads, dim, reps, strategy):
+    import torch.distributed as dist
+
+    from seqshard.ops.attention import sharded_attention
+    from tests.harness import mesh
+
+    m = mesh()
+    barrier = lambda: dist.barrier(group=m.group)  # noqa: E731
+    if strategy == "deepspeed-ulysses":
+        from deepspeed.sequence.layer import DistributedAttention
+
+        def local(q, k, v):  # DeepSpeed hands [B, N, H/P, D]; SDPA wants [B, H/P, N, D]
+            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                                 is_causal=True)
+            return out.transpose(1, 2)
+
+        attn = DistributedAttention(local, m.group, scatter_idx=2, gather_idx=1)
+        shape = (1, n // world, heads, dim)  # DeepSpeed's [B, N/P, H, D]
+        fwd = lambda q, k, v: attn(q, k, v, 0)  # noqa: E731
+    else:
+        shape = (1, heads, n // world, dim)
+        fwd = lambda q, k, v: sharded_attention(  # noqa: E731
+            q, k, v, m, causal=True, layout=STRATEGIES[strategy], strategy=strategy)
+
+    def step(q, k, v, g):
+        fwd(q, k, v).backward(g)
+
+    return _measure(lambda: _tensors(shape, rank), step, reps, barrier)
+
+
+# --- driver ------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N up to 4K, one timed rep")
+    parser.add_argument("--sizes", type=int, nargs="*", help="sequence lengths to sweep")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES))
+    args = parser.parse_args(argv)
+    sizes = args.sizes or ([1024, 2048, 4096] if args.quick else [2048, 4096, 8192, 16384])
+    reps = args.reps or (1 if args.quick else 2)
+
+    from tests.harness import run_ranks
+
+    print(f"causal attention fwd+bwd, B=1 H={args.heads} D={args.dim} fp32, 2 gloo ranks x 1 "
+          f"thread vs 1 process x 2 threads; best of {reps}; load avg {os.getloadavg()}")
+    print(f"{'N':>6} {'strategy':>18} {'time s':>8} {'x sdpa':>7} {'peak MiB':>9} {'x sdpa':>7}")
+    for n in sizes:
+        t_ref, m_ref = run_ranks(_single_sdpa, 1, n, args.heads, args.dim, reps)[0]
+        print(f"{n:>6} {'sdpa (1 process)':>18} {t_ref:8.3f} {1:7.2f} {m_ref / 2**20:9.1f} {1:7.2f}")
+        for strategy in args.strategies:
+            res = run_ranks(_sharded, 2, n, args.heads, args.dim, reps, strategy)
+            t = max(r[0] for r in res)
+            peak = max(r[1] for r in res)
+            print(f"{n:>6} {strategy:>18} {t:8.3f} {t / t_ref:7.2f} {peak / 2**20:9.1f} "
+                  f"{peak / m_ref:7.2f}", flush=True)
+    print(f"load avg at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
