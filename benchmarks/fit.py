@@ -1,0 +1,202 @@
+"""FIT vs full attention on 2 ranks: fwd+bwd time and peak memory against sequence length N.
+
+    python benchmarks/fit.py --quick     # N = 4K .. 64K, full attention up to 16K (~1-2 min)
+    python benchmarks/fit.py             # N = 8K .. 1M (2^20), full attention while it fits
+
+Both models run on 2 gloo ranks of the test harness (1 thread each, contiguous layout, batch 1)
+with the same width, heads and MLP. FIT: `depth` blocks of 1 local + 1 global layer, m latents
+per group and the cost-balancing group size n = 2^round(log2((N m^2)^(1/3))), so the work
+grows as N^(4/3). Full attention: `depth` pre-norm transformer layers whose attention is the
+exact ring attention of seqshard.ops.attention over the whole sequence (its N^2 term is what
+FIT avoids); it stops once a step would exceed --full-cap seconds.
+Time: the slower rank's fwd+bwd wall time, best of the repetitions (the machine may be shared;
+the 1-minute load average is printed and a point whose repetitions disagree by > 30 % is run
+again). Memory: the rise of each rank's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) over its resident set before the step, max over ranks. The exponent is
+a least-squares fit of log time against log N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+# big tensors are mmapped and given back when freed, so the resident set follows live tensors
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+from seqshard.ops.attention import sharded_attention  # noqa: E402
+from seqshard.ops.fit import FIT  # noqa: E402
+from seqshard.ops.fit.layers import MLP  # noqa: E402
+from tests.harness import mesh, run_ranks  # noqa: E402
+
+WORLD = 2
+
+
+class FullLayer(nn.Module):
+    """Pre-norm transformer layer whose attention spans the whole sharded sequence (ring)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, causal: bool):
+        super().__init__()
+        self.num_heads, self.causal = num_heads, causal
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = MLP(dim, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, m) -> torch.Tensor:
+        b, n_local, dim = x.shape
+        qkv = self.qkv(self.norm1(x)).unflatten(-1, (3, self.num_heads, -1))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, H, N_local, d]
+        o = sharded_attention(q, k, v, m, causal=self.causal, strategy="ring")
+        x = x + self.out(o.transpose(1, 2).reshape(b, n_local, dim))
+        return x + self.mlp(self.norm2(x))
+
+
+class FullStack(nn.Module):
+    def __init__(self, depth: int, **kw):
+        super().__init__()
+        self.layers = nn.ModuleList(FullLayer(**kw) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, m) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, m)
+        return x
+
+
+def group_size_for(n_tokens: int, num_latents: int) -> int:
+    """The power of two nearest (N m^2)^(1/3), where local and global costs balance."""
+    return 2 ** round(math.log2((n_tokens * num_latents**2) ** (1 / 3)))
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _step_rank(rank: int, world: int, kind: str, n_tokens: int, cfg: dict, reps: int) -> dict:
+    """On every rank: build the model, run fwd+bwd `reps` times; best/median time, peak rise."""
+    m = mesh()
+    torch.manual_seed(0)
+    kw = dict(dim=cfg["dim"], num_heads=cfg["heads"], mlp_ratio=cfg["mlp_ratio"],
+              causal=cfg["causal"])
+    if kind == "fit":
+        model = FIT(group_size=group_size_for(n_tokens, cfg["latents"]),
+                    num_latents=cfg["latents"], depth=cfg["depth"], **kw)
+    else:
+        model = FullStack(cfg["depth"], **kw)
+    x = torch.randn(1, n_tokens // world, cfg["dim"])
+    times, peak = [], 0
+    for _ in range(reps):
+        gc.collect()
+        dist.barrier(group=m.group)
+        base = _kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        t0 = time.perf_counter()
+        xr = x.clone().requires_grad_()
+        model(xr, m).sum().backward()
+        times.append(time.perf_counter() - t0)
+        peak = max(peak, (_kib("VmHWM") - base) * 1024)
+        del xr
+        model.zero_grad(set_to_none=True)
+        if times[-1] > cfg["long_step"]:
+            break  # one long step is already a stable measurement
+    times.sort()
+    return {"best": times[0], "median": times[len(times) // 2], "peak": peak}
+
+
+def measure(kind: str, n_tokens: int, cfg: dict, reps: int) -> dict:
+    """Run one point on WORLD ranks; re-run once when its repetitions disagree (noisy machine)."""
+    for attempt in range(2):
+        load = os.getloadavg()[0]
+        per_rank = run_ranks(_step_rank, WORLD, kind, n_tokens, cfg, reps, timeout=1800)
+        best = max(r["best"] for r in per_rank)
+        median = max(r["median"] for r in per_rank)
+        point = {"best": best, "median": median, "peak": max(r["peak"] for r in per_rank),
+                 "load": load, "noisy": median > 1.3 * best}
+        if not point["noisy"]:
+            break
+    return point
+
+
+def fit_exponent(ns: list[int], ts: list[float]) -> float:
+    """Least-squares slope of log t against log N."""
+    xs, ys = [math.log(n) for n in ns], [math.log(t) for t in ts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sweep (~1-2 minutes)")
+    ap.add_argument("--min-log2n", type=int, default=None)
+    ap.add_argument("--max-log2n", type=int, default=None)
+    ap.add_argument("--dim", type=int, default=32)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--latents", type=int, default=4, help="m, latents per group")
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--bidirectional", action="store_true", help="default: causal")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--full-cap", type=float, default=None, help="seconds; stop full attention")
+    ap.add_argument("--json", type=Path, default=None, help="write the points here")
+    args = ap.parse_args()
+    lo = args.min_log2n or (12 if args.quick else 13)
+    hi = args.max_log2n or (16 if args.quick else 20)
+    full_cap = args.full_cap or (4.0 if args.quick else 100.0)
+    cfg = dict(dim=args.dim, heads=args.heads, latents=args.latents, depth=args.depth,
+               mlp_ratio=4, causal=not args.bidirectional, long_step=10.0)
+    print(f"# FIT vs ring full attention, {WORLD} ranks x 1 thread, {cfg}, "
+          f"cpus={os.cpu_count()}, torch {torch.__version__}")
+    # warm both code paths (first-call costs) on a small sequence
+    measure("fit", 2**lo, cfg, 1)
+    measure("full", 2**lo, cfg, 1)
+    header = (f"{'N':>8} {'n':>5} {'lat':>6} {'fit s':>8} {'fit MiB':>8} {'full s':>8} "
+              f"{'full MiB':>8} {'t ratio':>8} {'mem ratio':>9} {'load':>5}")
+    print(header)
+    rows, full_next = [], 0.0
+    for log2n in range(lo, hi + 1):
+        n_tokens = 2**log2n
+        n = group_size_for(n_tokens, args.latents)
+        row = {"N": n_tokens, "group_size": n, "latents": n_tokens // n * args.latents,
+               "fit": measure("fit", n_tokens, cfg, args.reps)}
+        if full_next <= full_cap:  # full attention ~ N^2: predicted from the last point
+            row["full"] = measure("full", n_tokens, cfg, args.reps)
+            full_next = 4 * row["full"]["best"]
+        rows.append(row)
+        f, u = row["fit"], row.get("full")
+        cells = (f"{u['best']:8.3f} {u['peak'] / 2**20:8.1f} {u['best'] / f['best']:8.2f} "
+                 f"{u['peak'] / max(f['peak'], 1):9.2f}" if u else f"{'-':>8} {'-':>8} {'-':>8} {'-':>9}")
+        flag = " noisy" if f["noisy"] or (u and u["noisy"]) else ""
+        print(f"{n_tokens:>8} {n:>5} {row['latents']:>6} {f['best']:8.3f} "
+              f"{f['peak'] / 2**20:8.1f} {cells} {f['load']:5.2f}{flag}", flush=True)
+    ns = [r["N"] for r in rows]
+    print(f"fitted exponent of FIT time vs N: {fit_exponent(ns, [r['fit']['best'] for r in rows]):.2f} "
+          f"over N = {ns[0]}..{ns[-1]}", end="")
+    if len(rows) >= 4:
+        top = rows[len(rows) // 2:]
+        print(f"; {fit_exponent([r['N'] for r in top], [r['fit']['best'] for r in top]):.2f} "
+              f"over N >= {top[0]['N']}", end="")
+    print()
+    full = [r for r in rows if "full" in r]
+    if len(full) >= 2:
+        print(f"fitted exponent of full attention time vs N: "
+              f"{fit_exponent([r['N'] for r in full], [r['full']['best'] for r in full]):.2f} "
+              f"over N = {full[0]['N']}..{full[-1]['N']}")
+    if args.json:
+        args.json.write_text(json.dumps({"config": cfg, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
