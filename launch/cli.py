@@ -75,7 +75,7 @@ def cmd_env(args) -> int:
     else:
         devices = f"cpu ({os.cpu_count()} cores)"
     rows += [("backend", default_backend()), ("devices", devices),
-             ("ray address", os.environ.get("RAY_ADDRESS") or "(none: embedded local Ray)")]
+             ("ray_address", os.environ.get("RAY_ADDRESS") or "(none: embedded local Ray)")]
     for key, value in rows:
         print(f"{key:<12} {value}")
     return 0

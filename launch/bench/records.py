@@ -3,7 +3,7 @@
 A results file is one msgpack map:
 
     {"schema": "seqshard.bench", "version": 1, "machine": {...}, "command": "seqshard bench ...",
-     "started": "2026-11-25T10:00:00Z", "points": [POINT, ...]}
+     "started": "2026-11-25T10:00:00Z", "points": [POINT, ...], "maxctx": [SEARCH, ...]}
 
 and each POINT describes one measured configuration:
 
@@ -20,6 +20,10 @@ and each POINT describes one measured configuration:
         mem_peak_bytes   per rank: peak resident bytes above the pre-input baseline
         comm_bytes       per rank: bytes this rank sent in collectives (see measure.CommCounter)
         comm_calls       per rank: collective calls made
+
+and each SEARCH is a max-context search (maxctx.py): family, impl, world, ulysses, the
+budgets, max_n (None when even the first N failed) and every probe (n, ok, reason, time_s,
+mem_bytes).
 
 The reader checks every field, so a file from an older or foreign writer fails loudly with a
 ValueError naming what is wrong instead of plotting nonsense.
@@ -44,6 +48,10 @@ _POINT_FIELDS = {"family": str, "impl": str, "n": int, "world": int, "ulysses": 
                  "ring": int, "shape": dict, "status": str, "error": (str, type(None))}
 _MEASURE_FIELDS = {"time_s": float, "times_s": list, "tokens_per_s": float,
                    "mem_peak_bytes": list, "comm_bytes": list, "comm_calls": list}
+_SEARCH_FIELDS = {"family": str, "impl": str, "world": int, "ulysses": int,
+                  "mem_budget_mib": float, "time_budget_s": float, "max_n": (int, type(None)),
+                  "probes": list}
+_PROBE_FIELDS = {"n": int, "ok": bool, "reason": str}
 
 
 def machine() -> dict:
@@ -85,7 +93,7 @@ def new_results(command: str, machine_info: dict | None = None) -> dict:
             "machine": machine() if machine_info is None else machine_info,
             "command": command,
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "points": []}
+            "points": [], "maxctx": []}
 
 
 def make_point(family: str, impl: str, n: int, world: int, ulysses: int, ring: int,
@@ -109,7 +117,7 @@ def _check_fields(where: str, obj: dict, fields: dict) -> None:
         ok_kinds = kind if isinstance(kind, tuple) else (kind,)
         if float in ok_kinds:
             ok_kinds = ok_kinds + (int,)
-        if isinstance(value, bool) or not isinstance(value, ok_kinds):
+        if (isinstance(value, bool) and bool not in ok_kinds) or not isinstance(value, ok_kinds):
             raise ValueError(f"{where}: field {name}={value!r} should be {kind}")
 
 
@@ -152,9 +160,13 @@ def validate_results(results: dict) -> None:
         raise ValueError(f"results: version={results.get('version')!r}, this reader "
                          f"understands version {VERSION}")
     _check_fields("results", results, {"machine": dict, "command": str, "started": str,
-                                       "points": list})
+                                       "points": list, "maxctx": list})
     for i, point in enumerate(results["points"]):
         validate_point(point, f"points[{i}]")
+    for i, found in enumerate(results["maxctx"]):
+        _check_fields(f"maxctx[{i}]", found, _SEARCH_FIELDS)
+        for j, probe in enumerate(found["probes"]):
+            _check_fields(f"maxctx[{i}].probes[{j}]", probe, _PROBE_FIELDS)
 
 
 def write_results(path: str | os.PathLike, results: dict) -> Path:

@@ -1,0 +1,160 @@
+"""Fit the planner's CPU profile to measured records, and score the planner against them.
+
+Time is linear in the planner's features (flops per family, bytes, messages, steps, one call),
+so calibration is a non-negative least-squares fit with each row divided by its measured time:
+it minimises *relative* error, so a 5 ms point counts as much as a 5 s one. Memory gets one
+multiplier per family (geometric mean of measured / modelled).
+
+`evaluate` then reports, for every calibrated point, predicted vs measured time and memory,
+and whether the planner orders the strategies of each (family, N, P) like the measurements
+do. Pairs whose measured times differ by less than `tie` (default 10%) are noise on a shared
+CPU and are not counted for or against the planner.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import replace
+
+import numpy as np
+
+from seqshard.launch.planner import (
+    CANDIDATE_IMPLS, CPU_DEFAULT, FAMILIES, Hardware, features, predict, terms)
+
+from .records import ok_points
+
+_COLUMNS = [f"flops_{f}" for f in FAMILIES] + ["bytes", "msgs", "steps", "call"]
+
+
+def _usable(results: dict, mode: str) -> list[dict]:
+    return [p for p in ok_points(results, mode) if p["family"] in FAMILIES]
+
+
+def _row(point: dict, hw: Hardware) -> list[float]:
+    t = terms(point["family"], point["impl"], point["shape"], point["n"], point["ulysses"],
+              point["ring"], hw)
+    f = features(t, point["world"], hw)
+    row = [f["flops"] if point["family"] == fam else 0.0 for fam in FAMILIES]
+    return row + [f["bytes_intra"] + f["bytes_inter"], f["msgs"], f["steps"], 1.0]
+
+
+def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    from scipy.optimize import nnls
+
+    scale = np.maximum(np.abs(a).max(axis=0), 1e-300)  # columns span 1 .. 1e12
+    x, _ = nnls(a / scale, y, maxiter=50 * a.shape[1])
+    return x / scale
+
+
+def base_profile(results: dict) -> Hardware:
+    m = results["machine"]
+    return replace(CPU_DEFAULT, name=f"cpu-{m.get('cpu_count', 2)}core",
+                   shared_cores=int(m.get("cpu_count", 2)),
+                   memory_bytes=float(m.get("mem_total_bytes") or CPU_DEFAULT.memory_bytes))
+
+
+def calibrate(results: dict, base: Hardware | None = None, mode: str = "fwdbwd",
+              exclude=None) -> Hardware:
+    """A Hardware whose rates reproduce the measured times of `results` (see module doc)."""
+    base = base or base_profile(results)
+    points = [p for p in _usable(results, mode) if not (exclude and exclude(p))]
+    if len(points) < len(_COLUMNS):
+        raise ValueError(f"calibrate: {len(points)} usable points, need at least "
+                         f"{len(_COLUMNS)} (run a bigger suite)")
+    a = np.array([_row(p, base) for p in points])
+    y = np.array([p[mode]["time_s"] for p in points])
+    coef = _nnls(a / y[:, None], np.ones(len(points)))
+    c = dict(zip(_COLUMNS, coef))
+    rates = {f: 1.0 / c[f"flops_{f}"] for f in FAMILIES if c[f"flops_{f}"] > 0}
+    if not rates:
+        raise ValueError("calibrate: no compute coefficient came out positive")
+    peak = rates.get("attention", max(rates.values()))
+    efficiency = {f: rates.get(f, peak) / peak for f in FAMILIES}
+    bw = 1.0 / c["bytes"] if c["bytes"] > 0 else 1e15  # traffic too cheap to resolve here
+    scale = {}
+    for fam in FAMILIES:
+        logs = [math.log(max(p[mode]["mem_peak_bytes"]) /
+                         terms(fam, p["impl"], p["shape"], p["n"], p["ulysses"], p["ring"],
+                               base).mem_bytes)
+                for p in points if p["family"] == fam and max(p[mode]["mem_peak_bytes"]) > 0]
+        scale[fam] = math.exp(sum(logs) / len(logs)) if logs else 1.0
+    return replace(base, flops=peak, efficiency=efficiency, intra_bw=bw, inter_bw=bw,
+                   intra_latency=c["msgs"], inter_latency=c["msgs"], step_overhead=c["steps"],
+                   call_overhead=c["call"], memory_scale=scale,
+                   note=f"calibrated on {len(points)} measured points ({mode})")
+
+
+def _prediction(p: dict, hw: Hardware):
+    return predict(p["family"], p["impl"], p["shape"], p["n"], p["ulysses"], p["ring"], hw)
+
+
+def evaluate(results: dict, hw: Hardware, mode: str = "fwdbwd", tie: float = 0.10,
+             only=None) -> dict:
+    """Prediction errors and ranking agreement of `hw`'s model on the measured points."""
+    rows = []
+    for p in _usable(results, mode):
+        if only and not only(p):
+            continue
+        pred = _prediction(p, hw)
+        meas_t, meas_m = p[mode]["time_s"], max(p[mode]["mem_peak_bytes"])
+        rows.append({"family": p["family"], "impl": p["impl"], "n": p["n"],
+                     "world": p["world"], "split": f"{p['ulysses']}x{p['ring']}",
+                     "time_s": meas_t, "pred_time_s": pred.time_s,
+                     "time_err": pred.time_s / meas_t - 1,
+                     "mem_bytes": meas_m, "pred_mem_bytes": pred.mem_bytes,
+                     "mem_err": pred.mem_bytes / meas_m - 1 if meas_m else float("nan")})
+    errs = [abs(r["time_err"]) for r in rows]
+    return {"rows": rows, "ranking": ranking(rows, tie),
+            "median_abs_time_err": float(np.median(errs)) if errs else float("nan"),
+            "max_abs_time_err": max(errs) if errs else float("nan"),
+            "within_30": sum(e <= 0.30 for e in errs), "count": len(errs)}
+
+
+def ranking(rows: list[dict], tie: float = 0.10) -> dict:
+    """Pairwise order agreement among seqshard's strategies for each (family, N, P)."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r["impl"] in CANDIDATE_IMPLS.get(r["family"], ()) and r["world"] > 1:
+            groups[(r["family"], r["n"], r["world"])].append(r)
+    agree = decisive = top_agree = top_total = 0
+    details = []
+    for key, rs in sorted(groups.items()):
+        if len(rs) < 2:
+            continue
+        for i in range(len(rs)):
+            for j in range(i + 1, len(rs)):
+                a, b = rs[i], rs[j]
+                if abs(a["time_s"] / b["time_s"] - 1) < tie:
+                    continue
+                decisive += 1
+                agree += (a["time_s"] < b["time_s"]) == (a["pred_time_s"] < b["pred_time_s"])
+        best_meas = min(rs, key=lambda r: r["time_s"])
+        best_pred = min(rs, key=lambda r: r["pred_time_s"])
+        # the top pick counts as right when it is the best or within the tie band of it
+        ok = best_pred["time_s"] <= best_meas["time_s"] * (1 + tie)
+        top_total += 1
+        top_agree += ok
+        details.append({"family": key[0], "n": key[1], "world": key[2],
+                        "measured_best": f"{best_meas['impl']} {best_meas['split']}",
+                        "predicted_best": f"{best_pred['impl']} {best_pred['split']}",
+                        "ok": ok})
+    return {"pairs_agree": agree, "pairs_decisive": decisive, "top_agree": top_agree,
+            "top_total": top_total, "groups": details}
+
+
+def holdout(results: dict, mode: str = "fwdbwd") -> dict | None:
+    """Calibrate without each series' largest N, then score only those largest-N points."""
+    largest = defaultdict(int)
+    for p in _usable(results, mode):
+        key = (p["family"], p["impl"], p["world"], p["ulysses"])
+        largest[key] = max(largest[key], p["n"])
+
+    def is_top(p):
+        return p["n"] == largest[(p["family"], p["impl"], p["world"], p["ulysses"])]
+
+    try:
+        hw = calibrate(results, mode=mode, exclude=is_top)
+    except ValueError:
+        return None
+    return evaluate(results, hw, mode, only=is_top)

@@ -1,0 +1,292 @@
+"""`seqshard plan`: a cost model that predicts time, memory and traffic per rank for every
+strategy and mesh split of an op, and picks the best one that fits.
+
+For a point (family, impl, N, P = ulysses x ring, shape) the model counts, per rank and per
+forward+backward of one layer:
+
+- flops it runs in parallel with the other ranks (`flops_par`) and flops on a chain that
+  crosses ranks one after the other (`flops_seq`, the delta rule's "pass" schedule);
+- bytes it sends and messages it posts, inside a node (NVLink, shared memory) or across nodes
+  (InfiniBand): a group of ranks is inside a node when it spans <= devices_per_node ranks
+  (Ulysses groups are consecutive ranks, ring groups stride across them; see dist/mesh.py);
+- python-level steps (ring steps, kernel calls) that cost a fixed overhead each;
+- the bytes it holds at its peak (inputs, gradients, outputs, strategy buffers).
+
+Time = flops / (flops x efficiency[family]) + bytes / bandwidth + messages x latency
+       + steps x step_overhead + call_overhead,
+with ring traffic hidden under compute where the hardware overlaps (GPUs). On a CPU host the
+ranks share the cores (`shared_cores`): P ranks running together each get 1/P of the host, and
+a rank running alone (the others wait on a chain) gets cores // P threads.
+
+The CPU profile is *calibrated* from measured runs (`calibrate`): the coefficients are a
+non-negative least-squares fit of measured fwd+bwd times in relative error, and memory
+multipliers per family are fitted the same way. GPU profiles carry datasheet numbers with
+stated efficiencies (assumptions until a GPU run calibrates them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+
+FAMILIES = ("attention", "delta_rule", "fit")
+CANDIDATE_IMPLS = {"attention": ("ring", "ulysses", "hybrid", "allgather"),
+                   "delta_rule": ("scan", "pass"), "fit": ("fit",)}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One kind of worker. Rates are per device (per host when shared_cores > 0)."""
+
+    name: str
+    flops: float                 # peak FLOP/s of one device (the host, for shared_cores)
+    memory_bytes: float          # memory per device (per rank on a shared host)
+    devices_per_node: int
+    intra_bw: float              # bytes/s one device sends inside a node
+    intra_latency: float         # s per message inside a node
+    inter_bw: float              # bytes/s one device sends across nodes
+    inter_latency: float         # s per message across nodes
+    dtype_bytes: int = 2         # element size of activations
+    shared_cores: int = 0        # > 0: all ranks are processes on one host with this many cores
+    overlap: bool = True         # ring traffic overlaps compute
+    step_overhead: float = 20e-6
+    call_overhead: float = 50e-6
+    efficiency: dict = field(default_factory=lambda: {"attention": 0.45, "delta_rule": 0.25,
+                                                      "fit": 0.35})
+    memory_scale: dict = field(default_factory=lambda: {"attention": 1.0, "delta_rule": 1.0,
+                                                        "fit": 1.0})
+    note: str = ""
+
+
+H100_NODE = Hardware(
+    name="h100-nvlink-ib", flops=989e12, memory_bytes=80e9, devices_per_node=8,
+    intra_bw=350e9, intra_latency=10e-6, inter_bw=45e9, inter_latency=25e-6, dtype_bytes=2,
+    note="8 x H100 SXM per node, NVLink4 (900 GB/s bidirectional, ~350 GB/s achieved per "
+         "direction), one 400 Gb/s NDR InfiniBand NIC per GPU (~45 GB/s achieved); bf16 dense "
+         "989 TFLOP/s; efficiencies are assumptions, not measured here")
+CPU_DEFAULT = Hardware(
+    name="cpu", flops=50e9, memory_bytes=8e9, devices_per_node=1 << 30, intra_bw=2e9,
+    intra_latency=50e-6, inter_bw=2e9, inter_latency=50e-6, dtype_bytes=4, shared_cores=2,
+    overlap=False, step_overhead=1e-3, call_overhead=1e-3,
+    efficiency={"attention": 1.0, "delta_rule": 1.0, "fit": 1.0},
+    note="uncalibrated placeholder; run `seqshard bench` and calibrate from its records")
+HARDWARE = {"h100": H100_NODE, "cpu": CPU_DEFAULT}
+
+
+def load_hardware(name_or_path: str) -> Hardware:
+    """A built-in profile by name, or a TOML file whose keys are Hardware's fields."""
+    if name_or_path in HARDWARE:
+        return HARDWARE[name_or_path]
+    if not name_or_path.endswith(".toml"):
+        raise ValueError(f"hardware={name_or_path!r}: expected one of {sorted(HARDWARE)} or a "
+                         f".toml file")
+    with open(name_or_path, "rb") as f:
+        data = tomllib.load(f)
+    unknown = set(data) - set(Hardware.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{name_or_path}: unknown hardware fields {sorted(unknown)}")
+    return Hardware(**data)
+
+
+@dataclass
+class Terms:
+    """What one rank does for one fwd+bwd (see module doc); hardware-independent counts."""
+
+    flops_par: float = 0.0
+    flops_seq: float = 0.0
+    bytes_intra: float = 0.0
+    bytes_inter: float = 0.0
+    msgs_intra: float = 0.0
+    msgs_inter: float = 0.0
+    overlappable_bytes: float = 0.0   # part of the bytes that travel during compute (ring)
+    steps: float = 0.0
+    mem_bytes: float = 0.0
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _send(t: Terms, nbytes: float, msgs: float, group_span: int, hw: Hardware,
+          overlappable: bool = False) -> None:
+    inside = group_span <= hw.devices_per_node
+    if inside:
+        t.bytes_intra += nbytes
+        t.msgs_intra += msgs
+    else:
+        t.bytes_inter += nbytes
+        t.msgs_inter += msgs
+    if overlappable:
+        t.overlappable_bytes += nbytes
+
+
+# --- per-family counts -------------------------------------------------------------------------
+def attention_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -> Terms:
+    """ring / ulysses / hybrid / allgather (and the peers sdpa, seqshard, ds_ulysses)."""
+    p = u * r
+    b, h, hkv, d, e = s["batch"], s["heads"], s["kv_heads"], s["head_dim"], hw.dtype_bytes
+    _check(n % p == 0, f"attention: N={n} is not divisible by P={p}")
+    if impl in ("ulysses", "ds_ulysses", "hybrid"):
+        _check(h % u == 0, f"{impl}: heads={h} do not divide by the Ulysses degree {u}")
+    fwd = 4.0 * b * h * n * n * d * (0.5 if s["causal"] else 1.0) / p
+    t = Terms(flops_par=fwd * 3.5)  # backward: 5 N^2 D products against forward's 2
+    q_b = b * h * (n // p) * d * e
+    kv_b = b * hkv * (n // p) * d * e
+    t.mem_bytes = 2 * (q_b + 2 * kv_b) + q_b  # inputs, their gradients, the output
+    if u > 1:  # four all-to-alls forward (q, k, v, out), four backward; kv heads replicated to u
+        kv_rep = kv_b * (u // math.gcd(hkv, u))
+        _send(t, 2 * (2 * q_b + 2 * kv_rep) * (u - 1) / u, 8 * (u - 1), u, hw)
+        t.mem_bytes += 2 * (2 * q_b + 2 * kv_rep)
+        t.steps += 8
+    if impl in ("ring", "hybrid") and r > 1:
+        # forward: K, V travel r-1 hops; backward: K, V again and dK, dV all the way home
+        _send(t, ((r - 1) + (2 * r - 1)) * 2 * kv_b, (r - 1) + r, p, hw, overlappable=True)
+        t.mem_bytes += 4 * kv_b
+    if impl in ("ring", "hybrid"):
+        t.steps += 2 * r
+    if impl == "allgather" and p > 1:
+        _send(t, 2 * 2 * kv_b * (p - 1), 4 * (p - 1), p, hw)
+        t.mem_bytes += 4 * kv_b * p
+        t.steps += 2
+    if impl in ("sdpa", "seqshard", "ulysses", "ds_ulysses", "allgather"):
+        t.steps += 2
+    return t
+
+
+def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -> Terms:
+    """chunk (one process), pass (state handed rank to rank), scan (log2 P prefix scan)."""
+    p = u * r
+    b, h, dk, dv, c, e = s["batch"], s["heads"], s["dk"], s["dv"], s["chunk"], 4
+    _check(n % p == 0, f"delta_rule: N={n} is not divisible by P={p}")
+    n_local = n // p
+    per_token = c * (6 * dk + 4 * dv) + c * c / 3 + 6 * dk * dv  # WY chunk form, forward
+    shard = 3.0 * b * h * n_local * per_token  # forward + backward (~2x forward)
+    state_b = b * h * dk * dv * e
+    t = Terms(steps=2 * math.ceil(n_local / c))
+    inputs = b * h * n_local * (2 * dk + dv + 1) * e
+    t.mem_bytes = 2 * inputs + b * h * n_local * dv * e + math.ceil(n_local / c) * state_b
+    if impl in ("naive", "chunk") or p == 1:
+        t.flops_par = shard if impl != "naive" else 3.0 * b * h * n * 4 * dk * dv
+        if impl == "naive":
+            t.steps = 2 * n
+        return t
+    if impl == "pass":
+        # the chain is serial: rank r starts when rank r-1 is done, forward and backward
+        t.flops_seq = shard * p
+        _send(t, 2 * state_b, 2 * (p - 1), p, hw)
+        return t
+    _check(impl == "scan", f"delta_rule impl={impl!r}: expected naive, chunk, pass or scan")
+    rounds = math.ceil(math.log2(p))
+    compose = 3.0 * b * h * n_local * 2 * dk * dk * (dk + dv) / c  # the shard's affine map
+    t.flops_par = 2 * shard + compose  # map first, then the chunks with the true state
+    pair_b = b * h * dk * (dk + dv) * e
+    _send(t, 2 * rounds * pair_b, 2 * rounds, p, hw)
+    t.steps += 2 * rounds
+    t.mem_bytes += 2 * pair_b
+    return t
+
+
+def fit_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -> Terms:
+    """FIT: local layers in groups, latents gathered for the global layers (fit / naive)."""
+    p = u * r
+    b, d, g, m, depth, e = s["batch"], s["dim"], s["group_size"], s["latents"], s["depth"], 4
+    _check(n % (p * g) == 0, f"fit: N={n} is not a multiple of P={p} x group_size={g}")
+    ratio, causal = s.get("mlp_ratio", 4), 0.5 if s["causal"] else 1.0
+    lin = 2 * (4 + 2 * ratio) * d * d  # q, k, v, o and the MLP, per token
+    lat = m / g  # latents per token
+    per_token = (lin + 4 * g * d * causal                  # local layer
+                 + lat * (4 * d * d + 4 * g * d) + 4 * d * d  # read
+                 + lat * (lin + 4 * (n / g) * m * d * causal)  # global layer over all latents
+                 + 8 * d * d + lat * 4 * d * d + 4 * m * d)   # write
+    n_local = n // p
+    t = Terms(flops_par=3.0 * b * n_local * depth * per_token, steps=8 * depth)
+    lat_b = b * (n_local // g) * m * d * e
+    t.mem_bytes = b * n_local * d * e * depth * (10 + 2 * ratio) + lat_b * p * depth * 4
+    if p > 1 and impl == "fit":  # all-gather latents forward, reduce-scatter backward
+        _send(t, 2 * depth * lat_b * (p - 1), 2 * depth * (p - 1), p, hw)
+    return t
+
+
+_TERMS = {"attention": attention_terms, "delta_rule": delta_rule_terms, "fit": fit_terms}
+
+
+def terms(family: str, impl: str, shape: dict, n: int, ulysses: int, ring: int,
+          hw: Hardware) -> Terms:
+    _check(family in _TERMS, f"family={family!r}: expected one of {FAMILIES}")
+    _check(n >= 1 and ulysses >= 1 and ring >= 1,
+           f"N={n}, ulysses={ulysses}, ring={ring} must be >= 1")
+    return _TERMS[family](impl, shape, n, ulysses, ring, hw)
+
+
+# --- time --------------------------------------------------------------------------------------
+def features(t: Terms, p: int, hw: Hardware) -> dict:
+    """The quantities time is linear in (flops already divided by the rank's share of a host)."""
+    if hw.shared_cores:
+        alone = max(1, hw.shared_cores // p) / hw.shared_cores
+        flop_units = t.flops_par * p + t.flops_seq / alone
+    else:
+        flop_units = t.flops_par + t.flops_seq
+    return {"flops": flop_units, "bytes_intra": t.bytes_intra, "bytes_inter": t.bytes_inter,
+            "msgs": t.msgs_intra + t.msgs_inter, "steps": t.steps}
+
+
+@dataclass
+class Prediction:
+    family: str
+    impl: str
+    n: int
+    world: int
+    ulysses: int
+    ring: int
+    time_s: float
+    compute_s: float
+    comm_s: float
+    mem_bytes: float
+    sent_bytes: float
+    fits: bool
+
+
+def predict(family: str, impl: str, shape: dict, n: int, ulysses: int, ring: int,
+            hw: Hardware) -> Prediction:
+    """Predicted fwd+bwd time, peak memory and bytes sent per rank for one configuration."""
+    p = ulysses * ring
+    t = terms(family, impl, shape, n, ulysses, ring, hw)
+    f = features(t, p, hw)
+    compute = f["flops"] / (hw.flops * hw.efficiency[family])
+    lat_intra = t.msgs_intra * hw.intra_latency
+    lat_inter = t.msgs_inter * hw.inter_latency
+    comm = t.bytes_intra / hw.intra_bw + t.bytes_inter / hw.inter_bw + lat_intra + lat_inter
+    overhead = t.steps * hw.step_overhead + hw.call_overhead
+    if hw.overlap and t.overlappable_bytes:
+        bw = hw.intra_bw if t.bytes_inter == 0 else hw.inter_bw
+        hidden = t.overlappable_bytes / bw
+        total = max(compute, hidden) + (comm - hidden) + overhead
+    else:
+        total = compute + comm + overhead
+    mem = t.mem_bytes * hw.memory_scale[family]
+    need = mem * p if hw.shared_cores else mem  # ranks on one host share its memory
+    return Prediction(family, impl, n, p, ulysses, ring, total, compute, comm, mem,
+                      t.bytes_intra + t.bytes_inter, need <= hw.memory_bytes)
+
+
+def candidates(family: str, shape: dict, world: int) -> list[tuple[str, int, int]]:
+    """(impl, ulysses, ring) for every strategy and mesh split that can run on `world` ranks."""
+    _check(family in CANDIDATE_IMPLS, f"family={family!r}: expected one of {FAMILIES}")
+    _check(world >= 1, f"world={world} must be >= 1")
+    if family != "attention":
+        return [(impl, 1, world) for impl in CANDIDATE_IMPLS[family]]
+    out = [("ring", 1, world), ("allgather", 1, world)]
+    for u in range(2, world + 1):
+        if world % u == 0 and shape["heads"] % u == 0:
+            out.append(("ulysses", u, 1) if u == world else ("hybrid", u, world // u))
+    return out
+
+
+def plan(family: str, shape: dict, n: int, world: int, hw: Hardware) -> list[Prediction]:
+    """Every candidate's prediction, fitting ones first, fastest first."""
+    preds = [predict(family, impl, shape, n, u, r, hw)
+             for impl, u, r in candidates(family, shape, world)]
+    return sorted(preds, key=lambda x: (not x.fits, x.time_s))
