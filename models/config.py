@@ -88,6 +88,12 @@ class DeltaNetConfig(LMConfig):
     """Kernel size of the short convolution."""
     allow_neg_eigval: bool = False
     """beta in (0, 2) instead of (0, 1)."""
+    use_gate: bool = False
+    """Gated DeltaNet: a learned per-head decay of the state."""
+    chunk_size: int = 64
+    """Chunk length of the WY/UT chunkwise kernel."""
+    schedule: str = "scan"
+    """How the state crosses ranks: 'scan' (log2 P prefix scan) or 'pass' (sequential)."""
     attn_layers: tuple[int, ...] = ()
     """Indices of layers that use (global, causal) sharded attention instead of the delta rule:
     the hybrid of the DeltaNet paper."""

@@ -31,7 +31,8 @@ class DeltaNetBlock(nn.Module):
         else:
             self.mixer = DeltaNet(cfg.dim, cfg.num_heads, head_dim=cfg.head_dim,
                                   use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size,
-                                  allow_neg_eigval=cfg.allow_neg_eigval)
+                                  allow_neg_eigval=cfg.allow_neg_eigval, use_gate=cfg.use_gate,
+                                  chunk_size=cfg.chunk_size, schedule=cfg.schedule)
         self.mlp_norm = RMSNorm(cfg.dim)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_ratio)
 

@@ -86,3 +86,49 @@ def test_transformer_four_ranks():
     cases = [({}, "zigzag", "ring", 24), ({"ulysses": 2, "ring": 2}, "contiguous", "hybrid", 20)]
     counts = run_ranks(_transformer_cases, 4, cases)
     assert all(c == [21] * len(cases) for c in counts)
+
+
+DELTANET = dict(vocab_size=61, dim=96, num_layers=2, num_heads=2, head_dim=48, chunk_size=4)
+FIT_LM = dict(vocab_size=61, dim=96, num_layers=2, num_heads=2, group_size=3, num_latents=2)
+
+
+def _recurrent_cases(rank, world, cases):
+    counts = []
+    for kind, config, seq_len in cases:
+        counts.append(_compare_model(kind, config, mesh(), batch=2, seq_len=seq_len,
+                                     seed=len(counts)))
+    return counts
+
+
+RECURRENT = [
+    ("deltanet", DELTANET, 28),
+    ("deltanet", dict(DELTANET, attn_layers=(1,), use_gate=True, schedule="pass",
+                      activation_checkpointing=True), 18),
+    ("fit", FIT_LM, 24),
+    ("fit", dict(FIT_LM, activation_checkpointing=True), 12),
+    ("transformer", dict(TRANSFORMER, layout="zigzag", activation_checkpointing=True), 16),
+]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_deltanet_fit_and_checkpointing(world):
+    cases = RECURRENT if world < 4 else RECURRENT[::2]
+    for counts in run_ranks(_recurrent_cases, world, cases):
+        assert len(counts) == len(cases) and min(counts) > 10
+
+
+def _bad_inputs(rank, world):
+    from seqshard.models import build_model
+
+    with pytest.raises(ValueError, match="layout='zigzag'"):
+        build_model("deltanet", dict(DELTANET, layout="zigzag"), mesh())
+    fit = build_model("fit", FIT_LM, mesh())
+    with pytest.raises(ValueError, match="group_size=3"):
+        fit(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        fit(torch.zeros(4, dtype=torch.long))
+    return True
+
+
+def test_bad_inputs_raise():
+    assert run_ranks(_bad_inputs, 2) == [True, True]
