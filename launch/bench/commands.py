@@ -1,0 +1,177 @@
+"""`seqshard bench` and `seqshard plan`.
+
+    seqshard bench --suite quick [--out DIR] [--family attention] [--no-maxctx]
+        measures the suite on real gloo ranks, writes DIR/records.msgpack, DIR/results.md and
+        DIR/*.png, prints peer ratios and the planner's error on the measured points.
+    seqshard plan --family attention --heads 32 --kv-heads 8 --head-dim 128 --n 1M --world 64
+        [--hardware h100 | cpu | FILE.toml | records.msgpack] [--scaling]
+        ranks every strategy / mesh split by predicted fwd+bwd time per layer.
+
+Both also run as `python -m seqshard.launch.bench {bench,plan} ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+MiB = 2**20
+SCALING_N = (1 << 20, 2 << 20, 4 << 20, 10 << 20)
+SCALING_P = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def parse_tokens(text: str) -> int:
+    """'4096', '64K', '1M', '10M' -> tokens (K = 1024, M = 1024^2)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper()
+    try:
+        value = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
+    except ValueError:
+        raise ValueError(f"length {text!r}: expected an integer with optional K/M/G") from None
+    if value < 1:
+        raise ValueError(f"length {text!r} must be >= 1 token")
+    return value
+
+
+# --- bench -------------------------------------------------------------------------------------
+def bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", default="quick", help="tiny | quick | full (default quick)")
+    p.add_argument("--out", default=None, help="output folder (default bench-out/SUITE)")
+    p.add_argument("--family", action="append", default=None,
+                   help="only this op family (repeatable): attention, delta_rule, fit")
+    p.add_argument("--no-maxctx", action="store_true", help="skip the max-context searches")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per point")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs per point")
+
+
+def run_bench(suite_name: str, out: str | Path, *, families=None, maxctx: bool = True,
+              repeats: int | None = None, warmup: int | None = None, command: str = "",
+              log=print) -> dict:
+    """Measure a suite and write records, table and plots into `out`; returns the results."""
+    from . import maxctx as maxctx_mod
+    from .records import new_results, write_results
+    from .runner import run_points
+    from .suites import get_suite
+
+    suite = get_suite(suite_name)
+    specs = [s for s in suite.specs if not families or s["family"] in families]
+    if not specs:
+        raise ValueError(f"suite {suite_name!r} has no points for families={families}")
+    out = Path(out)
+    results = new_results(command or f"seqshard bench --suite {suite_name}")
+    started = time.monotonic()
+    log(f"seqshard bench: suite {suite_name}, {len(specs)} points -> {out}")
+    results["points"] = run_points(specs, warmup=suite.warmup if warmup is None else warmup,
+                                   repeats=suite.repeats if repeats is None else repeats, log=log)
+    write_results(out / "records.msgpack", results)
+    if maxctx:
+        for job in suite.maxctx:
+            if families and job["family"] not in families:
+                continue
+            log(f"  max context: {job['family']}/{job['impl']} P={job['world']}, "
+                f"{job['mem_budget_mib']} MiB/rank, {job['time_budget_s']} s")
+            found = maxctx_mod.find(job, log=log)
+            found["mem_budget_mib"] = float(found["mem_budget_mib"])
+            found["time_budget_s"] = float(found["time_budget_s"])
+            results["maxctx"].append(found)
+            write_results(out / "records.msgpack", results)
+    results["elapsed_s"] = time.monotonic() - started
+    write_results(out / "records.msgpack", results)
+    write_report(results, out, log=log)
+    log(f"seqshard bench: done in {results['elapsed_s']:.0f} s; see {out / 'results.md'}")
+    return results
+
+
+def write_report(results: dict, out: str | Path, log=print) -> Path:
+    """results.md and the PNG plots from a results map (also used on saved records)."""
+    from . import calibrate, report
+
+    out = Path(out)
+    plots = report.plot(results, out)
+    ratios = report.peer_ratios(results)
+    lines = [f"# seqshard bench: {results['command']}", "",
+             f"Started {results['started']} on {machine_line(results['machine'])}.", "",
+             "## Measurements (median of repeats, warm-up excluded; fwd+bwd unless noted)", "",
+             report.markdown_table(results), "## Fitted exponents (time, memory ~ N^k)", "",
+             report.exponents_table(results), "## Peers (ratios > 1: seqshard faster / smaller)",
+             "", report.ratios_table(ratios)]
+    for r in ratios:
+        log(f"  ratio {r['family']}/{r['impl']} {r['split']} P={r['world']} N={r['n']}: "
+            f"{r['peer']} time / ours = {r['time_ratio']:.2f}, memory = {r['mem_ratio']:.2f}")
+    lines += planner_section(results, log)
+    if results["maxctx"]:
+        lines += ["## Max context (largest N whose fwd+bwd fits the budgets)", "",
+                  "| op | P | memory budget MiB/rank | time budget s | max N | probes |",
+                  "|---|---|---|---|---|---|"]
+        for f in results["maxctx"]:
+            probes = ", ".join(f"{p['n']}{'' if p['ok'] else ' x'}" for p in f["probes"])
+            lines.append(f"| {f['family']}/{f['impl']} | {f['world']} | {f['mem_budget_mib']:g} "
+                         f"| {f['time_budget_s']:g} | {f['max_n']} | {probes} |")
+        lines.append("")
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    path = out / "results.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m.get('cpu_model', '?')} ({m.get('cpu_count', '?')} cores, "
+            f"{m.get('mem_total_bytes', 0) / 2**30:.0f} GiB), torch {m.get('torch', '?')}, "
+            f"load average {m.get('load_avg_1m', 0):.1f} at start")
+
+
+def planner_section(results: dict, log=print) -> list[str]:
+    from . import calibrate
+
+    try:
+        hw = calibrate.calibrate(results)
+    except ValueError as err:
+        return ["## Planner", "", f"not calibrated: {err}", ""]
+    ev = calibrate.evaluate(results, hw)
+    rk = ev["ranking"]
+    log(f"  planner: {ev['within_30']}/{ev['count']} calibrated points within 30% "
+        f"(median |err| {ev['median_abs_time_err']:.0%}); strategy pairs ordered right "
+        f"{rk['pairs_agree']}/{rk['pairs_decisive']}, best pick {rk['top_agree']}/{rk['top_total']}")
+    lines = ["## Planner: calibrated CPU profile and its error on these runs", "",
+             f"Fitted: {hw.flops / 1e9:.1f} GFLOP/s attention-equivalent host rate, efficiency "
+             + ", ".join(f"{k} {v:.2f}" for k, v in hw.efficiency.items())
+             + f"; {hw.intra_bw / 1e9:.2f} GB/s, {hw.intra_latency * 1e6:.0f} us/message, "
+             f"{hw.step_overhead * 1e3:.2f} ms/step, {hw.call_overhead * 1e3:.2f} ms/call; "
+             "memory x " + ", ".join(f"{k} {v:.2f}" for k, v in hw.memory_scale.items()), "",
+             f"Time within 30%: **{ev['within_30']}/{ev['count']}** points, median |error| "
+             f"{ev['median_abs_time_err']:.1%}, max {ev['max_abs_time_err']:.1%}.", "",
+             f"Ranking: **{rk['pairs_agree']}/{rk['pairs_decisive']}** strategy pairs that "
+             f"differ by > 10% ordered as measured; best strategy picked (within 10% of the "
+             f"measured best) in **{rk['top_agree']}/{rk['top_total']}** (family, N, P) groups.", ""]
+    held = calibrate.holdout(results)
+    if held:
+        lines += [f"Extrapolation check (calibrated without each series' largest N, then "
+                  f"predicting it): {held['within_30']}/{held['count']} within 30%, median "
+                  f"|error| {held['median_abs_time_err']:.1%}.", ""]
+    lines += ["| op | mesh | N | P | measured ms | predicted ms | error | measured MiB | "
+              "predicted MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in ev["rows"]:
+        lines.append(f"| {r['family']}/{r['impl']} | {r['split']} | {r['n']} | {r['world']} | "
+                     f"{r['time_s'] * 1e3:.1f} | {r['pred_time_s'] * 1e3:.1f} | "
+                     f"{r['time_err']:+.0%} | {r['mem_bytes'] / MiB:.1f} | "
+                     f"{r['pred_mem_bytes'] / MiB:.1f} |")
+    lines += ["", "| family | N | P | measured best | planner's pick | ok |", "|---|---|---|---|---|---|"]
+    for g in rk["groups"]:
+        lines.append(f"| {g['family']} | {g['n']} | {g['world']} | {g['measured_best']} | "
+                     f"{g['predicted_best']} | {'yes' if g['ok'] else 'no'} |")
+    return lines + [""]
+
+
+def cmd_bench(args) -> int:
+    out = args.out or f"bench-out/{args.suite}"
+    command = "seqshard " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    run_bench(args.suite, out, families=args.family, maxctx=not args.no_maxctx,
+              repeats=args.repeats, warmup=args.warmup, command=command)
+    return 0
+
+
+cmd_bench.add_arguments = bench_arguments

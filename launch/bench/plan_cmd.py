@@ -1,0 +1,115 @@
+"""`seqshard plan`: rank strategies and mesh splits for a shape, a length and a world size.
+
+    seqshard plan --family attention --heads 32 --kv-heads 8 --head-dim 128 --n 1M --world 64
+    seqshard plan --scaling                      # 1M..10M tokens on 8..1024 H100s
+    seqshard plan --hardware bench-out/quick/records.msgpack --n 4096 --world 4 \
+                  --heads 8 --head-dim 64         # the CPU profile calibrated from a bench run
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from seqshard.launch.planner import HARDWARE, Hardware, load_hardware, plan
+
+from .commands import SCALING_N, SCALING_P, parse_tokens
+
+GiB = 2**30
+
+
+def plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", default="attention", help="attention | delta_rule | fit")
+    p.add_argument("--n", default="1M", help="global sequence length, e.g. 131072, 512K, 1M")
+    p.add_argument("--world", type=int, default=64, help="ranks (GPUs) in the sequence group")
+    p.add_argument("--hardware", default="h100",
+                   help=f"{' | '.join(sorted(HARDWARE))} | FILE.toml | bench records.msgpack")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=32, help="query heads (attention, delta rule)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: heads)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--no-causal", action="store_true", help="bidirectional attention / FIT")
+    p.add_argument("--chunk", type=int, default=64, help="delta rule chunk length")
+    p.add_argument("--dim", type=int, default=1024, help="FIT model width")
+    p.add_argument("--group-size", type=int, default=256, help="FIT tokens per group")
+    p.add_argument("--latents", type=int, default=16, help="FIT latents per group")
+    p.add_argument("--depth", type=int, default=2, help="FIT blocks")
+    p.add_argument("--scaling", action="store_true",
+                   help="best plan for 1M..10M tokens on 8..1024 ranks")
+
+
+def shape_from_args(args) -> dict:
+    causal = not args.no_causal
+    if args.family == "attention":
+        return {"batch": args.batch, "heads": args.heads,
+                "kv_heads": args.kv_heads or args.heads, "head_dim": args.head_dim,
+                "causal": causal}
+    if args.family == "delta_rule":
+        return {"batch": args.batch, "heads": args.heads, "dk": args.head_dim,
+                "dv": args.head_dim, "chunk": args.chunk}
+    if args.family == "fit":
+        return {"batch": args.batch, "dim": args.dim, "heads": args.heads,
+                "group_size": args.group_size, "latents": args.latents, "depth": args.depth,
+                "causal": causal}
+    raise ValueError(f"family={args.family!r}: expected attention, delta_rule or fit")
+
+
+def hardware_from(text: str) -> Hardware:
+    if text.endswith(".msgpack"):
+        from .calibrate import calibrate
+        from .records import read_results
+
+        return calibrate(read_results(text))
+    return load_hardware(text)
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def plan_table(family: str, shape: dict, n: int, world: int, hw: Hardware) -> str:
+    rows = ["| strategy | mesh u x r | fwd+bwd / layer | compute | comm | memory / rank | "
+            "sent / rank | fits |", "|---|---|---|---|---|---|---|---|"]
+    for p in plan(family, shape, n, world, hw):
+        rows.append(f"| {p.impl} | {p.ulysses}x{p.ring} | {_fmt_time(p.time_s)} | "
+                    f"{_fmt_time(p.compute_s)} | {_fmt_time(p.comm_s)} | "
+                    f"{p.mem_bytes / GiB:.2f} GiB | {p.sent_bytes / GiB:.2f} GiB | "
+                    f"{'yes' if p.fits else 'NO'} |")
+    return "\n".join(rows) + "\n"
+
+
+def scaling_table(family: str, shape: dict, hw: Hardware, ns=SCALING_N, worlds=SCALING_P) -> str:
+    """The planner's pick for every (N, P): what a user would run, and what it costs."""
+    rows = ["| N | P | best | mesh u x r | fwd+bwd / layer | memory / rank | runner-up |",
+            "|---|---|---|---|---|---|---|"]
+    for n in ns:
+        for world in worlds:
+            try:
+                ranked = plan(family, shape, n, world, hw)
+            except ValueError as err:
+                rows.append(f"| {n >> 20}M | {world} | - | - | - | - | {err} |")
+                continue
+            best = ranked[0]
+            second = (f"{ranked[1].impl} {ranked[1].ulysses}x{ranked[1].ring} "
+                      f"({_fmt_time(ranked[1].time_s)})") if len(ranked) > 1 else "-"
+            note = "" if best.fits else " (does not fit)"
+            rows.append(f"| {n >> 20}M | {world} | {best.impl}{note} | "
+                        f"{best.ulysses}x{best.ring} | {_fmt_time(best.time_s)} | "
+                        f"{best.mem_bytes / GiB:.2f} GiB | {second} |")
+    return "\n".join(rows) + "\n"
+
+
+def cmd_plan(args) -> int:
+    hw = hardware_from(args.hardware)
+    shape = shape_from_args(args)
+    print(f"hardware: {hw.name} ({hw.note})")
+    print(f"{args.family} {shape}")
+    if args.scaling:
+        print(scaling_table(args.family, shape, hw))
+        return 0
+    n = parse_tokens(args.n)
+    print(f"N = {n} tokens on {args.world} ranks, one layer, forward + backward:\n")
+    print(plan_table(args.family, shape, n, args.world, hw))
+    return 0
+
+
+cmd_plan.add_arguments = plan_arguments
