@@ -107,7 +107,14 @@ def cmd_worker(args) -> int:
     return 0
 
 
-cmd_worker.add_arguments = _job_arguments
+def _worker_arguments(p: argparse.ArgumentParser) -> None:
+    _job_arguments(p)
+    # the deepspeed launcher appends --local_rank=N unless given --no_local_rank; the rank
+    # comes from the LOCAL_RANK variable either way
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+
+
+cmd_worker.add_arguments = _worker_arguments
 
 command("env", "show versions, the backend and the devices a worker would use")(cmd_env)
 command("run", "run a job on Ray (embedded local Ray unless --address / RAY_ADDRESS)")(cmd_run)

@@ -37,9 +37,9 @@ def two_node_cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
     yield cluster
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
     cluster.shutdown()
 
 
@@ -48,11 +48,12 @@ def test_workers_placed_on_both_nodes(two_node_cluster, tmp_path):
     path.write_text(PROBE)
     cfg = config.load(path)
     cfg.job.out = str(tmp_path / "out")
-    result = launch(cfg)
+    result = launch(cfg, address=two_node_cluster.address)  # as `seqshard run --address`
+    assert not ray.is_initialized()  # the driver leaves the cluster it joined
     assert result["status"] == "completed" and result["steps"] == 4
-    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    assert len(alive) == 2
-    assert set(result["nodes"].values()) == alive  # rank 0 on one node, rank 1 on the other
+    nodes = {n.node_id for n in two_node_cluster.list_all_nodes()}
+    assert len(nodes) == 2
+    assert set(result["nodes"].values()) == nodes  # rank 0 on one node, rank 1 on the other
     assert result["exactness"] < 1e-12  # fp64 probe: sharded == unsharded up to rounding
     assert [r["digest"] for r in result["ranks"]] == [result["digest"]] * 2
     placed = [r for r in read_records(tmp_path / "out") if r.get("event") == "placed"]
