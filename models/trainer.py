@@ -104,10 +104,30 @@ def _model_config(kind: str, values: dict | LMConfig, tc: TrainConfig) -> LMConf
     return cfg
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (per step). On Linux CPU, writing 5 to clear_refs resets
+    the resident-set high-water mark; where that is not allowed the peak stays process-wide."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated accelerator memory, or on CPU the process's peak resident set."""
+    """Peak allocated accelerator memory, or on CPU the peak resident set (VmHWM)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
@@ -173,6 +193,7 @@ class Trainer:
     def step(self) -> dict:
         """One optimizer step. Returns step, loss (global mean), accuracy, lr, tokens, seconds,
         peak_mem_bytes; loss and accuracy are the same on every rank."""
+        reset_peak_memory(self.mesh.device)
         start = time.perf_counter()
         ids, mask = self.global_batch(self.step_count)
         ids, mask = self.shard(ids), self.shard(mask)  # [B, N_local]

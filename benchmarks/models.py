@@ -1,0 +1,92 @@
+"""One training step (forward, backward, DeepSpeed optimizer step) of each language model at
+growing global sequence length N, sharded over 2 gloo ranks on this CPU (or one rank per GPU).
+
+    python benchmarks/models.py                                # all three models, default sizes
+    python benchmarks/models.py --models deltanet,fit --sizes 65536,1048576
+    python benchmarks/models.py --models transformer --sizes 4096,16384,32768 --budget-s 600
+
+Prints per row: seconds of the step, tokens/s, peak memory per rank (resident set on CPU,
+allocated on CUDA) and time per token relative to the model's first row. A model stops growing
+N at the first step over --budget-s or that fails (e.g. out of memory). Activation
+checkpointing is on, batch 1, random tokens (loss on every token), small width by default
+(4 layers x 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.harness import mesh, run_ranks  # noqa: E402  (the rank pool works for benchmarks too)
+
+DEFAULT_SIZES = {
+    "transformer": [4096, 16384, 32768, 65536],
+    "deltanet": [16384, 131072, 1048576],
+    "fit": [16384, 131072, 1048576],
+}
+
+
+def model_config(kind: str, dim: int, layers: int, heads: int, group_size: int) -> dict:
+    config = {"dim": dim, "num_layers": layers, "num_heads": heads, "vocab_size": 256}
+    if kind == "deltanet":
+        config["chunk_size"] = 64
+    if kind == "fit":
+        config.update(group_size=group_size, num_latents=4, mlp_ratio=2)
+    return config
+
+
+def _one_step(rank, world, kind: str, config: dict, seq_len: int, steps: int, strategy: str):
+    from seqshard.models import Trainer
+
+    train = {"seq_len": seq_len, "steps": steps, "task": "random", "vocab_size": 256,
+             "activation_checkpointing": True, "warmup_steps": 0}
+    if kind != "fit":
+        train["strategy"] = strategy
+    trainer = Trainer(kind, config, train, mesh())
+    metrics = [trainer.step() for _ in range(steps)]
+    return metrics[-1]  # the last step: the first also pays one-time allocations
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="transformer,deltanet,fit")
+    parser.add_argument("--sizes", default="", help="comma-separated N (default: per model)")
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=256, help="FIT tokens per group")
+    parser.add_argument("--strategy", default="ring", help="attention strategy")
+    parser.add_argument("--budget-s", type=float, default=600.0)
+    args = parser.parse_args()
+
+    print(f"{'model':<12}{'N':>10}{'seconds':>10}{'tokens/s':>12}{'peak MiB/rank':>15}"
+          f"{'s/token vs first':>18}")
+    for kind in args.models.split(","):
+        sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes
+                 else DEFAULT_SIZES[kind])
+        config = model_config(kind, args.dim, args.layers, args.heads, args.group_size)
+        first = None
+        for seq_len in sizes:
+            steps = 2 if seq_len <= 65536 else 1
+            try:
+                results = run_ranks(_one_step, args.world, kind, config, seq_len, steps,
+                                    args.strategy, timeout=args.budget_s * steps + 120)
+            except AssertionError as err:  # a rank failed or timed out: stop growing N
+                print(f"{kind:<12}{seq_len:>10}  failed: {str(err).splitlines()[0][:100]}")
+                break
+            seconds = max(r["seconds"] for r in results)
+            peak = max(r["peak_mem_bytes"] for r in results) / 2**20
+            per_token = seconds / seq_len
+            first = first or per_token
+            print(f"{kind:<12}{seq_len:>10}{seconds:>10.2f}{seq_len / seconds:>12.0f}"
+                  f"{peak:>15.0f}{per_token / first:>18.2f}", flush=True)
+            if seconds > args.budget_s:
+                break
+
+
+if __name__ == "__main__":
+    main()
