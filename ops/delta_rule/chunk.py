@@ -47,7 +47,7 @@ def to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     if nc * C != N:
         pad = x.new_zeros(x.shape[:2] + (nc * C - N,) + x.shape[3:])
         x = torch.cat([x, pad], dim=2)
-    return x.unflatten(2, (nc, C)).movedim(2, 0)
+    return x.unflatten(2, (nc, C)).movedim(2, 0).contiguous()  # contiguous: the chain slices it
 
 
 def from_chunks(x: torch.Tensor, N: int) -> torch.Tensor:
@@ -59,30 +59,28 @@ def prepare(q, k, v, beta, gate, scale: float, C: int) -> Chunks:
     """The chunk-parallel part: the UT transform and the intra-chunk scores."""
     qc, kc, vc = to_chunks(q * scale, C), to_chunks(k, C), to_chunks(v, C)
     bc = to_chunks(beta, C)  # [nc, B, H, C]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # t >= s
     kk = kc @ kc.mT  # [nc, B, H, C, C]
     qk = qc @ kc.mT
     if gate is None:
-        strict = (bc[..., None] * kk).tril(-1)
-        rhs_k = bc[..., None] * kc
-        qg, kt, decay = qc, kc, None
-        aqk = qk.masked_fill(~causal, 0.0)
+        strict = (kk * bc[..., None]).tril_(-1)  # in place: mul's backward does not need it
+        kw, qg, kt, decay = kc, qc, kc, None
+        aqk = qk.tril_()
     else:
         gam = to_chunks(gate, C).cumsum(-1)  # [nc, B, H, C]
         # -inf above the diagonal first, so exp never sees a large positive gap
         ratio = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-        strict = (bc[..., None] * kk * ratio).tril(-1)
-        rhs_k = (bc * gam.exp())[..., None] * kc
+        strict = (kk * ratio * bc[..., None]).tril_(-1)
+        kw = kc * gam.exp()[..., None]
         qg = qc * gam.exp()[..., None]
         kt = kc * (gam[..., -1:] - gam).exp()[..., None]
         decay = gam[..., -1].exp()
         aqk = qk * ratio
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    # (I + strict) X = [diag(b) e^gamma K | diag(b) V]: forward substitution, one solve for both
-    wu = torch.linalg.solve_triangular(
-        strict + eye, torch.cat([rhs_k, bc[..., None] * vc], -1), upper=False, unitriangular=True
-    )
-    w, u = wu.split([k.shape[-1], v.shape[-1]], dim=-1)
+    # T = (I + strict)^-1 diag(b): unitriangular=True reads only the strict lower part
+    eye = torch.eye(C, dtype=q.dtype, device=q.device).expand_as(strict)
+    t = torch.linalg.solve_triangular(strict, eye, upper=False, unitriangular=True)
+    t = t * bc[..., None, :]  # [nc, B, H, C, C]
+    w, u = t @ kw, t @ vc
     return Chunks(qg, aqk, w, u, kt, decay)
 
 
@@ -90,18 +88,19 @@ def _decayed(s: torch.Tensor, decay: torch.Tensor | None, j: int) -> torch.Tenso
     return s if decay is None else s * decay[j][..., None, None]
 
 
-def chain_states(s0: torch.Tensor, ch: Chunks, keep: bool = True):
-    """Run the state through the chunks. Returns (state at each chunk start [nc, B, H, Dk, Dv]
-    or None, state after the last chunk [B, H, Dk, Dv])."""
+def chain_states(s0: torch.Tensor, ch: Chunks):
+    """Run the state through the chunks. Returns the state at each chunk start
+    [nc, B, H, Dk, Dv], Delta = U - W S of each chunk [nc, B, H, C, Dv] (the outputs reuse
+    it) and the state after the last chunk [B, H, Dk, Dv]."""
     nc = ch.w.shape[0]
-    states = s0.new_empty((nc,) + s0.shape) if keep else None
+    states = s0.new_empty((nc,) + s0.shape)
+    deltas = torch.empty_like(ch.u)
     s = s0
     for j in range(nc):
-        if keep:
-            states[j] = s
-        delta = ch.u[j] - ch.w[j] @ s  # [B, H, C, Dv]
+        states[j] = s
+        delta = torch.sub(ch.u[j], ch.w[j] @ s, out=deltas[j])  # [B, H, C, Dv]
         s = _decayed(s, ch.decay, j) + ch.kt[j].mT @ delta
-    return states, s
+    return states, deltas, s
 
 
 def shard_map(ch: Chunks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,13 +149,12 @@ class LocalSchedule:
 
 
 def _fwd(q, k, v, beta, gate, h0, schedule, scale, C):
-    """Returns (o [B, H, N, Dv], final state, chunk-start states, incoming state)."""
+    """Returns (o [B, H, N, Dv], what the schedule makes of the last state, chunk-start states)."""
     ch = prepare(q, k, v, beta, gate, scale, C)
     s_in = schedule.state_in(h0, ch)
-    states, s_out = chain_states(s_in, ch)
+    states, deltas, s_out = chain_states(s_in, ch)
     final = schedule.state_out(s_out)  # sharded schedules post their send here
-    delta = ch.u - ch.w @ states  # [nc, B, H, C, Dv]
-    o = ch.qg @ states + ch.aqk @ delta
+    o = ch.qg @ states + ch.aqk @ deltas  # [nc, B, H, C, Dv]
     return from_chunks(o, q.shape[2]), final, states
 
 
@@ -165,16 +163,17 @@ def _bwd(inputs, states, do, ds_final, schedule, scale, C):
     leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
     with torch.enable_grad():
         ch = prepare(*leaves, scale, C)
-    do_c = to_chunks(do, C)  # [nc, B, H, C, Dv]
-    delta = ch.u.detach() - ch.w.detach() @ states
-    d_delta_o = ch.aqk.detach().mT @ do_c  # outputs' pull on Delta
-    ds_states = ch.qg.detach().mT @ do_c - ch.w.detach().mT @ d_delta_o
     det = Chunks(*(t.detach() if t is not None else None for t in ch))
+    do_c = to_chunks(do, C)  # [nc, B, H, C, Dv]
+    delta = det.u - det.w @ states
+    d_delta_o = det.aqk.mT @ do_c  # the outputs' pull on Delta
+    ds_states = det.qg.mT @ do_c - det.w.mT @ d_delta_o
     ds_end = schedule.grad_out(ds_final, det, ds_states)
     after, ds_in = chain_grads(det, ds_states, ds_end)
+    dh0 = schedule.grad_in(ds_in)  # send it on before the long autograd part below
     d_delta = d_delta_o + det.kt @ after
     outs = [ch.qg, ch.aqk, ch.w, ch.u, ch.kt]
-    grads = [do_c @ states.mT, do_c @ delta.mT, -(d_delta @ states.mT), d_delta,
+    grads = [do_c @ states.mT, do_c @ delta.mT, (d_delta @ states.mT).neg_(), d_delta,
              delta @ after.mT]
     if ch.decay is not None:
         outs.append(ch.decay)
@@ -182,7 +181,7 @@ def _bwd(inputs, states, do, ds_final, schedule, scale, C):
     want = [t for t in leaves if t is not None]
     got = iter(torch.autograd.grad(outs, want, grads))
     d_inputs = [next(got) if t is not None else None for t in leaves]
-    return d_inputs, schedule.grad_in(ds_in)
+    return d_inputs, dh0
 
 
 class _DeltaRule(torch.autograd.Function):
