@@ -166,6 +166,8 @@ def _run_case(rank, world, m, *, seed, strategy, causal, layout, hq, hkv, d, n_l
                       *full, g.float())
         for name, a, c in zip(("out", "dq", "dk", "dv"), sdpa, got):
             assert_close(f"{label}: {name} vs sdpa", shard(a), c, TOL[tol][name])
+        # and the gathered output is the full sequence's in global order
+        assert_close(f"{label}: gathered out", sdpa[0], lay.gather(got[0], 2, m), TOL[tol]["out"])
 
 
 def _strategy_cases(world):
@@ -246,6 +248,15 @@ def _bad_input_across_ranks(rank, world):
     assert resolve_strategy("auto", m, 3) == "ring"
     # the group still works after the errors: no rank is left waiting in a collective
     out = sharded_attention(q, q, q, m, causal=True, strategy="ring")
+    # the drop-in and the module compute the same sharded attention
+    k = torch.randn(1, 2, 5, 32)
+    via_sdpa = make_sdpa(m, layout="striped", strategy="ulysses")(q, k, k, is_causal=True,
+                                                                   scale=0.2, enable_gqa=True)
+    module = ShardedAttention(m, causal=True, scale=0.2, layout="striped", strategy="ring")
+    direct = sharded_attention(q, k, k, m, causal=True, scale=0.2, layout="striped",
+                               strategy="allgather")
+    assert_close("make_sdpa", direct, via_sdpa, 2e-5)
+    assert_close("ShardedAttention", direct, module(q, k, k), 2e-5)
     return out.shape
 
 

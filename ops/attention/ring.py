@@ -75,18 +75,18 @@ def _ring_bwd(do, q, k, v, out, lse, plans, scale, group, timeout):
         last = step + 1 == comm.size
         if not last:
             pending_kv = comm.post(k, v)
-        dk = dv = None  # fp32 [B, Hkv, nk, D] for the block held now
+        dk = dv = None  # fp32 [B, Hkv, nk, D] accumulators for the block held now
+        if grads is not None:
+            # what the previous ranks accumulated for this block; waiting now (the neighbour
+            # finished the previous step too) frees our last send before new grads exist
+            dk, dv = grads.wait()
         for p in plans[step]:
             qs, ks = p.q_slice, p.k_slice
             g_q, g_k, g_v = block_backward(do[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks],
                                            out[:, :, qs], lse[:, :, qs], p.kind, scale, p.mask)
             dq = _add_rows(dq, g_q, qs, nq)
             dk, dv = _add_rows(dk, g_k, ks, nk), _add_rows(dv, g_v, ks, nk)
-        if grads is not None:
-            # what the previous ranks accumulated for the block we hold now
-            prev_dk, prev_dv = grads.wait()
-            dk = prev_dk if dk is None else dk.add_(prev_dk)
-            dv = prev_dv if dv is None else dv.add_(prev_dv)
+            del g_q, g_k, g_v
         if dk is None:
             dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
             dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
