@@ -91,8 +91,11 @@ def _model_config(kind: str, values: dict | LMConfig, tc: TrainConfig) -> LMConf
     shared = {"layout": tc.layout, "activation_checkpointing": tc.activation_checkpointing}
     if kind != "fit":
         shared["strategy"] = tc.strategy
+    defaults = TrainConfig()
     for key, value in shared.items():
         if key in values and values[key] != value:
+            if value == getattr(defaults, key):
+                continue  # the train config left it at its default: the model's choice stands
             raise ValueError(f"model config {key}={values[key]!r} conflicts with the train "
                              f"config's {key}={value!r}; set it in one place")
         values[key] = value
@@ -151,13 +154,13 @@ class Trainer:
             _single_process_group()
         self.mesh = mesh or Mesh.single()
         self.kind = kind
-        self.layout = get_layout(tc.layout)
+        self.model_config = _model_config(kind, model_config, tc)
+        self.layout = get_layout(self.model_config.layout)  # the train config's, or the model's
         self.layout.check(tc.seq_len, self.mesh.size)
         self.task = RecallTask(tc.vocab_size, tc.recall_pairs, tc.recall_queries)
         if tc.task == "recall" and tc.seq_len < self.task.min_len():
             raise ValueError(f"seq_len={tc.seq_len} < {self.task.min_len()} needed by the "
                              f"recall task (2 * pairs + 2 * queries)")
-        self.model_config = _model_config(kind, model_config, tc)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         model = build_model(kind, self.model_config, self.mesh).to(self.mesh.device)
         optimizer, scheduler = make_optimizer(model, tc)
