@@ -6,8 +6,8 @@
 Every strategy runs on 2 gloo ranks (1 thread each); the baseline is torch SDPA on the full
 sequence in one process with 2 threads -- the same two cores either way. Everything is
 measured in the same run and reported as ratios to the SDPA baseline. Time: the slower
-rank's fwd+bwd wall time, best of `--reps` (the machine may be shared; the load average
-is printed). Peak memory: the rise of the process's peak resident set (VmHWM, reset through
+rank's fwd+bwd wall time, best over interleaved rounds (the machine may be shared; the load
+average is printed). CPU: the ranks' summed process CPU time, which load disturbs less. Peak memory: the rise of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs) over its resident set before the inputs were made, max over ranks.
 """
 
@@ -46,10 +46,11 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _measure(make_inputs, step, reps: int, barrier=lambda: None):
-    """Best fwd+bwd seconds over reps (after one warm-up) and the peak RSS rise in bytes."""
-    times, peaks = [], []
-    for rep in range(reps + 1):
+def _measure(make_inputs, step, reps: int, warmup: bool, barrier=lambda: None):
+    """Best fwd+bwd wall seconds and CPU seconds over reps (after an optional warm-up), and
+    the peak RSS rise in bytes."""
+    times, cpus, peaks = [], [], []
+    for rep in range(reps + int(warmup)):
         gc.collect()
         barrier()
         base = _status_kib("VmRSS")
@@ -57,15 +58,16 @@ def _measure(make_inputs, step, reps: int, barrier=lambda: None):
             f.write("5")  # reset VmHWM to the current RSS
         inputs = make_inputs()
         barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(*inputs)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         peak = (_status_kib("VmHWM") - base) * 1024
         del inputs
-        if rep > 0:  # the warm-up pays for one-time set-up (plans, imports, buffers)
+        if rep > 0 or not warmup:  # the warm-up pays for one-time set-up (plans, imports, buffers)
             times.append(elapsed)
+            cpus.append(cpu)
             peaks.append(peak)
-    return min(times), max(peaks)
+    return min(times), max(peaks), min(cpus)
 
 
 def _tensors(shape, gen_seed, n=4):
@@ -74,14 +76,14 @@ def _tensors(shape, gen_seed, n=4):
 
 
 # --- rank functions (module level: the rank processes import them) -----------------------------
-def _single_sdpa(rank, world, n, heads, dim, reps):
+def _single_sdpa(rank, world, n, heads, dim, reps, warmup):
     def step(q, k, v, g):
         F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
 
-    return _measure(lambda: _tensors((1, heads, n, dim), 0), step, reps)
+    return _measure(lambda: _tensors((1, heads, n, dim), 0), step, reps, warmup)
 
 
-def _sharded(rank, world, n, heads, dim, reps, strategy):
+def _sharded(rank, world, n, heads, dim, reps, warmup, strategy):
     import torch.distributed as dist
 
     from seqshard.ops.attention import sharded_attention
@@ -108,36 +110,55 @@ def _sharded(rank, world, n, heads, dim, reps, strategy):
     def step(q, k, v, g):
         fwd(q, k, v).backward(g)
 
-    return _measure(lambda: _tensors(shape, rank), step, reps, barrier)
+    return _measure(lambda: _tensors(shape, rank), step, reps, warmup, barrier)
 
 
 # --- driver ------------------------------------------------------------------------------------
+def _sweep_point(n, args, reps, rounds):
+    """Min time / max peak per config, interleaving configs over rounds so load drift on a
+    shared machine hits all of them alike."""
+    from tests.harness import run_ranks
+
+    best: dict[str, tuple[float, float, float]] = {}
+    for rnd in range(rounds):
+        warm = rnd == 0
+        runs = {"sdpa (1 process)": [run_ranks(_single_sdpa, 1, n, args.heads, args.dim, reps,
+                                               warm)[0]]}
+        for strategy in args.strategies:
+            runs[strategy] = run_ranks(_sharded, 2, n, args.heads, args.dim, reps, warm,
+                                       strategy)
+        for name, res in runs.items():
+            t, peak = max(r[0] for r in res), max(r[1] for r in res)  # the slower rank
+            cpu = sum(r[2] for r in res)  # all ranks' CPU seconds: the work, load-independent
+            old = best.get(name, (float("inf"), 0.0, float("inf")))
+            best[name] = (min(old[0], t), max(old[1], peak), min(old[2], cpu))
+    return best
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N up to 4K, one timed rep")
+    parser.add_argument("--quick", action="store_true", help="N up to 4K, one round")
     parser.add_argument("--sizes", type=int, nargs="*", help="sequence lengths to sweep")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=1, help="timed repetitions per call")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per N")
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES))
     args = parser.parse_args(argv)
     sizes = args.sizes or ([1024, 2048, 4096] if args.quick else [2048, 4096, 8192, 16384])
-    reps = args.reps or (1 if args.quick else 2)
-
-    from tests.harness import run_ranks
+    rounds = args.rounds or (1 if args.quick else 2)
 
     print(f"causal attention fwd+bwd, B=1 H={args.heads} D={args.dim} fp32, 2 gloo ranks x 1 "
-          f"thread vs 1 process x 2 threads; best of {reps}; load avg {os.getloadavg()}")
-    print(f"{'N':>6} {'strategy':>18} {'time s':>8} {'x sdpa':>7} {'peak MiB':>9} {'x sdpa':>7}")
+          f"thread vs 1 process x 2 threads; best of {rounds} rounds x {args.reps} reps; "
+          f"load avg {os.getloadavg()}")
+    print(f"{'N':>6} {'strategy':>18} {'time s':>8} {'x sdpa':>7} {'cpu s':>8} {'x sdpa':>7} "
+          f"{'peak MiB':>9} {'x sdpa':>7}")
     for n in sizes:
-        t_ref, m_ref = run_ranks(_single_sdpa, 1, n, args.heads, args.dim, reps)[0]
-        print(f"{n:>6} {'sdpa (1 process)':>18} {t_ref:8.3f} {1:7.2f} {m_ref / 2**20:9.1f} {1:7.2f}")
-        for strategy in args.strategies:
-            res = run_ranks(_sharded, 2, n, args.heads, args.dim, reps, strategy)
-            t = max(r[0] for r in res)
-            peak = max(r[1] for r in res)
-            print(f"{n:>6} {strategy:>18} {t:8.3f} {t / t_ref:7.2f} {peak / 2**20:9.1f} "
-                  f"{peak / m_ref:7.2f}", flush=True)
+        best = _sweep_point(n, args, args.reps, rounds)
+        t_ref, m_ref, c_ref = best["sdpa (1 process)"]
+        for name, (t, peak, cpu) in best.items():
+            print(f"{n:>6} {name:>18} {t:8.3f} {t / t_ref:7.2f} {cpu:8.3f} {cpu / c_ref:7.2f} "
+                  f"{peak / 2**20:9.1f} {peak / m_ref:7.2f}", flush=True)
     print(f"load avg at the end {os.getloadavg()}")
 
 
