@@ -144,3 +144,29 @@ def test_bad_configs_raise():
         make_config("transformer", {"strategy": "spiral"})
     with pytest.raises(ValueError, match="kind='rnn'"):
         make_config("rnn", {})
+
+
+RECALL_MODEL = dict(dim=64, num_layers=2, num_heads=2, chunk_size=8)
+RECALL_TRAIN = dict(batch_size=32, seq_len=32, lr=3e-3, warmup_steps=10, steps=200,
+                    vocab_size=32, recall_pairs=4, recall_queries=4)
+
+
+def _train_recall(rank, world):
+    from seqshard.models import Trainer
+
+    m = mesh()
+    trainer = Trainer("deltanet", RECALL_MODEL, RECALL_TRAIN, m)
+    # the evidence crosses the border: every key-value pair lives on rank 0, every query on 1
+    ids, answers = trainer.global_batch(0)
+    pairs_end = 2 * RECALL_TRAIN["recall_pairs"]
+    owner = torch.arange(RECALL_TRAIN["seq_len"]) // (RECALL_TRAIN["seq_len"] // world)
+    assert set(owner[:pairs_end].tolist()) == {0}
+    assert set(owner[answers[0]].tolist()) == {world - 1}
+    accuracy = [trainer.step()["accuracy"] for _ in range(RECALL_TRAIN["steps"])]
+    return sum(accuracy[:10]) / 10, sum(accuracy[-20:]) / 20, trainer.task.chance()
+
+
+def test_recall_is_learned_across_shards():
+    for start, end, chance in run_ranks(_train_recall, 2):
+        assert start < 2 * chance, f"untrained accuracy {start} is already far above chance"
+        assert end > 0.6 and end > 2.4 * chance, f"recall accuracy {end} (chance {chance})"
