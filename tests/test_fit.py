@@ -172,3 +172,22 @@ def test_fit_group_size_can_change_up_to_max():
     fit.set_group_size(6)
     x = torch.randn(2, 18, 16)
     assert_close("group 6 out", naive_fit(fit, x), fit(x), TOL["out"])
+
+
+def test_fit_block_alone_matches_naive_block():
+    """A causal FITBlock called on its own builds its mask; outputs and latents match."""
+    from seqshard.ops.fit.fit import latent_mask
+    from seqshard.ops.fit.naive import naive_block
+
+    torch.manual_seed(5)
+    block = FITBlock(dim=48, num_heads=1, group_size=3, num_latents=2, global_layers=2,
+                     causal=True)
+    x, lat = torch.randn(2, 12, 48), torch.randn(2, 4, 2, 48)
+    y, lat2 = block(x, lat)
+    y_ref, lat_ref = naive_block(block, x, lat.flatten(1, 2), 3)
+    assert_close("block out", y_ref, y, TOL["out"])
+    assert_close("block latents", lat_ref, lat2.flatten(1, 2), TOL["out"])
+    y_shared, _ = block(x, lat, global_mask=latent_mask(4, 2))
+    assert torch.equal(y, y_shared)
+    with pytest.raises(ValueError, match=r"global_mask has shape \(6, 6\), expected \(8, 8\)"):
+        block(x, lat, global_mask=latent_mask(3, 2))

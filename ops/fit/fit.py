@@ -36,13 +36,18 @@ def _check_count(**values) -> None:
             raise ValueError(f"{name}={value!r} must be a non-negative integer")
 
 
-def latent_mask(num_groups: int, num_latents: int, device=None) -> torch.Tensor:
-    """Causal-across-groups mask of the global layers: bool [T*m, T*m], True = may attend.
+def latent_mask(num_groups: int, num_latents: int, device=None,
+                dtype=torch.float32) -> torch.Tensor:
+    """Additive mask of the causal global layers: [T*m, T*m], 0 = may attend, -inf = not.
 
     Latent (g, i) sees latent (h, j) iff h <= g: full inside a group, causal across groups.
+    Additive in the activations' dtype because SDPA would otherwise convert a bool mask to
+    one per call and keep each copy for backward (4 bytes x (T*m)^2 per global layer: 1 GiB
+    each at 1M tokens, n=256, m=4); FIT builds it once and all blocks share it.
     """
     group = torch.arange(num_groups, device=device).repeat_interleave(num_latents)  # [T*m]
-    return group[:, None] >= group[None, :]
+    mask = torch.zeros(len(group), len(group), device=device, dtype=dtype)
+    return mask.masked_fill_(group[:, None] < group[None, :], float("-inf"))
 
 
 def group_embedding(index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -62,9 +67,11 @@ def group_embedding(index: torch.Tensor, dim: int) -> torch.Tensor:
 class FITBlock(nn.Module):
     """One FIT block: local layers, read, global layers, write.
 
-    forward(x, latents, mesh=None) -> (x, latents)
+    forward(x, latents, mesh=None, global_mask=None) -> (x, latents)
       x       [B, N_local, dim]   this rank's contiguous token shard, N_local % group_size == 0
       latents [B, N_local // group_size, num_latents, dim]   this rank's groups' latents
+      global_mask  causal only: `latent_mask(T, m, ...)` for all T groups, to share one
+                   between blocks; built here when None. Ignored when not causal.
     Returns the new tokens (same shape) and the new latents of this rank's groups (unshifted).
 
     Example:
@@ -89,8 +96,8 @@ class FITBlock(nn.Module):
             SelfLayer(dim, num_heads, mlp_ratio) for _ in range(global_layers))
         self.write = CrossLayer(dim, num_heads)
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor,
-                mesh: Mesh | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, mesh: Mesh | None = None,
+                global_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         t = check_tokens(x, self.dim, self.group_size, mesh)
         b, n, m = x.shape[0], self.group_size, self.num_latents
         if tuple(latents.shape) != (b, t, m, self.dim):
@@ -103,16 +110,23 @@ class FITBlock(nn.Module):
         # a group's latents may read all of its own group's tokens: in the causal variant
         # they only reach tokens of later groups (after the shift below).
         latents = self.read(latents, x)  # [B, t, m, D]
-        full = self._global(gather_latents(latents, mesh))  # [B, T, m, D]
+        full = self._global(gather_latents(latents, mesh), global_mask)  # [B, T, m, D]
         latents = own_groups(full, t, mesh)  # [B, t, m, D]
         source = own_groups(full, t, mesh, shift=1) if self.causal else latents
         x = self.write(x, source)  # [B, t, n, D]
         return x.reshape(b, t * n, self.dim), latents
 
-    def _global(self, full: torch.Tensor) -> torch.Tensor:
+    def _global(self, full: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The global layers over all latents: [B, T, m, D] -> [B, T, m, D]."""
         num_groups = full.shape[1]
-        mask = latent_mask(num_groups, self.num_latents, full.device) if self.causal else None
+        size = num_groups * self.num_latents
+        if not self.causal:
+            mask = None
+        elif mask is None:
+            mask = latent_mask(num_groups, self.num_latents, full.device, full.dtype)
+        elif tuple(mask.shape) != (size, size):
+            raise ValueError(f"global_mask has shape {tuple(mask.shape)}, expected {(size, size)} "
+                             f"for {num_groups} groups x {self.num_latents} latents")
         flat = full.flatten(1, 2)  # [B, T*m, D]
         for layer in self.global_layers:
             flat = layer(flat, mask=mask)
@@ -166,6 +180,10 @@ class FIT(nn.Module):
         x = (x.reshape(b, t, n, self.dim) + self.token_pos[:n]).reshape(b, t * n, self.dim)
         slots = group_embedding(group_index(t, mesh, x.device), self.dim).to(x.dtype)  # [t, D]
         latents = (self.latent_slots + slots[:, None]).expand(b, t, m, self.dim)  # [B, t, m, D]
+        mask = None
+        if self.causal:  # one mask for every block; T = groups of the whole sequence
+            world = 1 if mesh is None else mesh.size
+            mask = latent_mask(world * t, m, x.device, x.dtype)
         for block in self.blocks:
-            x, latents = block(x, latents, mesh)
+            x, latents = block(x, latents, mesh, global_mask=mask)
         return x

@@ -24,8 +24,8 @@ def check_heads(dim: int, num_heads: int) -> int:
 class Attention(nn.Module):
     """Multi-head attention of queries from `x` over keys/values from `context`.
 
-    x [..., L, dim], context [..., S, dim] -> [..., L, dim]. `mask` is a bool [L, S]
-    (True = may attend) or None; `causal` means query i sees keys <= i (L == S).
+    x [..., L, dim], context [..., S, dim] -> [..., L, dim]. `mask` [L, S] is a bool
+    (True = may attend) or additive float mask, or None; `causal` means query i sees keys <= i (L == S).
     """
 
     def __init__(self, dim: int, num_heads: int):
