@@ -174,19 +174,28 @@ def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -
             t.steps = 2 * n
         return t
     if impl == "pass":
-        # the chain is serial: rank r starts when rank r-1 is done, forward and backward
+        # the chain is serial: rank r starts when rank r-1 is done, forward and backward;
+        # a middle rank sends one state forward and one gradient back
         t.flops_seq = shard * p
-        _send(t, 2 * state_b, 2 * (p - 1), p, hw)
+        _send(t, min(2, p - 1) * state_b, 2 * (p - 1), p, hw)
         return t
     _check(impl == "scan", f"delta_rule impl={impl!r}: expected naive, chunk, pass or scan")
     rounds = math.ceil(math.log2(p))
     compose = 3.0 * b * h * n_local * 2 * dk * dk * (dk + dv) / c  # the shard's affine map
     t.flops_par = 2 * shard + compose  # map first, then the chunks with the true state
     pair_b = b * h * dk * (dk + dv) * e
-    _send(t, 2 * rounds * pair_b, 2 * rounds, p, hw)
+    _send(t, scan_sends(p) * pair_b, 2 * rounds, p, hw)
     t.steps += 2 * rounds
     t.mem_bytes += 2 * pair_b
     return t
+
+
+def scan_sends(p: int) -> int:
+    """Pairs the busiest rank sends in a forward and a reverse exclusive scan over p ranks
+    (round d: position i sends to i + 2^d when that exists; see dist.exclusive_scan)."""
+    offsets = [1 << d for d in range(math.ceil(math.log2(p)))] if p > 1 else []
+    return max(sum(r + o < p for o in offsets) + sum(r - o >= 0 for o in offsets)
+               for r in range(p))
 
 
 def fit_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -> Terms:

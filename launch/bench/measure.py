@@ -3,12 +3,13 @@
 - Time: `warmup` untimed runs (first-call allocations, kernel selection, gloo buffers), then
   `repeats` timed runs, each bracketed by barriers so the time is the slowest rank's wall
   time; the median is kept and every repeat is recorded.
-- Peak memory (CPU): the kernel's resident-set high-water mark. Before a run we reset it by
-  writing 5 to /proc/self/clear_refs (Linux >= 4.0) and read the baseline VmRSS; after the run
-  the peak is VmHWM - baseline. tracemalloc does not see torch's allocator, and torch has no
-  CPU allocator statistics, so the OS is the honest witness. For the OS to see frees, worker
-  processes start with MALLOC_MMAP_THRESHOLD_=65536 (see `MALLOC_ENV`): every tensor above
-  64 KiB is its own mmap and goes back to the OS when freed, so RSS tracks live tensors.
+- Peak memory (CPU): the peak of bytes live in torch's CPU allocator during the run, from the
+  profiler's memory events (every allocation and free through c10's CPU allocator, kernel
+  workspaces and received buffers included), relative to what was live at entry. tracemalloc
+  does not see torch's allocator, and torch keeps no CPU allocator statistics. As a second,
+  coarser witness the process's resident high-water mark is recorded too (reset by writing 5
+  to /proc/self/clear_refs, read from VmHWM): it includes gloo's and Python's own memory but
+  the kernel updates it in batches of pages, so it is only meaningful at the MiB scale.
   On CUDA, torch.cuda.max_memory_allocated is used instead.
 - Communication: `CommCounter` wraps torch.distributed's collectives for the duration of one
   run and adds up the bytes each call makes this rank send under the bandwidth-optimal
@@ -29,7 +30,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -45,12 +45,25 @@ def rss_bytes() -> int:
     return _status_kib("VmRSS") * 1024
 
 
+def _allocator_peak(prof) -> int:
+    """Largest running sum of the profiler's allocation (+) and free (-) events."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 class PeakMemory:
-    """`with PeakMemory() as pm: run()` then `pm.peak_bytes` (above the baseline at entry)."""
+    """`with PeakMemory() as pm: run()`, then `pm.peak_bytes` (allocator) and `pm.rss_bytes`
+    (resident high-water mark), both above the state at entry (see the module doc)."""
 
     def __init__(self, device: torch.device | None = None):
         self.cuda = device is not None and device.type == "cuda"
         self.peak_bytes = 0
+        self.rss_bytes = 0
 
     def __enter__(self):
         gc.collect()
@@ -59,16 +72,22 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
-            _CLEAR_REFS.write_text("5")  # reset VmHWM to the current RSS
-            self._base = rss_bytes()
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        _CLEAR_REFS.write_text("5")  # reset VmHWM to the current RSS
+        self._rss_base = rss_bytes()
         return self
 
     def __exit__(self, *exc):
+        self.rss_bytes = max(0, _status_kib("VmHWM") * 1024 - self._rss_base)
         if self.cuda:
             torch.cuda.synchronize()
             self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
         else:
-            self.peak_bytes = max(0, _status_kib("VmHWM") * 1024 - self._base)
+            self._prof.__exit__(*exc)
+            self.peak_bytes = _allocator_peak(self._prof)
         return False
 
 

@@ -17,7 +17,9 @@ and each POINT describes one measured configuration:
         time_s       median wall time over repeats (warm-up excluded), slowest rank
         times_s      every repeat's time (slowest rank), in order
         tokens_per_s n / time_s
-        mem_peak_bytes   per rank: peak resident bytes above the pre-input baseline
+        mem_peak_bytes   per rank: peak bytes live in torch's allocator above the state
+                         before the inputs were made (measure.PeakMemory)
+        rss_peak_bytes   per rank: resident-set high-water mark above that state (coarse)
         comm_bytes       per rank: bytes this rank sent in collectives (see measure.CommCounter)
         comm_calls       per rank: collective calls made
 
@@ -47,7 +49,8 @@ MODES = ("fwd", "fwdbwd")
 _POINT_FIELDS = {"family": str, "impl": str, "n": int, "world": int, "ulysses": int,
                  "ring": int, "shape": dict, "status": str, "error": (str, type(None))}
 _MEASURE_FIELDS = {"time_s": float, "times_s": list, "tokens_per_s": float,
-                   "mem_peak_bytes": list, "comm_bytes": list, "comm_calls": list}
+                   "mem_peak_bytes": list, "rss_peak_bytes": list, "comm_bytes": list,
+                   "comm_calls": list}
 _SEARCH_FIELDS = {"family": str, "impl": str, "world": int, "ulysses": int,
                   "mem_budget_mib": float, "time_budget_s": float, "max_n": (int, type(None)),
                   "probes": list}
@@ -140,7 +143,7 @@ def validate_point(point: dict, where: str = "point") -> None:
         if measure is None:
             continue
         _check_fields(f"{where}.{mode}", measure, _MEASURE_FIELDS)
-        for name in ("mem_peak_bytes", "comm_bytes", "comm_calls"):
+        for name in ("mem_peak_bytes", "rss_peak_bytes", "comm_bytes", "comm_calls"):
             if len(measure[name]) != point["world"]:
                 raise ValueError(f"{where}.{mode}.{name} has {len(measure[name])} entries for "
                                  f"world={point['world']} ranks")

@@ -34,12 +34,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pin_malloc() -> None:
-    """Large tensors become their own mmaps (freed back to the OS), so RSS tracks live memory."""
+def _pin_malloc(threshold: int = 65536) -> None:
+    """Allocations >= threshold become their own mmaps, returned to the OS when freed, so the
+    resident high-water mark follows live tensors instead of glibc's growing cache."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 65536)
-        libc.mallopt(M_TRIM_THRESHOLD, 65536)
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+        libc.mallopt(M_TRIM_THRESHOLD, threshold)
     except OSError:  # not glibc: peak memory then also counts the allocator's cache
         pass
 
@@ -63,7 +64,8 @@ def _measure_point(spec: dict, mesh, modes, warmup: int, repeats: int) -> dict:
             inputs = workload.make_inputs()
             workload.run(inputs, backward)
             del inputs
-        out[mode] = {"times": times, "mem": pm.peak_bytes, "comm": cc.bytes_sent,
+        out[mode] = {"times": times, "mem": pm.peak_bytes, "rss": pm.rss_bytes,
+                     "comm": cc.bytes_sent,
                      "calls": cc.calls}
     del workload
     torch.set_grad_enabled(True)
@@ -183,6 +185,7 @@ def merge(spec: dict, per_rank: list[dict], modes) -> dict:
         measures[mode] = {"time_s": time_s, "times_s": times,
                           "tokens_per_s": spec["n"] / time_s,
                           "mem_peak_bytes": [int(r["mem"]) for r in runs],
+                          "rss_peak_bytes": [int(r["rss"]) for r in runs],
                           "comm_bytes": [int(r["comm"]) for r in runs],
                           "comm_calls": [int(r["calls"]) for r in runs]}
     return records.make_point(spec["family"], spec["impl"], spec["n"], spec["world"],

@@ -1,0 +1,186 @@
+"""seqshard bench: record schema, measurements, a tiny sweep on real gloo ranks, the report.
+
+One module-scoped sweep (P = 1 and 2, every family, peers included) feeds most checks, so the
+rank processes start once. Sizes are tiny and awkward (head dim 48, N = 96/192, groups of 24).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seqshard.launch.bench import records
+from seqshard.launch.bench.measure import CommCounter, PeakMemory, time_runs
+from seqshard.launch.bench.suites import spec
+from seqshard.launch.planner import CPU_DEFAULT, terms
+from dataclasses import replace
+
+MiB = 2**20
+ATTN = {"batch": 1, "heads": 4, "kv_heads": 2, "head_dim": 48, "causal": True}
+DELTA = {"batch": 1, "heads": 2, "dk": 32, "dv": 48, "chunk": 32}
+FIT = {"batch": 1, "dim": 48, "heads": 2, "group_size": 24, "latents": 3, "depth": 1,
+       "causal": True}
+
+
+# --- the schema --------------------------------------------------------------------------------
+def _measure(world: int) -> dict:
+    return {"time_s": 0.5, "times_s": [0.4, 0.5, 0.6], "tokens_per_s": 2.0,
+            "mem_peak_bytes": [10] * world, "rss_peak_bytes": [12] * world, "comm_bytes": [3] * world, "comm_calls": [1] * world}
+
+
+def test_records_roundtrip_and_rejections(tmp_path):
+    res = records.new_results("seqshard bench --suite x", machine_info={"cpu_count": 2})
+    res["points"].append(records.make_point("attention", "ring", 64, 2, 1, 2, ATTN,
+                                            fwd=_measure(2), fwdbwd=_measure(2)))
+    res["points"].append(records.make_point("fit", "fit", 64, 1, 1, 1, FIT, status="error",
+                                            error="boom"))
+    path = records.write_results(tmp_path / "r.msgpack", res)
+    back = records.read_results(path)
+    assert back["points"] == res["points"] and back["version"] == records.VERSION
+    assert back["command"] == "seqshard bench --suite x"
+
+    bad_cases = [
+        (lambda r: r.update(version=99), "version=99"),
+        (lambda r: r.update(schema="other"), "schema='other'"),
+        (lambda r: r["points"][0].pop("impl"), "missing field 'impl'"),
+        (lambda r: r["points"][0].update(ulysses=2), "ulysses=2 x ring=2 != world=2"),
+        (lambda r: r["points"][0]["fwd"].update(comm_bytes=[1]), "has 1 entries for world=2"),
+        (lambda r: r["points"][0].update(family="conv"), "family='conv'"),
+        (lambda r: r["points"][0]["fwd"].update(time_s=0.0), "time_s=0.0"),
+    ]
+    for mutate, message in bad_cases:
+        broken = records.read_results(path)
+        mutate(broken)
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+            records.validate_results(broken)
+
+
+def test_peak_memory_sees_a_torch_allocation_and_timing_checks_arguments():
+    with PeakMemory() as pm:
+        x = torch.ones(16 * MiB // 4 * 4)  # 64 MiB of float32, written so pages are resident
+        del x
+    assert pm.peak_bytes == 64 * MiB, pm.peak_bytes  # the allocator's count is exact
+    assert 60 * MiB <= pm.rss_bytes <= 100 * MiB, pm.rss_bytes  # the kernel's is coarse
+    with PeakMemory() as small:
+        a = torch.ones(1000)
+        b = torch.ones(3000)
+        del a, b
+        c = torch.ones(500)
+    assert small.peak_bytes == 16000, small.peak_bytes
+    del c
+    calls = []
+    times = time_runs(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(times) == 3 and len(calls) == 5 and all(t >= 0 for t in times)
+    with pytest.raises(ValueError, match="repeats=0"):
+        time_runs(lambda: None, warmup=0, repeats=0)
+    with CommCounter() as cc:  # no group: nothing is sent, nothing counted
+        pass
+    assert cc.bytes_sent == 0 and cc.calls == 0
+
+
+# --- a tiny sweep on real ranks ----------------------------------------------------------------
+def _specs() -> list[dict]:
+    out = [spec("attention", "sdpa", 96, 1, ATTN), spec("attention", "seqshard", 96, 1, ATTN),
+           spec("attention", "sdpa", 192, 1, ATTN),
+           spec("delta_rule", "naive", 64, 1, DELTA), spec("delta_rule", "chunk", 64, 1, DELTA),
+           spec("fit", "naive", 96, 1, FIT), spec("fit", "fit", 96, 1, FIT)]
+    for n in (96, 192):
+        out += [spec("attention", "ring", n, 2, ATTN),
+                spec("attention", "ulysses", n, 2, ATTN, ulysses=2)]
+    out += [spec("attention", "allgather", 96, 2, ATTN),
+            spec("attention", "ds_ulysses", 96, 2, ATTN, ulysses=2),
+            spec("delta_rule", "scan", 64, 2, DELTA), spec("delta_rule", "pass", 64, 2, DELTA),
+            spec("fit", "fit", 96, 2, FIT),
+            # never runs: 3 heads do not split over 2 Ulysses ranks
+            spec("attention", "ulysses", 96, 2, dict(ATTN, heads=3, kv_heads=3), ulysses=2),
+            # fails inside the op on every rank (zigzag needs N % 2P == 0): recorded, not hung
+            spec("attention", "ring", 98, 2, ATTN)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    from seqshard.launch.bench.runner import run_points
+
+    specs = _specs()
+    res = records.new_results("pytest tiny sweep")
+    res["points"] = run_points(specs, warmup=0, repeats=1, point_timeout_s=120, log=lambda s: None)
+    return specs, res, tmp_path_factory.mktemp("bench")
+
+
+def test_sweep_records_every_point_with_its_status(sweep):
+    specs, res, _ = sweep
+    records.validate_results(res)
+    by_status = [p["status"] for p in res["points"]]
+    assert by_status[:-2] == ["ok"] * (len(specs) - 2), [
+        (p["impl"], p["error"]) for p in res["points"] if p["status"] != "ok"]
+    skipped, failed = res["points"][-2:]
+    assert skipped["status"] == "skipped" and "heads=3" in skipped["error"]
+    assert failed["status"] == "error" and "98" in failed["error"]
+    for p in res["points"][:-2]:
+        for mode in records.MODES:
+            m = p[mode]
+            assert m["time_s"] > 0 and m["tokens_per_s"] == pytest.approx(p["n"] / m["time_s"])
+            assert len(m["mem_peak_bytes"]) == p["world"]
+
+
+def test_counted_bytes_match_the_planner_model(sweep):
+    """The planner's analytic traffic per rank equals what the collectives really sent."""
+    _, res, _ = sweep
+    hw = replace(CPU_DEFAULT, dtype_bytes=4)
+    checked = 0
+    for p in res["points"]:
+        if p["status"] != "ok" or p["world"] == 1:
+            continue
+        model = terms(p["family"], p["impl"], p["shape"], p["n"], p["ulysses"], p["ring"], hw)
+        sent = p["fwdbwd"]["comm_bytes"]
+        # the model counts the busiest rank; FIT also all-gathers 72-byte shape checks of its
+        # input (dist.check_same_shape) that the model leaves out
+        slack = 4 * 72 * (p["world"] - 1) if p["family"] == "fit" else 0
+        assert model.bytes_intra <= max(sent) <= model.bytes_intra + slack, (
+            p["family"], p["impl"], p["n"], sent, model.bytes_intra)
+        if p["family"] == "attention":  # attention traffic is the same on every rank
+            assert min(sent) == max(sent), (p["impl"], sent)
+        checked += 1
+    assert checked >= 9
+
+
+def test_peak_memory_per_rank_holds_the_inputs_and_falls_with_ranks(sweep):
+    _, res, _ = sweep
+    pts = {(p["impl"], p["n"], p["world"]): p for p in res["points"] if p["status"] == "ok"}
+    for key in (("ring", 192, 2), ("ulysses", 192, 2), ("sdpa", 192, 1)):
+        p = pts[key]
+        n_local = p["n"] // p["world"]
+        inputs = (ATTN["heads"] + 2 * ATTN["kv_heads"]) * n_local * ATTN["head_dim"] * 4
+        # inputs, their gradients and the output are all alive at the peak
+        assert min(p["fwdbwd"]["mem_peak_bytes"]) >= 2 * inputs, (key, p["fwdbwd"])
+    assert max(pts[("ring", 192, 2)]["fwdbwd"]["mem_peak_bytes"]) < \
+        max(pts[("sdpa", 192, 1)]["fwdbwd"]["mem_peak_bytes"])
+
+
+def test_report_writes_table_and_valid_pngs(sweep):
+    from seqshard.launch.bench.commands import write_report
+    from seqshard.launch.bench.report import peer_ratios
+
+    _, res, out = sweep
+    path = write_report(res, out, log=lambda s: None)
+    text = path.read_text()
+    assert "| attention | ring | 1x2 | 192 | 2 |" in text
+    assert "skipped: " in text and "Fitted exponents" in text
+    pngs = sorted(out.glob("*.png"))
+    assert {p.name for p in pngs} >= {"attention_time.png", "attention_memory.png",
+                                      "delta_rule_time.png", "fit_memory.png"}
+    import matplotlib.image
+
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        img = matplotlib.image.imread(png)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    ratios = peer_ratios(res)
+    pairs = {(r["impl"], r["peer"], r["n"]) for r in ratios}
+    assert pairs >= {("ring", "sdpa", 192), ("ulysses", "ds_ulysses", 96),
+                     ("seqshard", "sdpa", 96), ("chunk", "naive", 64), ("scan", "chunk", 64),
+                     ("fit", "naive", 96)}
+    assert all(r["time_ratio"] > 0 and math.isfinite(r["time_ratio"]) for r in ratios)

@@ -1,0 +1,146 @@
+"""The planner's cost model, its calibration and ranking check, the max-context search and
+`seqshard plan` (pure Python: no ranks are started here)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from seqshard.launch import planner
+from seqshard.launch.bench import calibrate, maxctx, records
+from seqshard.launch.bench.commands import parse_tokens
+from seqshard.launch.planner import H100_NODE, candidates, plan, predict
+
+LLAMA = {"batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128, "causal": True}
+ATTN = {"batch": 1, "heads": 8, "kv_heads": 8, "head_dim": 48, "causal": True}
+DELTA = {"batch": 1, "heads": 4, "dk": 48, "dv": 64, "chunk": 64}
+FIT = {"batch": 1, "dim": 96, "heads": 4, "group_size": 48, "latents": 3, "depth": 2,
+       "causal": True}
+
+
+def test_candidates_follow_the_head_count():
+    got = set(candidates("attention", ATTN, 4))
+    assert got == {("ring", 1, 4), ("allgather", 1, 4), ("hybrid", 2, 2), ("ulysses", 4, 1)}
+    six = set(candidates("attention", dict(ATTN, heads=6, kv_heads=6), 4))
+    assert ("ulysses", 4, 1) not in six and ("hybrid", 2, 2) in six
+    assert candidates("delta_rule", DELTA, 8) == [("scan", 1, 8), ("pass", 1, 8)]
+
+
+def test_bad_input_raises_with_the_values():
+    with pytest.raises(ValueError, match="heads=6 do not divide by the Ulysses degree 4"):
+        predict("attention", "ulysses", dict(ATTN, heads=6), 4096, 4, 1, H100_NODE)
+    with pytest.raises(ValueError, match="N=1001 is not divisible by P=4"):
+        predict("attention", "ring", ATTN, 1001, 1, 4, H100_NODE)
+    with pytest.raises(ValueError, match="family='conv'"):
+        plan("conv", ATTN, 1024, 2, H100_NODE)
+    with pytest.raises(ValueError, match="hardware='tpu'"):
+        planner.load_hardware("tpu")
+    with pytest.raises(ValueError, match="N=4000 is not a multiple of P=2 x group_size=48"):
+        predict("fit", "fit", FIT, 4000, 1, 2, H100_NODE)
+    with pytest.raises(ValueError, match="length '12Q'"):
+        parse_tokens("12Q")
+    assert parse_tokens("1M") == 1 << 20 and parse_tokens("96K") == 96 * 1024
+
+
+def test_memory_per_rank_falls_as_one_over_p_and_plans_are_sorted():
+    n = 1 << 20
+    m8 = predict("attention", "ring", LLAMA, n, 1, 8, H100_NODE).mem_bytes
+    m64 = predict("attention", "ring", LLAMA, n, 1, 64, H100_NODE).mem_bytes
+    assert m8 / m64 == pytest.approx(8.0)
+    # all-gather keeps the whole K/V on every rank: it stops falling
+    a8 = predict("attention", "allgather", LLAMA, n, 1, 8, H100_NODE).mem_bytes
+    a64 = predict("attention", "allgather", LLAMA, n, 1, 64, H100_NODE).mem_bytes
+    assert a8 / a64 < 2.0
+    ranked = plan("attention", LLAMA, 10 * n, 16, H100_NODE)
+    fits = [p.fits for p in ranked]
+    assert fits == sorted(fits, reverse=True)
+    times = [p.time_s for p in ranked if p.fits]
+    assert times == sorted(times)
+    # across nodes (P > 8) a Ulysses group that stays inside a node beats one that does not
+    hyb = predict("attention", "hybrid", LLAMA, n, 8, 8, H100_NODE)
+    uly = predict("attention", "ulysses", dict(LLAMA, heads=64, kv_heads=64), n, 64, 1,
+                  H100_NODE)
+    assert hyb.comm_s < uly.comm_s
+
+
+def test_scan_sends_match_the_exclusive_scan_pattern():
+    # P = 4: round 0 sends to +1, round 1 to +2, forward and reversed; rank 1 is busiest
+    assert [planner.scan_sends(p) for p in (1, 2, 3, 4, 8)] == [0, 1, 2, 3, 5]
+
+
+def _synthetic(hw) -> dict:
+    """Records whose times are exactly what `hw` predicts (the fit must recover them)."""
+    res = records.new_results("synthetic", machine_info={"cpu_count": hw.shared_cores,
+                                                         "mem_total_bytes": 24 << 30})
+    for family, shape, impls, ns in (
+            ("attention", ATTN, (("ring", 1, 2), ("ulysses", 2, 1), ("allgather", 1, 2),
+                                 ("ring", 1, 4), ("hybrid", 2, 2), ("ring", 1, 1)),
+             (512, 1024, 2048)),
+            ("delta_rule", DELTA, (("scan", 1, 2), ("pass", 1, 2), ("chunk", 1, 1)),
+             (1024, 4096)),
+            ("fit", FIT, (("fit", 1, 1), ("fit", 1, 2)), (1536, 3072))):
+        for impl, u, r in impls:
+            for n in ns:
+                pred = predict(family, impl, shape, n, u, r, hw)
+                m = {"time_s": pred.time_s, "times_s": [pred.time_s],
+                     "tokens_per_s": n / pred.time_s, "mem_peak_bytes": [int(pred.mem_bytes)] * (u * r),
+                     "rss_peak_bytes": [0] * (u * r), "comm_bytes": [0] * (u * r),
+                     "comm_calls": [0] * (u * r)}
+                res["points"].append(records.make_point(family, impl, n, u * r, u, r, shape,
+                                                        fwd=m, fwdbwd=m))
+    return res
+
+
+def test_calibration_recovers_a_known_machine_and_ranks_like_it():
+    truth = replace(planner.CPU_DEFAULT, shared_cores=2, flops=40e9, intra_bw=1.5e9,
+                    inter_bw=1.5e9, intra_latency=80e-6, inter_latency=80e-6,
+                    step_overhead=0.4e-3, call_overhead=2e-3,
+                    efficiency={"attention": 1.0, "delta_rule": 0.3, "fit": 0.6},
+                    memory_scale={"attention": 1.3, "delta_rule": 0.8, "fit": 2.0})
+    res = _synthetic(truth)
+    hw = calibrate.calibrate(res)
+    ev = calibrate.evaluate(res, hw)
+    assert ev["within_30"] == ev["count"] and ev["max_abs_time_err"] < 0.02, ev["rows"][:3]
+    assert hw.efficiency["delta_rule"] == pytest.approx(0.3, rel=0.05)
+    assert hw.memory_scale["fit"] == pytest.approx(2.0, rel=1e-3)
+    rk = ev["ranking"]
+    assert rk["pairs_agree"] == rk["pairs_decisive"] > 0 and rk["top_agree"] == rk["top_total"]
+    # a model that gets the order wrong is caught: swap the measured times of ring and allgather
+    rows = [dict(r) for r in ev["rows"] if r["family"] == "attention" and r["world"] == 2]
+    for r in rows:
+        r["time_s"], r["pred_time_s"] = r["pred_time_s"], 1.0 / r["pred_time_s"]
+    flipped = calibrate.ranking(rows)
+    assert flipped["pairs_agree"] < flipped["pairs_decisive"]
+
+
+def test_max_context_search_doubles_then_bisects():
+    tried = []
+
+    def fits_below(limit):
+        def fits(n):
+            tried.append(n)
+            return maxctx.Probe(n, n <= limit, "fits" if n <= limit else "too big")
+        return fits
+
+    best, probes = maxctx.search(fits_below(5000), start=1024, multiple=64, max_n=1 << 20)
+    assert best == 4992  # the largest multiple of 64 that fits
+    assert tried[:4] == [1024, 2048, 4096, 8192] and all(n % 64 == 0 for n in tried)
+    tried.clear()
+    assert maxctx.search(fits_below(100), start=1024, multiple=64, max_n=4096)[0] is None
+    assert maxctx.search(fits_below(10**9), start=1024, multiple=64, max_n=4096)[0] == 4096
+    with pytest.raises(ValueError, match="start=1000 must be a positive multiple of multiple=64"):
+        maxctx.search(fits_below(1), start=1000, multiple=64, max_n=4096)
+
+
+def test_plan_command_prints_a_ranked_table_and_the_scaling_grid(capsys):
+    from seqshard.launch.bench.__main__ import main
+
+    assert main(["plan", "--n", "1M", "--world", "16", "--heads", "32", "--kv-heads", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "| hybrid | 2x8 |" in out and "| ring | 1x16 |" in out
+    assert main(["plan", "--scaling", "--family", "delta_rule", "--heads", "16"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| 10M |") == 8 and "| 1M | 1024 |" in out
+    assert main(["plan", "--world", "3", "--n", "1000"]) == 2  # 1000 % 3: a clear error
+    assert "not divisible" in capsys.readouterr().err
