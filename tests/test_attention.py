@@ -181,7 +181,7 @@ def _strategy_cases(world):
     # packed documents: boundaries inside and across shards, a one-token document
     docs = {1: [3, 7], 2: [7, 1, 12], 4: [13, 1, 6, 20]}[world]
     for j, (strategy, causal, layout) in enumerate(itertools.product(
-            strategies, (False, True), ("contiguous", "zigzag"))):
+            strategies, (False, True), ("contiguous", "zigzag", "striped"))):
         cases.append(dict(seed=100 + j, strategy=strategy, causal=causal, layout=layout, hq=4,
                           hkv=2, d=32, doc_lens=docs))
     for j, strategy in enumerate(strategies):  # bf16 stays within bf16 tolerance
@@ -262,3 +262,26 @@ def _bad_input_across_ranks(rank, world):
 
 def test_bad_input_across_ranks():
     assert run_ranks(_bad_input_across_ranks, 2) == [torch.Size([1, 4, 5, 32])] * 2
+
+
+def test_plans_stay_on_the_fused_kernel():
+    """Plans are data: contiguous Ulysses is one causal block, zigzag ring steps are few
+    blocks, and document cuts on contiguous/zigzag shards need no explicit masks."""
+    from seqshard.ops.attention.plan import build_plan
+
+    lay = {name: get_layout(name) for name in ("contiguous", "zigzag", "striped")}
+    one = build_plan(lay["contiguous"], 64, 4, range(4), range(4), causal=True)
+    assert [(p.q_len, p.k_len, p.kind) for p in one] == [(64, 64, "causal")]
+    # allgather on contiguous shards: earlier ranks coalesce into one full block
+    ag = build_plan(lay["contiguous"], 64, 4, (2,), range(4), causal=True)
+    assert sorted((p.k_start, p.k_len, p.kind) for p in ag) == [(0, 32, "full"), (32, 16, "causal")]
+    # zigzag: the block from an earlier rank is both chunks of queries against its first chunk
+    zz = build_plan(lay["zigzag"], 64, 4, (2,), (1,), causal=True)
+    assert [(p.q_start, p.q_len, p.k_start, p.k_len, p.kind) for p in zz] == [(0, 16, 0, 8, "full")]
+    for name in ("contiguous", "zigzag"):
+        for a, b in itertools.product(range(4), range(4)):
+            plan = build_plan(lay[name], 64, 4, (a,), (b,), causal=True, doc_lens=[9, 1, 30, 24])
+            assert all(p.mask is None for p in plan), (name, a, b)
+    # a document boundary that is not aligned between striped shards does need a mask
+    plan = build_plan(lay["striped"], 64, 4, (0,), (1,), causal=True, doc_lens=[9, 55])
+    assert any(p.mask is not None for p in plan)

@@ -17,7 +17,6 @@ import torch
 
 from seqshard.dist import Layout
 
-from .kernels import kind_mask
 from .naive import doc_ids
 
 
@@ -90,17 +89,44 @@ def _coalesce(pieces: list[Piece]) -> list[Piece]:
     return pieces
 
 
+def _doc_runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Maximal runs of equal document id: (local start, length, doc id)."""
+    cut = torch.nonzero(ids[1:] != ids[:-1]).flatten().add(1).tolist()
+    starts = [0] + cut
+    ends = cut + [ids.numel()]
+    return [(a, b - a, int(ids[a])) for a, b in zip(starts, ends)]
+
+
+def _doc_piece(p: Piece, qa: int, qn: int, ka: int, kn: int) -> Piece | None:
+    """The part of block p between rows [qa, qa+qn) and columns [ka, ka+kn) (block
+    coordinates, one document on both sides), as a fused-kernel piece where possible."""
+    q0, k0 = p.q_start + qa, p.k_start + ka
+    if p.kind == "full":
+        return Piece(q0, qn, k0, kn, "full")
+    reach = 0 if p.kind == "causal" else -1  # key j visible from query i iff j - i <= reach
+    if (ka + kn - 1) - qa <= reach:
+        return Piece(q0, qn, k0, kn, "full")  # every key before every query
+    if ka - (qa + qn - 1) > reach:
+        return None  # every key after every query
+    if qa == ka and qn == kn:
+        return Piece(q0, qn, k0, kn, p.kind)  # the diagonal of one document
+    # misaligned diagonal (striped shards): an explicit mask for this sub-block only
+    rows = torch.arange(qa, qa + qn)[:, None]
+    cols = torch.arange(ka, ka + kn)[None, :]
+    return Piece(q0, qn, k0, kn, p.kind, cols - rows <= reach)
+
+
 def _split_docs(pieces, q_docs, k_docs) -> list[Piece]:
-    """Restrict every block to same-document pairs; drop blocks left empty."""
+    """Cut every block at document boundaries into same-document sub-blocks; keep those that
+    have a visible pair. Sub-blocks keep the fused kernel unless a diagonal is misaligned."""
     out = []
     for p in pieces:
-        qd, kd = q_docs[p.q_slice], k_docs[p.k_slice]
-        if int(qd.min()) == int(qd.max()) == int(kd.min()) == int(kd.max()):
-            out.append(p)  # one document on both sides: the plain kind mask is exact
-            continue
-        mask = (qd[:, None] == kd[None, :]) & kind_mask(p.kind, p.q_len, p.k_len)
-        if bool(mask.any()):
-            out.append(Piece(p.q_start, p.q_len, p.k_start, p.k_len, p.kind, mask))
+        k_runs = _doc_runs(k_docs[p.k_slice])
+        for qa, qn, doc in _doc_runs(q_docs[p.q_slice]):
+            for ka, kn, k_doc in k_runs:
+                piece = _doc_piece(p, qa, qn, ka, kn) if k_doc == doc else None
+                if piece is not None:
+                    out.append(piece)
     return out
 
 
