@@ -87,12 +87,17 @@ class LaunchSection:
 
 @dataclass
 class FaultSection:
-    kill_rank: int = -1
-    """Testing only: this rank SIGKILLs itself ... (-1: never)."""
-    kill_at_step: int = 0
+    """Deliberate failures, for testing the failure path end to end (leave unset in real jobs)."""
+
+    rank: int = -1
+    """The rank that fails (-1: none) ..."""
+    at_step: int = 0
     """... right after finishing this step (before its checkpoint) ..."""
-    kill_on_attempt: int = 0
-    """... on this attempt only (0 = the first run), so the restarted job finishes."""
+    on_attempt: int = 0
+    """... on this attempt only (0 = the first run), so the restarted job can finish ..."""
+    mode: str = "kill"
+    """... by 'kill' (SIGKILL itself: a crashed process) or 'stall' (sleep forever, so its
+    peers' next collective times out after mesh.collective_timeout_s)."""
 
 
 @dataclass
@@ -257,8 +262,10 @@ def validate(cfg: JobConfig) -> None:
     if lc.cpus_per_worker <= 0 or lc.gpus_per_worker < 0:
         raise ValueError(f"launch.cpus_per_worker = {lc.cpus_per_worker}, launch.gpus_per_worker"
                          f" = {lc.gpus_per_worker}: need cpus > 0 and gpus >= 0")
-    if not -1 <= cfg.fault.kill_rank < cfg.mesh.workers:
-        raise ValueError(f"fault.kill_rank = {cfg.fault.kill_rank}: outside -1..{cfg.mesh.workers - 1}")
+    if not -1 <= cfg.fault.rank < cfg.mesh.workers:
+        raise ValueError(f"fault.rank = {cfg.fault.rank}: outside -1..{cfg.mesh.workers - 1}")
+    if cfg.fault.mode not in ("kill", "stall"):
+        raise ValueError(f"fault.mode = {cfg.fault.mode!r}: expected 'kill' or 'stall'")
     train = train_config(cfg)
     steps, seq_len = _get(train, "steps"), _get(train, "seq_len")
     if not isinstance(steps, int) or steps < 1:
@@ -311,7 +318,26 @@ def _validate_model(cfg: JobConfig, shape: MeshShape) -> None:
     values = {k: v for k, v in cfg.model.items() if k != "kind"}
     fill(CONFIGS[kind], values, "model")  # names unknown keys as model.<key>
     heads = values.get("num_heads", getattr(CONFIGS[kind](), "num_heads", None))
-    strategy = _get(train_config(cfg), "strategy")
+    tc = train_config(cfg)
+    strategy = _get(tc, "strategy")
+    _validate_task(tc)
     if strategy in ("ulysses", "hybrid") and isinstance(heads, int) and heads % shape.ulysses:
         raise ValueError(f"model.num_heads = {heads} is not divisible by mesh.ulysses = "
                          f"{shape.ulysses} (Ulysses splits heads across ranks)")
+
+
+def _validate_task(tc) -> None:
+    """The synthetic recall task's own limits (the Trainer would find them only in a worker)."""
+    if _get(tc, "task") != "recall":
+        return
+    RecallTask = _models_attr("RecallTask")
+    if RecallTask is None:
+        return
+    try:
+        task = RecallTask(tc.vocab_size, tc.recall_pairs, tc.recall_queries)
+    except ValueError as err:
+        raise ValueError(f"train.recall_pairs = {tc.recall_pairs}, train.recall_queries = "
+                         f"{tc.recall_queries}, train.vocab_size = {tc.vocab_size}: {err}") from None
+    if tc.seq_len < task.min_len():
+        raise ValueError(f"train.seq_len = {tc.seq_len} is shorter than the {task.min_len()} "
+                         f"tokens the recall task needs (2 * pairs + 2 * queries)")

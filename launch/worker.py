@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -91,11 +92,15 @@ def save(task, cfg: JobConfig, mesh: Mesh, step: int) -> None:
     _barrier(f"checkpoint {step}: commit")
 
 
-def _maybe_die(cfg: JobConfig, rank: int, step: int, attempt: int) -> None:
+def _maybe_fail(cfg: JobConfig, rank: int, step: int, attempt: int) -> None:
     f = cfg.fault
-    if f.kill_rank == rank and f.kill_at_step == step and f.kill_on_attempt == attempt:
-        sys.stdout.flush()
+    if not (f.rank == rank and f.at_step == step and f.on_attempt == attempt):
+        return
+    sys.stdout.flush()
+    if f.mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no cleanup, no goodbye
+    while True:  # "stall": alive but silent, like a hung kernel or a wedged NIC
+        time.sleep(3600)
 
 
 def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None) -> dict:
@@ -124,7 +129,7 @@ def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None
         metrics.update(type="step", step=step, attempt=attempt)
         if emit:
             emit(_plain(metrics))
-        _maybe_die(cfg, rank, step, attempt)
+        _maybe_fail(cfg, rank, step, attempt)
         if (every and step % every == 0) or step == total:
             save(task, cfg, mesh, step)
     n = cfg.job.exactness_seq_len

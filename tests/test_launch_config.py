@@ -36,7 +36,8 @@ def test_demo_config_values_and_overrides():
     (["mesh.wrokers=2"], ["mesh.wrokers"]),
     (["train.stepz=2"], ["train.stepz"]),
     (["model.num_hedas=2"], ["model.num_hedas"]),
-    (["fault.kill_rnak=1"], ["fault.kill_rnak"]),
+    (["fault.rnak=1"], ["fault.rnak"]),
+    (["fault.mode=explode"], ["fault.mode", "'explode'"]),
     (["launch.max_restarts=two"], ["launch.max_restarts", "'two'"]),
     (["job.task=fly"], ["job.task", "'fly'"]),
     (["model.kind=lstm"], ["model.kind", "'lstm'"]),
@@ -47,6 +48,7 @@ def test_demo_config_values_and_overrides():
     (["mesh.ulysses=2", "model.num_heads=3", "model.dim=48", "train.strategy=ulysses"],
      ["model.num_heads = 3", "mesh.ulysses = 2"]),
     (["nosuch.key=1"], ["[nosuch]"]),
+    (["train.recall_pairs=9"], ["train.recall_pairs = 9", "train.vocab_size = 32"]),
     (["steps=1"], ["steps=1", "section.key"]),
 ])
 def test_bad_config_names_the_key(override, names):

@@ -83,7 +83,7 @@ def test_two_worker_job_completes(baseline):
 def test_killed_worker_resumes_to_identical_state(baseline, tmp_path):
     ref_out, ref = baseline
     out = tmp_path / "killed"
-    result = launch(_cfg(out, "fault.kill_rank=1", "fault.kill_at_step=3"))
+    result = launch(_cfg(out, "fault.rank=1", "fault.at_step=3"))
     assert result["status"] == "completed" and result["attempts"] == 2
     assert result["resumed_from"] == 2  # step 3 was never checkpointed
     assert result["digest"] == ref["digest"]
@@ -118,27 +118,36 @@ name = "probe"
 task = "probe"
 [mesh]
 workers = 2
+collective_timeout_s = 10
 [launch]
 max_restarts = 0
 progress = false
 [fault]
-kill_rank = 0
-kill_at_step = 2
+rank = 1
+at_step = 2
+mode = "stall"
 [train]
 steps = 4
 seq_len = 60
 """
 
 
-def test_restarts_are_bounded(local_ray, tmp_path):
+def test_stalled_collective_times_out_and_restarts_are_bounded(local_ray, tmp_path):
     path = tmp_path / "probe.toml"
     path.write_text(PROBE)
     cfg = config.load(path)
-    cfg.job.out = str(tmp_path / "bounded")
-    with pytest.raises(LaunchError, match=r"gave up after 0 restart\(s\).*rank 0: worker process died"):
+    cfg.job.out = str(tmp_path / "stalled")
+    # rank 1 hangs after step 2; rank 0's next all-reduce gives up after 10 s naming itself and
+    # the op; with no restarts left the job fails with that reason (and the hung rank is killed)
+    with pytest.raises(LaunchError) as err:
         launch(cfg)
-    final = [r for r in read_records(tmp_path / "bounded") if r["type"] == "final"]
+    msg = str(err.value)
+    assert "gave up after 0 restart(s)" in msg
+    assert "rank 0: CollectiveError: rank 0: all_reduce over a group of 2 ranks failed" in msg
+    final = [r for r in read_records(tmp_path / "stalled") if r["type"] == "final"]
     assert final[-1]["status"] == "failed"
+    steps = [r["step"] for r in read_records(tmp_path / "stalled") if r["type"] == "step"]
+    assert steps == [1, 2]
 
 
 def test_same_job_under_torchrun(baseline, tmp_path):
