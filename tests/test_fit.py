@@ -18,14 +18,14 @@ from seqshard.ops.fit.naive import naive_fit
 from tests.harness import mesh, run_ranks
 
 # (name, FIT kwargs, batch, groups per rank). Awkward sizes: odd group sizes, head dim 48,
-# a single latent, no local layers, several global layers.
+# a single latent, no local or no global layers, several global layers.
 CASES = [
     ("bidir-hd48", dict(dim=96, num_heads=2, group_size=5, num_latents=3, depth=2,
                         global_layers=2), 2, 2),
     ("causal-hd48", dict(dim=96, num_heads=2, group_size=5, num_latents=3, depth=2,
                          global_layers=2, causal=True), 2, 2),
     ("causal-m1", dict(dim=32, num_heads=4, group_size=3, num_latents=1, depth=1,
-                       local_layers=2, mlp_ratio=2, causal=True), 1, 3),
+                       local_layers=2, global_layers=0, mlp_ratio=2, causal=True), 1, 3),
     ("bidir-nolocal", dict(dim=24, num_heads=3, group_size=7, num_latents=2, depth=2,
                            local_layers=0, global_layers=1), 3, 1),
 ]

@@ -120,6 +120,8 @@ class FITBlock(nn.Module):
         """The global layers over all latents: [B, T, m, D] -> [B, T, m, D]."""
         num_groups = full.shape[1]
         size = num_groups * self.num_latents
+        if not self.global_layers:
+            return full
         if not self.causal:
             mask = None
         elif mask is None:
@@ -181,7 +183,8 @@ class FIT(nn.Module):
         slots = group_embedding(group_index(t, mesh, x.device), self.dim).to(x.dtype)  # [t, D]
         latents = (self.latent_slots + slots[:, None]).expand(b, t, m, self.dim)  # [B, t, m, D]
         mask = None
-        if self.causal:  # one mask for every block; T = groups of the whole sequence
+        if self.causal and any(len(blk.global_layers) for blk in self.blocks):
+            # one mask for every block; T = groups of the whole sequence
             world = 1 if mesh is None else mesh.size
             mask = latent_mask(world * t, m, x.device, x.dtype)
         for block in self.blocks:
