@@ -75,6 +75,12 @@ def kind_mask(kind: str, nq: int, nk: int, device=None) -> torch.Tensor:
 
 
 # --- plain torch (any device, explicit masks) --------------------------------------------------
+def _plain_mask(kind, mask, nq, nk, device):
+    if mask is not None:
+        return mask.to(device)  # plans are built (and cached) on the CPU
+    return None if kind == "full" else kind_mask(kind, nq, nk, device)
+
+
 def _plain_scores(q, k, scale, mask):
     s = scale * (q.float() @ k.float().transpose(-1, -2))  # [B, Hq, nq, nk]
     return s if mask is None else s.masked_fill(~mask, float("-inf"))
@@ -111,8 +117,7 @@ def block_forward(q, k, v, kind: str, scale: float, mask=None):
     hq = q.shape[1]
     k, v = _expand_kv(k, hq), _expand_kv(v, hq)
     if mask is not None or not _use_fused(q, mask):
-        if mask is None and kind != "full":
-            mask = kind_mask(kind, q.shape[2], k.shape[2], q.device)
+        mask = _plain_mask(kind, mask, q.shape[2], k.shape[2], q.device)
         return _plain_fwd(q, k, v, scale, mask)
     fwd, _ = FUSED_CPU
     if kind != "strict":
@@ -136,8 +141,7 @@ def block_backward(do, q, k, v, out, lse, kind: str, scale: float, mask=None):
     hq, hkv = q.shape[1], k.shape[1]
     ke, ve = _expand_kv(k, hq), _expand_kv(v, hq)
     if mask is not None or not _use_fused(q, mask):
-        if mask is None and kind != "full":
-            mask = kind_mask(kind, q.shape[2], k.shape[2], q.device)
+        mask = _plain_mask(kind, mask, q.shape[2], k.shape[2], q.device)
         dq, dk, dv = _plain_bwd(do, q, ke, ve, out, lse, scale, mask)
         return dq, _fold_kv(dk, hkv), _fold_kv(dv, hkv)
     _, bwd = FUSED_CPU
