@@ -137,6 +137,8 @@ class Recorder:
             f"- peak memory: {_mib(max((r.get('peak_mem_bytes') or 0) for r in recs))}"
             if recs else "- peak memory: n/a",
         ]
+        if final.get("mesh"):
+            lines.append(f"- rank 0: {final['mesh']}")
         if final.get("exactness") is not None:
             lines.append(f"- exactness (sharded vs unsharded, N = {final.get('exactness_seq_len')}):"
                          f" max abs diff {final['exactness']:.3g}")
@@ -150,12 +152,18 @@ class Recorder:
             lines.append(f"- restart {e.get('attempt')}: {e.get('reason', '')}")
         lines.append(f"- plot: {plot_note}")
         if recs:
-            lines += ["", "| step | loss | tokens/s | peak mem | attempt |", "|---:|---:|---:|---:|---:|"]
+            # accuracy only where the task measures one (the recall task does, the probe not)
+            acc = any(isinstance(r.get("accuracy"), float) and r["accuracy"] == r["accuracy"]
+                      for r in recs)
+            head = "| step | loss |" + (" accuracy |" if acc else "") + " tokens/s | peak mem | attempt |"
+            lines += ["", head, "|" + "---:|" * (head.count("|") - 1)]
             stride = max(1, math.ceil(len(recs) / 20))
             for r in recs[::stride] + ([recs[-1]] if (len(recs) - 1) % stride else []):
                 rate = r["tokens"] / r["seconds"] if r["seconds"] else float("nan")
-                lines.append(f"| {r['step']} | {r['loss']:.5f} | {rate:,.0f} |"
-                             f" {_mib(r.get('peak_mem_bytes'))} | {r.get('attempt', 0)} |")
+                lines.append(f"| {r['step']} | {r['loss']:.5f} |"
+                             + (f" {r.get('accuracy', float('nan')):.3f} |" if acc else "")
+                             + f" {rate:,.0f} | {_mib(r.get('peak_mem_bytes'))} |"
+                             f" {r.get('attempt', 0)} |")
         return "\n".join(lines) + "\n"
 
 
