@@ -64,6 +64,7 @@ class Recorder:
     def add(self, record: dict) -> None:
         kind = record.get("type")
         if kind == "step":
+            record = {**record, "time": time.time()}  # when the driver received it
             self.steps[int(record["step"])] = record
             self._write(record)
             self._progress(record)
