@@ -184,6 +184,9 @@ def _strategy_cases(world):
             strategies, (False, True), ("contiguous", "zigzag", "striped"))):
         cases.append(dict(seed=100 + j, strategy=strategy, causal=causal, layout=layout, hq=4,
                           hkv=2, d=32, doc_lens=docs))
+    for j, strategy in enumerate(strategies):  # the largest head dim, odd shard length
+        cases.append(dict(seed=300 + j, strategy=strategy, causal=True, layout="contiguous",
+                          hq=4, hkv=1, d=256, n_local=7))
     for j, strategy in enumerate(strategies):  # bf16 stays within bf16 tolerance
         cases.append(dict(seed=200 + j, strategy=strategy, causal=True, layout="zigzag", hq=4,
                           hkv=2, d=64, dtype=torch.bfloat16, tol="bf16"))
@@ -191,6 +194,8 @@ def _strategy_cases(world):
 
 
 def _all_cases(rank, world):
+    if world == 4:
+        assert resolve_strategy("auto", mesh(ulysses=2, ring=2), 4) == "hybrid"
     for case in _strategy_cases(world):
         hybrid = case["strategy"] == "hybrid"
         m = mesh(ulysses=2, ring=2) if hybrid else mesh()
