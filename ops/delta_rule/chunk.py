@@ -13,7 +13,7 @@ gamma_s) for s <= t, else 0.
 autograd in backward). The only sequential part is the state chain S_j -> S_{j+1}, written
 out by hand both ways (`chain_states`, `chain_grads`). Forward keeps the inputs and one state
 per chunk start (N/C * Dk * Dv numbers), never per-token states or per-chunk transitions;
-backward recomputes `prepare`.
+backward recomputes `prepare`, one block of chunks at a time.
 
 A *schedule* decides where the first chunk's state comes from and where the last one goes:
 `LocalSchedule` here (one process), the sharded ones in sharded.py. Same Function for all.
@@ -148,39 +148,97 @@ class LocalSchedule:
         return ds_in
 
 
-def _fwd(q, k, v, beta, gate, h0, schedule, scale, C):
+BLOCK_TOKENS = 4096  # tokens whose chunk temporaries are live together (bounds memory)
+
+
+def _blocks(N: int, C: int) -> list[tuple[int, int]]:
+    """Token ranges [start, stop) of whole chunks, about BLOCK_TOKENS long."""
+    step = max(1, BLOCK_TOKENS // C) * C
+    return [(a, min(a + step, N)) for a in range(0, N, step)]
+
+
+def _part(tensors, a: int, b: int):
+    return [t[:, :, a:b] if t is not None else None for t in tensors]
+
+
+def _over_blocks(N: int, C: int, fn):
+    """Run fn(a, b) -> tuple of [chunks of block, ...] tensors (or None) on every block and
+    stack the results over all N/C chunks into buffers allocated on the first block."""
+    nc, out = -(-N // C), None
+    for a, b in _blocks(N, C):
+        part = fn(a, b)
+        if out is None:
+            out = [t.new_empty((nc,) + t.shape[1:]) if t is not None else None for t in part]
+        for buf, t in zip(out, part):
+            if t is not None:
+                buf[a // C: -(-b // C)] = t
+    return out
+
+
+def prepare_blocked(inputs, scale: float, C: int) -> Chunks:
+    """`prepare` without autograd, block by block: the C x C temporaries of one block at a time
+    are live, only the per-chunk results of all blocks are kept."""
+    N = inputs[0].shape[2]
+    return Chunks(*_over_blocks(N, C, lambda a, b: prepare(*_part(inputs, a, b), scale, C)))
+
+
+def _fwd(inputs, h0, schedule, scale, C):
     """Returns (o [B, H, N, Dv], what the schedule makes of the last state, chunk-start states)."""
-    ch = prepare(q, k, v, beta, gate, scale, C)
+    ch = prepare_blocked(inputs, scale, C)
     s_in = schedule.state_in(h0, ch)
     states, deltas, s_out = chain_states(s_in, ch)
+    qg, aqk = ch.qg, ch.aqk
+    del ch  # W, U, Kt are no longer needed: free them before the outputs
     final = schedule.state_out(s_out)  # sharded schedules post their send here
-    o = ch.qg @ states + ch.aqk @ deltas  # [nc, B, H, C, Dv]
-    return from_chunks(o, q.shape[2]), final, states
+    o = torch.matmul(qg, states)  # [nc, B, H, C, Dv]
+    o.view(-1, *o.shape[-2:]).baddbmm_(aqk.view(-1, *aqk.shape[-2:]),
+                                       deltas.view(-1, *deltas.shape[-2:]))
+    return from_chunks(o, inputs[0].shape[2]), final, states
 
 
-def _bwd(inputs, states, do, ds_final, schedule, scale, C):
-    """Gradients of (q, k, v, beta, gate) and of the incoming state."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+def _block_grads(inputs, states, after, do, scale, C, a, b):
+    """Gradients of the inputs' tokens [a, b) given the gradient of every state after a chunk:
+    recompute this block's `prepare` with autograd and pull the chunk gradients through it."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in _part(inputs, a, b)]
     with torch.enable_grad():
         ch = prepare(*leaves, scale, C)
-    det = Chunks(*(t.detach() if t is not None else None for t in ch))
-    do_c = to_chunks(do, C)  # [nc, B, H, C, Dv]
-    delta = det.u - det.w @ states
-    d_delta_o = det.aqk.mT @ do_c  # the outputs' pull on Delta
-    ds_states = det.qg.mT @ do_c - det.w.mT @ d_delta_o
-    ds_end = schedule.grad_out(ds_final, det, ds_states)
-    after, ds_in = chain_grads(det, ds_states, ds_end)
-    dh0 = schedule.grad_in(ds_in)  # send it on before the long autograd part below
-    d_delta = d_delta_o + det.kt @ after
+    j = slice(a // C, -(-b // C))
+    states, after, do_c = states[j], after[j], to_chunks(do[:, :, a:b], C)
+    delta = ch.u.detach() - ch.w.detach() @ states  # [n, B, H, C, Dv]
+    d_delta = ch.aqk.detach().mT @ do_c + ch.kt.detach() @ after
     outs = [ch.qg, ch.aqk, ch.w, ch.u, ch.kt]
     grads = [do_c @ states.mT, do_c @ delta.mT, (d_delta @ states.mT).neg_(), d_delta,
              delta @ after.mT]
     if ch.decay is not None:
         outs.append(ch.decay)
         grads.append((states * after).sum((-2, -1)))
-    want = [t for t in leaves if t is not None]
-    got = iter(torch.autograd.grad(outs, want, grads))
-    d_inputs = [next(got) if t is not None else None for t in leaves]
+    return torch.autograd.grad(outs, [t for t in leaves if t is not None], grads)
+
+
+def _bwd(inputs, states, do, ds_final, schedule, scale, C):
+    """Gradients of (q, k, v, beta, gate) and of the incoming state.
+
+    Two passes over `prepare`: first without autograd for what the state chain needs (so the
+    incoming-state gradient leaves for the previous rank early), then block by block with
+    autograd, so that only one block's graph is ever alive."""
+    def chain_part(a, b):  # what the state chain needs, and the outputs' pull on each S_j
+        ch = prepare(*_part(inputs, a, b), scale, C)
+        do_c = to_chunks(do[:, :, a:b], C)  # [n, B, H, C, Dv]
+        ds_states = ch.qg.mT @ do_c - ch.w.mT @ (ch.aqk.mT @ do_c)
+        return ch.w, ch.kt, ch.decay, ds_states
+
+    w, kt, decay, ds_states = _over_blocks(inputs[0].shape[2], C, chain_part)
+    ch = Chunks(None, None, w, None, kt, decay)
+    ds_end = schedule.grad_out(ds_final, ch, ds_states)
+    after, ds_in = chain_grads(ch, ds_states, ds_end)
+    dh0 = schedule.grad_in(ds_in)
+    del ch, w, kt, decay, ds_states
+    d_inputs = [torch.empty_like(t) if t is not None else None for t in inputs]
+    for a, b in _blocks(inputs[0].shape[2], C):
+        got = iter(_block_grads(inputs, states, after, do, scale, C, a, b))
+        for d in d_inputs:
+            if d is not None:
+                d[:, :, a:b] = next(got)
     return d_inputs, dh0
 
 
@@ -191,7 +249,7 @@ class _DeltaRule(torch.autograd.Function):
         inputs = [t.to(work) if t is not None else None for t in (q, k, v, beta, gate)]
         s0 = h0.to(work) if h0 is not None else q.new_zeros(
             q.shape[:2] + (k.shape[-1], v.shape[-1]), dtype=work)
-        o, final, states = _fwd(*inputs, s0, schedule, scale, C)
+        o, final, states = _fwd(inputs, s0, schedule, scale, C)
         ctx.save_for_backward(*inputs, states)
         ctx.n = q.shape[2]
         ctx.args = (schedule, scale, C)

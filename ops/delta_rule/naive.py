@@ -46,14 +46,17 @@ def naive_delta_rule(
         S = q.new_zeros(B, H, Dk, Dv)
     else:
         S = initial_state.to(work)
+    # unbind once: indexing x[:, :, t] in a loop would make backward O(N^2) (a full-size
+    # gradient per selected token)
+    gates = gate.to(work).exp().unbind(2) if gate is not None else [None] * N
     outs = []
-    for t in range(N):
-        if gate is not None:
-            S = S * gate[:, :, t].to(work).exp()[..., None, None]
-        k_t = k[:, :, t]  # [B, H, Dk]
+    for q_t, k_t, v_t, b_t, a_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), beta.unbind(2),
+                                       gates):
+        if a_t is not None:
+            S = S * a_t[..., None, None]
         predicted = torch.einsum("bhkv,bhk->bhv", S, k_t)  # what the memory returns for k_t
-        correction = beta[:, :, t, None] * (v[:, :, t] - predicted)  # [B, H, Dv]
+        correction = b_t[..., None] * (v_t - predicted)  # [B, H, Dv]
         S = S + k_t[..., :, None] * correction[..., None, :]
-        outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, :, t]))
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, q_t))
     o = torch.stack(outs, dim=2).to(v.dtype)  # [B, H, N, Dv]
     return o, (S if output_final_state else None)
