@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from seqshard.dist import Contiguous, all_reduce
-from seqshard.ops.delta_rule import DeltaNet, ShortConv, chunk_delta_rule, delta_rule
+from seqshard.ops.delta_rule import DeltaNet, ShortConv, chunk, chunk_delta_rule, delta_rule
 from seqshard.ops.delta_rule.naive import naive_delta_rule
 from tests.harness import mesh, run_ranks
 
@@ -80,6 +80,12 @@ def test_chunk_matches_naive(case):
         assert_close(f"d{name}", g_ref[name], g, TOL["grad"])
 
 
+def test_blocked_backward_matches_naive(monkeypatch):
+    """Several blocks of chunks in forward and backward, the last one partial."""
+    monkeypatch.setattr(chunk, "BLOCK_TOKENS", 8)
+    test_chunk_matches_naive((2, 3, 37, 48, 20, 4, True, True, False))
+
+
 @pytest.mark.parametrize("gate", [False, True])
 def test_gradcheck_float64(gate):
     t = make_inputs(1, 1, 6, 3, 2, gate=gate, h0=True, seed=3, dtype=torch.float64)
@@ -115,6 +121,7 @@ def _sharded_op(rank, world):
     checked = 0
     for ci, (B, H, n, Dk, Dv, C, gate, h0) in enumerate(SHARD_CASES):
         for schedule in ("scan", "pass"):
+            chunk.BLOCK_TOKENS = 4096 if schedule == "scan" else 2 * C  # one and several blocks
             seed = 100 + ci
             t = make_inputs(B, H, n * world, Dk, Dv, gate=gate, h0=h0, seed=seed)
             o_ref, s_ref, g_ref, wo, ws = reference(t, seed)
@@ -137,6 +144,7 @@ def _sharded_op(rank, world):
                     ref = layout.shard(g_ref[name], 2, rank, world)
                 assert_close(f"{where} d{name}", ref, g, TOL["grad"])
             checked += 1
+    chunk.BLOCK_TOKENS = 4096
     # without output_final_state: no state returned, outputs unchanged
     t = make_inputs(1, 2, 9 * world, 8, 8, gate=False, h0=False, seed=9)
     o_ref = naive_delta_rule(*(t[n] for n in NAMES[:4]))[0]
