@@ -97,24 +97,25 @@ def _step_rank(rank: int, world: int, kind: str, n_tokens: int, cfg: dict, reps:
     else:
         model = FullStack(cfg["depth"], **kw)
     x = torch.randn(1, n_tokens // world, cfg["dim"])
-    times, peak = [], 0
+    times, cpus, peak = [], [], 0
     for _ in range(reps):
         gc.collect()
         dist.barrier(group=m.group)
         base = _kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         xr = x.clone().requires_grad_()
         model(xr, m).sum().backward()
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
         peak = max(peak, (_kib("VmHWM") - base) * 1024)
         del xr
         model.zero_grad(set_to_none=True)
         if times[-1] > cfg["long_step"]:
             break  # one long step is already a stable measurement
     times.sort()
-    return {"best": times[0], "median": times[len(times) // 2], "peak": peak}
+    return {"best": times[0], "median": times[len(times) // 2], "cpu": min(cpus), "peak": peak}
 
 
 def measure(kind: str, n_tokens: int, cfg: dict, reps: int) -> dict:
@@ -124,7 +125,8 @@ def measure(kind: str, n_tokens: int, cfg: dict, reps: int) -> dict:
         per_rank = run_ranks(_step_rank, WORLD, kind, n_tokens, cfg, reps, timeout=1800)
         best = max(r["best"] for r in per_rank)
         median = max(r["median"] for r in per_rank)
-        point = {"best": best, "median": median, "peak": max(r["peak"] for r in per_rank),
+        point = {"best": best, "median": median, "cpu": max(r["cpu"] for r in per_rank),
+                 "peak": max(r["peak"] for r in per_rank),
                  "load": load, "noisy": median > 1.3 * best}
         if not point["noisy"]:
             break
@@ -136,6 +138,30 @@ def fit_exponent(ns: list[int], ts: list[float]) -> float:
     xs, ys = [math.log(n) for n in ns], [math.log(t) for t in ts]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def print_row(row: dict) -> None:
+    f, u = row["fit"], row.get("full")
+    mib = 2**20
+    cells = (f"{u['best']:9.3f} {u['cpu']:7.3f} {u['peak'] / mib:6.0f} | {u['best'] / f['best']:13.2f} "
+             f"{u['cpu'] / f['cpu']:6.2f} {u['peak'] / max(f['peak'], 1):5.2f}"
+             if u else f"{'-':>9} {'-':>7} {'-':>6} | {'-':>13} {'-':>6} {'-':>5}")
+    flag = " noisy" if f["noisy"] or (u and u["noisy"]) else ""
+    print(f"{row['N']:>8} {row['group_size']:>4} {row['latents']:>6} | {f['best']:8.3f} "
+          f"{f['cpu']:7.3f} {f['peak'] / mib:7.0f} | {cells} | {f['load']:4.1f}{flag}", flush=True)
+
+
+def print_exponent(rows: list[dict], kind: str, key: str) -> None:
+    """Fitted exponent over all points and over the upper half (where N^(4/3) terms show)."""
+    if len(rows) < 2:
+        return
+    what = "wall" if key == "best" else "cpu"
+    ns, ts = [r["N"] for r in rows], [r[kind][key] for r in rows]
+    text = f"{kind} {what} time ~ N^{fit_exponent(ns, ts):.2f} over N = {ns[0]}..{ns[-1]}"
+    if len(rows) >= 4:
+        half = len(rows) // 2
+        text += f"; N^{fit_exponent(ns[half:], ts[half:]):.2f} over N >= {ns[half]}"
+    print(text)
 
 
 def main() -> None:
@@ -162,9 +188,9 @@ def main() -> None:
     # warm both code paths (first-call costs) on a small sequence
     measure("fit", 2**lo, cfg, 1)
     measure("full", 2**lo, cfg, 1)
-    header = (f"{'N':>8} {'n':>5} {'lat':>6} {'fit s':>8} {'fit MiB':>8} {'full s':>8} "
-              f"{'full MiB':>8} {'t ratio':>8} {'mem ratio':>9} {'load':>5}")
-    print(header)
+    print(f"{'N':>8} {'n':>4} {'lat':>6} | {'FIT wall':>8} {'cpu s':>7} {'MiB':>7} | "
+          f"{'full wall':>9} {'cpu s':>7} {'MiB':>6} | {'full/FIT wall':>13} {'cpu':>6} "
+          f"{'MiB':>5} | load")
     rows, full_next = [], 0.0
     for log2n in range(lo, hi + 1):
         n_tokens = 2**log2n
@@ -175,25 +201,9 @@ def main() -> None:
             row["full"] = measure("full", n_tokens, cfg, args.reps)
             full_next = 4 * row["full"]["best"]
         rows.append(row)
-        f, u = row["fit"], row.get("full")
-        cells = (f"{u['best']:8.3f} {u['peak'] / 2**20:8.1f} {u['best'] / f['best']:8.2f} "
-                 f"{u['peak'] / max(f['peak'], 1):9.2f}" if u else f"{'-':>8} {'-':>8} {'-':>8} {'-':>9}")
-        flag = " noisy" if f["noisy"] or (u and u["noisy"]) else ""
-        print(f"{n_tokens:>8} {n:>5} {row['latents']:>6} {f['best']:8.3f} "
-              f"{f['peak'] / 2**20:8.1f} {cells} {f['load']:5.2f}{flag}", flush=True)
-    ns = [r["N"] for r in rows]
-    print(f"fitted exponent of FIT time vs N: {fit_exponent(ns, [r['fit']['best'] for r in rows]):.2f} "
-          f"over N = {ns[0]}..{ns[-1]}", end="")
-    if len(rows) >= 4:
-        top = rows[len(rows) // 2:]
-        print(f"; {fit_exponent([r['N'] for r in top], [r['fit']['best'] for r in top]):.2f} "
-              f"over N >= {top[0]['N']}", end="")
-    print()
-    full = [r for r in rows if "full" in r]
-    if len(full) >= 2:
-        print(f"fitted exponent of full attention time vs N: "
-              f"{fit_exponent([r['N'] for r in full], [r['full']['best'] for r in full]):.2f} "
-              f"over N = {full[0]['N']}..{full[-1]['N']}")
+        print_row(row)
+    for kind, key in (("fit", "best"), ("fit", "cpu"), ("full", "best"), ("full", "cpu")):
+        print_exponent([r for r in rows if kind in r], kind, key)
     if args.json:
         args.json.write_text(json.dumps({"config": cfg, "rows": rows}, indent=1))
 
