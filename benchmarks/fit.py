@@ -11,9 +11,10 @@ exact ring attention of seqshard.ops.attention over the whole sequence (its N^2 
 FIT avoids); it stops once a step would exceed --full-cap seconds.
 Time: the slower rank's fwd+bwd wall time, best of the repetitions (the machine may be shared;
 the 1-minute load average is printed and a point whose repetitions disagree by > 30 % is run
-again). Memory: the rise of each rank's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) over its resident set before the step, max over ranks. The exponent is
-a least-squares fit of log time against log N.
+again); also each rank's CPU time for the step (time.process_time, max over ranks), which
+other jobs on a shared machine disturb much less than wall time. Memory: the rise of each
+rank's peak resident set (VmHWM, reset through /proc/self/clear_refs) over its resident set
+before the step, max over ranks. Exponents: least-squares fits of log time against log N.
 """
 
 from __future__ import annotations
