@@ -12,11 +12,11 @@ forward+backward of one layer:
 - python-level steps (ring steps, kernel calls) that cost a fixed overhead each;
 - the bytes it holds at its peak (inputs, gradients, outputs, strategy buffers).
 
-Time = flops / (flops x efficiency[family]) + bytes / bandwidth + messages x latency
+Time = flops / (flops x efficiency) + bytes / bandwidth + messages x latency
        + steps x step_overhead + call_overhead,
-with ring traffic hidden under compute where the hardware overlaps (GPUs). On a CPU host the
-ranks share the cores (`shared_cores`): P ranks running together each get 1/P of the host, and
-a rank running alone (the others wait on a chain) gets cores // P threads.
+with ring traffic hidden under compute where the hardware overlaps (GPUs). On a CPU host each
+rank is a one-thread process (`shared_cores` = C cores): P ranks running together each get
+min(1, C/P) of a core; a rank on a serial chain (the others wait) gets a whole core.
 
 The CPU profile is *calibrated* from measured runs (`calibrate`): the coefficients are a
 non-negative least-squares fit of measured fwd+bwd times in relative error, and memory
@@ -41,15 +41,15 @@ class Hardware:
     """One kind of worker. Rates are per device (per host when shared_cores > 0)."""
 
     name: str
-    flops: float                 # peak FLOP/s of one device (the host, for shared_cores)
-    memory_bytes: float          # memory per device (per rank on a shared host)
+    flops: float                 # FLOP/s of one device (one core = one rank, for shared_cores)
+    memory_bytes: float          # memory per device (of the whole host, for shared_cores)
     devices_per_node: int
     intra_bw: float              # bytes/s one device sends inside a node
     intra_latency: float         # s per message inside a node
     inter_bw: float              # bytes/s one device sends across nodes
     inter_latency: float         # s per message across nodes
     dtype_bytes: int = 2         # element size of activations
-    shared_cores: int = 0        # > 0: all ranks are processes on one host with this many cores
+    shared_cores: int = 0        # > 0: ranks are 1-thread processes on a host with this many cores
     overlap: bool = True         # ring traffic overlaps compute
     step_overhead: float = 20e-6
     call_overhead: float = 50e-6
@@ -67,7 +67,7 @@ H100_NODE = Hardware(
          "direction), one 400 Gb/s NDR InfiniBand NIC per GPU (~45 GB/s achieved); bf16 dense "
          "989 TFLOP/s; efficiencies are assumptions, not measured here")
 CPU_DEFAULT = Hardware(
-    name="cpu", flops=50e9, memory_bytes=8e9, devices_per_node=1 << 30, intra_bw=2e9,
+    name="cpu", flops=25e9, memory_bytes=8e9, devices_per_node=1 << 30, intra_bw=2e9,
     intra_latency=50e-6, inter_bw=2e9, inter_latency=50e-6, dtype_bytes=4, shared_cores=2,
     overlap=False, step_overhead=1e-3, call_overhead=1e-3,
     efficiency={"attention": 1.0, "delta_rule": 1.0, "fit": 1.0},
@@ -214,8 +214,13 @@ def fit_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -> Terms
     t = Terms(flops_par=3.0 * b * n_local * depth * per_token, steps=8 * depth)
     lat_b = b * (n_local // g) * m * d * e
     t.mem_bytes = b * n_local * d * e * depth * (10 + 2 * ratio) + lat_b * p * depth * 4
-    if p > 1 and impl == "fit":  # all-gather latents forward, reduce-scatter backward
-        _send(t, 2 * depth * lat_b * (p - 1), 2 * depth * (p - 1), p, hw)
+    if p > 1 and impl == "fit":
+        # per block: each global layer all-gathers its input latents, and the causal write
+        # gathers them once more (group g reads group g - 1, which may live on rank r - 1);
+        # backward reduce-scatters each. Plus a 9 x int64 shape check per block and per stack.
+        gathers = depth * (s.get("global_layers", 1) + (1 if s["causal"] else 0))
+        _send(t, 2 * gathers * lat_b * (p - 1) + (depth + 1) * 72 * (p - 1),
+              2 * gathers * (p - 1), p, hw)
     return t
 
 
@@ -234,8 +239,7 @@ def terms(family: str, impl: str, shape: dict, n: int, ulysses: int, ring: int,
 def features(t: Terms, p: int, hw: Hardware) -> dict:
     """The quantities time is linear in (flops already divided by the rank's share of a host)."""
     if hw.shared_cores:
-        alone = max(1, hw.shared_cores // p) / hw.shared_cores
-        flop_units = t.flops_par * p + t.flops_seq / alone
+        flop_units = t.flops_par / min(1.0, hw.shared_cores / p) + t.flops_seq
     else:
         flop_units = t.flops_par + t.flops_seq
     return {"flops": flop_units, "bytes_intra": t.bytes_intra, "bytes_inter": t.bytes_inter,
@@ -258,13 +262,20 @@ class Prediction:
     fits: bool
 
 
+def efficiency(hw: Hardware, family: str, impl: str) -> float:
+    """Fraction of `flops` an implementation reaches: 'family/impl' if calibrated, else the
+    family's (how a kernel path performs, e.g. fused vs masked pieces, is a property of the
+    machine and the code, so a calibration may give each implementation its own)."""
+    return hw.efficiency.get(f"{family}/{impl}", hw.efficiency[family])
+
+
 def predict(family: str, impl: str, shape: dict, n: int, ulysses: int, ring: int,
             hw: Hardware) -> Prediction:
     """Predicted fwd+bwd time, peak memory and bytes sent per rank for one configuration."""
     p = ulysses * ring
     t = terms(family, impl, shape, n, ulysses, ring, hw)
     f = features(t, p, hw)
-    compute = f["flops"] / (hw.flops * hw.efficiency[family])
+    compute = f["flops"] / (hw.flops * efficiency(hw, family, impl))
     lat_intra = t.msgs_intra * hw.intra_latency
     lat_inter = t.msgs_inter * hw.inter_latency
     comm = t.bytes_intra / hw.intra_bw + t.bytes_inter / hw.inter_bw + lat_intra + lat_inter

@@ -96,13 +96,15 @@ def test_calibration_recovers_a_known_machine_and_ranks_like_it():
     truth = replace(planner.CPU_DEFAULT, shared_cores=2, flops=40e9, intra_bw=1.5e9,
                     inter_bw=1.5e9, intra_latency=80e-6, inter_latency=80e-6,
                     step_overhead=0.4e-3, call_overhead=2e-3,
-                    efficiency={"attention": 1.0, "delta_rule": 0.3, "fit": 0.6},
+                    efficiency={"attention": 1.0, "delta_rule": 0.3, "fit": 0.6,
+                                "attention/allgather": 0.5},
                     memory_scale={"attention": 1.3, "delta_rule": 0.8, "fit": 2.0})
     res = _synthetic(truth)
     hw = calibrate.calibrate(res)
     ev = calibrate.evaluate(res, hw)
     assert ev["within_30"] == ev["count"] and ev["max_abs_time_err"] < 0.02, ev["rows"][:3]
-    assert hw.efficiency["delta_rule"] == pytest.approx(0.3, rel=0.05)
+    assert hw.efficiency["delta_rule/scan"] == pytest.approx(0.3, rel=0.05)
+    assert hw.efficiency["attention/allgather"] == pytest.approx(0.5, rel=0.05)
     assert hw.memory_scale["fit"] == pytest.approx(2.0, rel=1e-3)
     rk = ev["ranking"]
     assert rk["pairs_agree"] == rk["pairs_decisive"] > 0 and rk["top_agree"] == rk["top_total"]

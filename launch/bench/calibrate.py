@@ -1,8 +1,11 @@
 """Fit the planner's CPU profile to measured records, and score the planner against them.
 
-Time is linear in the planner's features (flops per family, bytes, messages, steps, one call),
-so calibration is a non-negative least-squares fit with each row divided by its measured time:
-it minimises *relative* error, so a 5 ms point counts as much as a 5 s one. Memory gets one
+Time is linear in the planner's features (flops per implementation, bytes, messages, steps, one
+call), so calibration is a non-negative least-squares fit with each row divided by its measured
+time: it minimises *relative* error, so a 5 ms point counts as much as a 5 s one. Every
+implementation gets its own compute rate (its kernel path's efficiency on this machine: the
+zigzag all-gather plan runs more, smaller kernels than the ring, say); bandwidth, latency and
+overheads are shared by all. Memory gets one
 multiplier per family (geometric mean of measured / modelled).
 
 `evaluate` then reports, for every calibrated point, predicted vs measured time and memory,
@@ -24,18 +27,22 @@ from seqshard.launch.planner import (
 
 from .records import ok_points
 
-_COLUMNS = [f"flops_{f}" for f in FAMILIES] + ["bytes", "msgs", "steps", "call"]
+_SHARED = ["bytes", "msgs", "steps", "call"]
 
 
 def _usable(results: dict, mode: str) -> list[dict]:
     return [p for p in ok_points(results, mode) if p["family"] in FAMILIES]
 
 
-def _row(point: dict, hw: Hardware) -> list[float]:
+def _kind(point: dict) -> str:
+    return f"{point['family']}/{point['impl']}"
+
+
+def _row(point: dict, hw: Hardware, kinds: list[str]) -> list[float]:
     t = terms(point["family"], point["impl"], point["shape"], point["n"], point["ulysses"],
               point["ring"], hw)
     f = features(t, point["world"], hw)
-    row = [f["flops"] if point["family"] == fam else 0.0 for fam in FAMILIES]
+    row = [f["flops"] if _kind(point) == kind else 0.0 for kind in kinds]
     return row + [f["bytes_intra"] + f["bytes_inter"], f["msgs"], f["steps"], 1.0]
 
 
@@ -59,18 +66,25 @@ def calibrate(results: dict, base: Hardware | None = None, mode: str = "fwdbwd",
     """A Hardware whose rates reproduce the measured times of `results` (see module doc)."""
     base = base or base_profile(results)
     points = [p for p in _usable(results, mode) if not (exclude and exclude(p))]
-    if len(points) < len(_COLUMNS):
-        raise ValueError(f"calibrate: {len(points)} usable points, need at least "
-                         f"{len(_COLUMNS)} (run a bigger suite)")
-    a = np.array([_row(p, base) for p in points])
+    kinds = sorted({_kind(p) for p in points})
+    columns = kinds + _SHARED
+    if len(points) < len(columns):
+        raise ValueError(f"calibrate: {len(points)} usable points for {len(columns)} "
+                         f"coefficients (run a bigger suite)")
+    a = np.array([_row(p, base, kinds) for p in points])
     y = np.array([p[mode]["time_s"] for p in points])
     coef = _nnls(a / y[:, None], np.ones(len(points)))
-    c = dict(zip(_COLUMNS, coef))
-    rates = {f: 1.0 / c[f"flops_{f}"] for f in FAMILIES if c[f"flops_{f}"] > 0}
+    c = dict(zip(columns, coef))
+    rates = {k: 1.0 / c[k] for k in kinds if c[k] > 0}
     if not rates:
         raise ValueError("calibrate: no compute coefficient came out positive")
-    peak = rates.get("attention", max(rates.values()))
-    efficiency = {f: rates.get(f, peak) / peak for f in FAMILIES}
+    # the reference rate: single-process attention (torch's fused kernel) when measured
+    ref = next((rates[k] for k in ("attention/sdpa", "attention/seqshard") if k in rates),
+               max(rates.values()))
+    efficiency = {k: r / ref for k, r in rates.items()}
+    for fam in FAMILIES:  # a family's default: its fastest measured implementation
+        mine = [e for k, e in efficiency.items() if k.startswith(fam + "/")]
+        efficiency[fam] = max(mine) if mine else 1.0
     bw = 1.0 / c["bytes"] if c["bytes"] > 0 else 1e15  # traffic too cheap to resolve here
     scale = {}
     for fam in FAMILIES:
@@ -79,7 +93,7 @@ def calibrate(results: dict, base: Hardware | None = None, mode: str = "fwdbwd",
                                base).mem_bytes)
                 for p in points if p["family"] == fam and max(p[mode]["mem_peak_bytes"]) > 0]
         scale[fam] = math.exp(sum(logs) / len(logs)) if logs else 1.0
-    return replace(base, flops=peak, efficiency=efficiency, intra_bw=bw, inter_bw=bw,
+    return replace(base, flops=ref, efficiency=efficiency, intra_bw=bw, inter_bw=bw,
                    intra_latency=c["msgs"], inter_latency=c["msgs"], step_overhead=c["steps"],
                    call_overhead=c["call"], memory_scale=scale,
                    note=f"calibrated on {len(points)} measured points ({mode})")

@@ -137,8 +137,9 @@ def planner_section(results: dict, log=print) -> list[str]:
         f"(median |err| {ev['median_abs_time_err']:.0%}); strategy pairs ordered right "
         f"{rk['pairs_agree']}/{rk['pairs_decisive']}, best pick {rk['top_agree']}/{rk['top_total']}")
     lines = ["## Planner: calibrated CPU profile and its error on these runs", "",
-             f"Fitted: {hw.flops / 1e9:.1f} GFLOP/s attention-equivalent host rate, efficiency "
-             + ", ".join(f"{k} {v:.2f}" for k, v in hw.efficiency.items())
+             f"Fitted: {hw.flops / 1e9:.1f} GFLOP/s per core (single-process attention), "
+             "relative efficiency " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                sorted(hw.efficiency.items()) if "/" in k)
              + f"; {hw.intra_bw / 1e9:.2f} GB/s, {hw.intra_latency * 1e6:.0f} us/message, "
              f"{hw.step_overhead * 1e3:.2f} ms/step, {hw.call_overhead * 1e3:.2f} ms/call; "
              "memory x " + ", ".join(f"{k} {v:.2f}" for k, v in hw.memory_scale.items()), "",

@@ -65,7 +65,7 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count() or 1, "cpu_model": _cpu_model(),
             "mem_total_bytes": _mem_total(), "cuda": torch.cuda.is_available(),
-            "load_avg_1m": os.getloadavg()[0]}
+            "load_avg_1m": os.getloadavg()[0], "threads_per_rank": 1}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info

@@ -26,6 +26,10 @@ from . import records
 from .workloads import check_spec
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+# One rank = one core, like one rank = one GPU: comparisons across P stay per-device, and a
+# rank never waits in an OpenMP barrier for a second thread that a busy host descheduled
+# (on a loaded 2-core machine that turned 20 ms of small kernels into seconds).
+THREADS_PER_RANK = 1
 
 
 def _free_port() -> int:
@@ -43,6 +47,30 @@ def _pin_malloc(threshold: int = 65536) -> None:
         libc.mallopt(M_TRIM_THRESHOLD, threshold)
     except OSError:  # not glibc: peak memory then also counts the allocator's cache
         pass
+
+
+_NOISE = (b"SyncActivityProfilerHandler", b"allocated before the profiling started")
+
+
+def _quiet_profiler_lines() -> None:
+    """Forward this process's stderr minus the lines the profiler prints per session (kineto's
+    start/stop, and the allocator's note that blocks made before the session have no alloc
+    event; their frees are then not subtracted, so the peak errs high, never low). C++ writes
+    them straight to fd 2, with no switch to turn them off."""
+    import threading
+
+    read_fd, write_fd = os.pipe()
+    real = os.fdopen(os.dup(2), "wb", buffering=0)
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+
+    def pump():
+        with os.fdopen(read_fd, "rb") as lines:
+            for line in lines:
+                if not any(tag in line for tag in _NOISE):
+                    real.write(line)
+
+    threading.Thread(target=pump, daemon=True).start()
 
 
 def _measure_point(spec: dict, mesh, modes, warmup: int, repeats: int) -> dict:
@@ -75,6 +103,11 @@ def _measure_point(spec: dict, mesh, modes, warmup: int, repeats: int) -> dict:
 def _worker(rank: int, world: int, port: int, tasks, results, threads: int,
             timeout_s: float) -> None:
     _pin_malloc()
+    _quiet_profiler_lines()
+    import warnings
+
+    # torch's deprecation notes for the collectives dist/ calls, once per rank and call site
+    warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -110,12 +143,12 @@ def _worker(rank: int, world: int, port: int, tasks, results, threads: int,
 class World:
     """P worker processes in one gloo group; `measure(spec)` -> per-rank results."""
 
-    def __init__(self, world: int, *, timeout_s: float = 120.0, start_timeout_s: float = 180.0):
+    def __init__(self, world: int, *, timeout_s: float = 120.0, start_timeout_s: float = 180.0,
+                 threads: int = THREADS_PER_RANK):
         self.world = world
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world)]
-        threads = max(1, (os.cpu_count() or 1) // world)
         port = _free_port()
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.procs = [ctx.Process(target=_worker, daemon=True,

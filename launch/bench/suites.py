@@ -3,7 +3,8 @@
 - tiny:  seconds; what the tests run (every family, P in {1, 2}, two lengths).
 - quick: under 10 minutes on a 2-core CPU; every strategy and peer at P in {1, 2, 4}, four
   or five lengths per family, plus a max-context search.
-- full:  longer sweeps for a real machine (more lengths, P up to 8).
+- full:  longer sweeps for a real machine (more lengths, P up to 8), whole language models
+  (one training step: loss + backward) and the largest context each model trains at.
 
 Awkward sizes on purpose: head dim 48 in the tiny suite, group sizes that are not powers of two.
 """
@@ -87,19 +88,34 @@ def quick() -> Suite:
         + delta_specs(DELTA, (1024, 2048, 4096, 8192), (1, 2, 4), naive_ns=(512,))
         + fit_specs(FIT, (1024, 2048, 4096, 8192), (1, 2, 4), naive_ns=(1024, 2048)),
         warmup=1, repeats=3,
-        maxctx=[{"family": "attention", "impl": "ring", "world": 2, "ulysses": 1,
-                 "shape": ATTN, "start": 1024, "mem_budget_mib": 256, "time_budget_s": 6.0},
-                {"family": "attention", "impl": "sdpa", "world": 1, "ulysses": 1,
-                 "shape": ATTN, "start": 1024, "mem_budget_mib": 256, "time_budget_s": 6.0}])
+        # the same budget, one process vs two: how much further does sharding reach?
+        maxctx=[{"family": "attention", "impl": "sdpa", "world": 1, "ulysses": 1,
+                 "shape": ATTN, "start": 2048, "mem_budget_mib": 64, "time_budget_s": 4.0},
+                {"family": "attention", "impl": "ring", "world": 2, "ulysses": 1,
+                 "shape": ATTN, "start": 2048, "mem_budget_mib": 64, "time_budget_s": 4.0}])
+
+
+LM = {"batch": 1, "vocab_size": 256, "dim": 256, "num_layers": 2, "num_heads": 8}
+FIT_LM = dict(LM, group_size=64, num_latents=4)
+
+
+def model_specs(ns, worlds) -> list[dict]:
+    return [spec("model", kind, n, w, FIT_LM if kind == "fit" else LM)
+            for kind in ("transformer", "deltanet", "fit") for n in ns for w in worlds]
 
 
 def full() -> Suite:
+    lm_search = [{"family": "model", "impl": kind, "world": 4, "ulysses": 1,
+                  "shape": FIT_LM if kind == "fit" else LM, "start": 4096,
+                  "mem_budget_mib": 1024, "time_budget_s": 30.0}
+                 for kind in ("transformer", "deltanet", "fit")]
     return Suite(
         "full",
         attention_specs(ATTN, (1024, 2048, 4096, 8192, 16384), (1, 2, 4, 8))
         + delta_specs(DELTA, (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8), naive_ns=(512, 1024))
-        + fit_specs(FIT, (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8), naive_ns=(2048, 4096)),
-        warmup=2, repeats=5, maxctx=quick().maxctx)
+        + fit_specs(FIT, (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8), naive_ns=(2048, 4096))
+        + model_specs((4096, 16384), (1, 4)),
+        warmup=2, repeats=5, maxctx=quick().maxctx + lm_search)
 
 
 SUITES = {"tiny": tiny, "quick": quick, "full": full}
