@@ -65,6 +65,16 @@ def test_local_attention_matches_naive_and_sdpa(causal, hkv):
     assert_close("lse", naive_attention(q, k, v, causal=causal)[1], lse, 2e-5)
 
 
+def test_plain_fallback_when_fused_kernels_are_missing(monkeypatch):
+    monkeypatch.setattr(kernels, "FUSED_CPU", None)  # as if a torch release dropped them
+    (q, k, v), g = _inputs(5, 2, 4, 2, 19, 48)
+    for causal in (False, True):
+        got = _grads(lambda *t: sharded_attention(*t, causal=causal), q, k, v, g)
+        ref = _grads(lambda *t: naive_attention(*t, causal=causal)[0], q, k, v, g)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), ref, got):
+            assert_close(f"fallback {name} causal={causal}", a, b, TOL["fp32"][name])
+
+
 @pytest.mark.parametrize("kind", ["full", "causal", "strict"])
 def test_block_kernel_fused_matches_plain_path(kind):
     """The fused and plain block paths agree, given a final out/lse from a larger softmax."""

@@ -51,8 +51,8 @@ def default_scale(head_dim: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
-def _use_fused(q: torch.Tensor, mask) -> bool:
-    return (FUSED_CPU is not None and mask is None and q.device.type == "cpu"
+def _use_fused(q: torch.Tensor) -> bool:
+    return (FUSED_CPU is not None and q.device.type == "cpu"
             and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
 
 
@@ -116,7 +116,7 @@ def block_forward(q, k, v, kind: str, scale: float, mask=None):
     """
     hq = q.shape[1]
     k, v = _expand_kv(k, hq), _expand_kv(v, hq)
-    if mask is not None or not _use_fused(q, mask):
+    if mask is not None or not _use_fused(q):
         mask = _plain_mask(kind, mask, q.shape[2], k.shape[2], q.device)
         return _plain_fwd(q, k, v, scale, mask)
     fwd, _ = FUSED_CPU
@@ -140,7 +140,7 @@ def block_backward(do, q, k, v, out, lse, kind: str, scale: float, mask=None):
     """
     hq, hkv = q.shape[1], k.shape[1]
     ke, ve = _expand_kv(k, hq), _expand_kv(v, hq)
-    if mask is not None or not _use_fused(q, mask):
+    if mask is not None or not _use_fused(q):
         mask = _plain_mask(kind, mask, q.shape[2], k.shape[2], q.device)
         dq, dk, dv = _plain_bwd(do, q, ke, ve, out, lse, scale, mask)
         return dq, _fold_kv(dk, hkv), _fold_kv(dv, hkv)
