@@ -125,6 +125,24 @@ def test_fit_causal_no_leak_across_shards():
     run_ranks(_check_leaks, 4)
 
 
+def _check_block_alone(rank: int, world: int) -> None:
+    """A causal FITBlock called on its own across ranks (building its own mask rows)."""
+    from seqshard.ops.fit.naive import naive_block
+
+    torch.manual_seed(11)
+    block = FITBlock(dim=48, num_heads=1, group_size=3, num_latents=2, causal=True)
+    x, lat = torch.randn(2, world * 6, 48), torch.randn(2, world * 2, 2, 48)
+    y_ref, lat_ref = naive_block(block, x, lat.flatten(1, 2), 3)
+    y, lat2 = block(x[:, rank * 6 : rank * 6 + 6], lat[:, rank * 2 : rank * 2 + 2], mesh())
+    assert_close("sharded block out", y_ref[:, rank * 6 : rank * 6 + 6], y, TOL["out"])
+    assert_close("sharded block latents", lat_ref[:, rank * 4 : rank * 4 + 4],
+                 lat2.flatten(1, 2), TOL["out"])
+
+
+def test_fit_block_alone_sharded():
+    run_ranks(_check_block_alone, 2)
+
+
 def _check_mismatched_shards(rank: int, world: int) -> None:
     fit = FIT(dim=16, num_heads=2, group_size=5, num_latents=2)
     x = torch.randn(1, 10 if rank == 0 else 15, 16)
@@ -187,7 +205,7 @@ def test_fit_block_alone_matches_naive_block():
     y_ref, lat_ref = naive_block(block, x, lat.flatten(1, 2), 3)
     assert_close("block out", y_ref, y, TOL["out"])
     assert_close("block latents", lat_ref, lat2.flatten(1, 2), TOL["out"])
-    y_shared, _ = block(x, lat, global_mask=latent_mask(4, 2))
+    y_shared, _ = block(x, lat, global_mask=latent_mask(4, 2))  # all rows: one process
     assert torch.equal(y, y_shared)
     with pytest.raises(ValueError, match=r"global_mask has shape \(6, 6\), expected \(8, 8\)"):
         block(x, lat, global_mask=latent_mask(3, 2))

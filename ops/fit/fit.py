@@ -21,7 +21,7 @@ from torch import nn
 from seqshard.dist import Mesh
 
 from .layers import CrossLayer, SelfLayer, check_heads
-from .sharded import check_tokens, gather_latents, group_index, own_groups
+from .sharded import check_tokens, gather_latents, group_index, own_groups, world_and_rank
 
 
 def _check_positive(**values) -> None:
@@ -36,18 +36,21 @@ def _check_count(**values) -> None:
             raise ValueError(f"{name}={value!r} must be a non-negative integer")
 
 
-def latent_mask(num_groups: int, num_latents: int, device=None,
+def latent_mask(num_groups: int, num_latents: int, rows: range | None = None, device=None,
                 dtype=torch.float32) -> torch.Tensor:
-    """Additive mask of the causal global layers: [T*m, T*m], 0 = may attend, -inf = not.
+    """Additive mask of the causal global layers, 0 = may attend, -inf = not.
 
     Latent (g, i) sees latent (h, j) iff h <= g: full inside a group, causal across groups.
-    Additive in the activations' dtype because SDPA would otherwise convert a bool mask to
-    one per call and keep each copy for backward (4 bytes x (T*m)^2 per global layer: 1 GiB
-    each at 1M tokens, n=256, m=4); FIT builds it once and all blocks share it.
+    `rows`: the query groups (default all T); returns [len(rows) * m, T * m] -- a rank needs
+    only its own groups' rows. Additive in the activations' dtype because SDPA would
+    otherwise convert a bool mask in every call and keep each copy for backward; FIT builds
+    it once and every global layer of every block shares it.
     """
-    group = torch.arange(num_groups, device=device).repeat_interleave(num_latents)  # [T*m]
-    mask = torch.zeros(len(group), len(group), device=device, dtype=dtype)
-    return mask.masked_fill_(group[:, None] < group[None, :], float("-inf"))
+    rows = range(num_groups) if rows is None else rows
+    key_group = torch.arange(num_groups, device=device).repeat_interleave(num_latents)
+    query_group = torch.arange(rows.start, rows.stop, device=device).repeat_interleave(num_latents)
+    mask = torch.zeros(len(query_group), len(key_group), device=device, dtype=dtype)
+    return mask.masked_fill_(query_group[:, None] < key_group[None, :], float("-inf"))
 
 
 def group_embedding(index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -70,7 +73,7 @@ class FITBlock(nn.Module):
     forward(x, latents, mesh=None, global_mask=None) -> (x, latents)
       x       [B, N_local, dim]   this rank's contiguous token shard, N_local % group_size == 0
       latents [B, N_local // group_size, num_latents, dim]   this rank's groups' latents
-      global_mask  causal only: `latent_mask(T, m, ...)` for all T groups, to share one
+      global_mask  causal only: `latent_mask(T, m, rows=this rank's groups)`, to share one
                    between blocks; built here when None. Ignored when not causal.
     Returns the new tokens (same shape) and the new latents of this rank's groups (unshifted).
 
@@ -110,29 +113,38 @@ class FITBlock(nn.Module):
         # a group's latents may read all of its own group's tokens: in the causal variant
         # they only reach tokens of later groups (after the shift below).
         latents = self.read(latents, x)  # [B, t, m, D]
-        full = self._global(gather_latents(latents, mesh), global_mask)  # [B, T, m, D]
-        latents = own_groups(full, t, mesh)  # [B, t, m, D]
-        source = own_groups(full, t, mesh, shift=1) if self.causal else latents
+        latents = self._global(latents, mesh, global_mask)  # [B, t, m, D]
+        source = latents
+        if self.causal:  # group g writes from group g - 1: one group comes from rank r - 1
+            source = own_groups(gather_latents(latents, mesh), t, mesh, shift=1)
         x = self.write(x, source)  # [B, t, n, D]
         return x.reshape(b, t * n, self.dim), latents
 
-    def _global(self, full: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The global layers over all latents: [B, T, m, D] -> [B, T, m, D]."""
-        num_groups = full.shape[1]
-        size = num_groups * self.num_latents
+    def _global(self, latents: torch.Tensor, mesh: Mesh | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """The global layers: this rank's latents query every rank's. [B, t, m, D] -> same.
+
+        Each layer all-gathers its input latents (keys / values) and computes only this
+        rank's rows (queries, residual, MLP), so the global work splits over the ranks.
+        """
         if not self.global_layers:
-            return full
+            return latents
+        t, m = latents.shape[1], self.num_latents
+        world, rank = world_and_rank(mesh)
         if not self.causal:
             mask = None
         elif mask is None:
-            mask = latent_mask(num_groups, self.num_latents, full.device, full.dtype)
-        elif tuple(mask.shape) != (size, size):
-            raise ValueError(f"global_mask has shape {tuple(mask.shape)}, expected {(size, size)} "
-                             f"for {num_groups} groups x {self.num_latents} latents")
-        flat = full.flatten(1, 2)  # [B, T*m, D]
+            mask = latent_mask(world * t, m, range(rank * t, (rank + 1) * t),
+                               latents.device, latents.dtype)
+        elif tuple(mask.shape) != (t * m, world * t * m):
+            raise ValueError(
+                f"global_mask has shape {tuple(mask.shape)}, expected {(t * m, world * t * m)} "
+                f"(this rank's {t} groups x all {world * t} groups, {m} latents each)")
+        own = latents.flatten(1, 2)  # [B, t*m, D]
         for layer in self.global_layers:
-            flat = layer(flat, mask=mask)
-        return flat.unflatten(1, (num_groups, self.num_latents))
+            every = gather_latents(own, mesh)  # [B, T*m, D], backward: reduce-scatter
+            own = layer(own, context=every, mask=mask)
+        return own.unflatten(1, (t, m))
 
 
 class FIT(nn.Module):
@@ -184,9 +196,9 @@ class FIT(nn.Module):
         latents = (self.latent_slots + slots[:, None]).expand(b, t, m, self.dim)  # [B, t, m, D]
         mask = None
         if self.causal and any(len(blk.global_layers) for blk in self.blocks):
-            # one mask for every block; T = groups of the whole sequence
-            world = 1 if mesh is None else mesh.size
-            mask = latent_mask(world * t, m, x.device, x.dtype)
+            # one mask for every block: this rank's groups' rows over all groups' latents
+            world, rank = world_and_rank(mesh)
+            mask = latent_mask(world * t, m, range(rank * t, (rank + 1) * t), x.device, x.dtype)
         for block in self.blocks:
             x, latents = block(x, latents, mesh, global_mask=mask)
         return x

@@ -66,7 +66,12 @@ class MLP(nn.Module):
 
 
 class SelfLayer(nn.Module):
-    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)). [..., L, dim]."""
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)). [..., L, dim].
+
+    With `context` [..., S, dim] (a sequence that contains x's rows, e.g. every rank's
+    latents), x's rows attend to norm(context) instead: the same layer, computed only for
+    the rows in x. `mask` is then [L, S].
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -75,10 +80,11 @@ class SelfLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio)
 
-    def forward(self, x: torch.Tensor, *, causal: bool = False,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, causal: bool = False, mask: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.attn(h, h, causal=causal, mask=mask)
+        kv = h if context is None else self.norm1(context)
+        x = x + self.attn(h, kv, causal=causal, mask=mask)
         return x + self.mlp(self.norm2(x))
 
 

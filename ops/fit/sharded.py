@@ -3,17 +3,16 @@
 The sequence is sharded with the CONTIGUOUS layout and the shard length is a multiple of
 the group size, so every group lives on exactly one rank: rank r holds groups
 r * t_local ... (r + 1) * t_local - 1. Local layers, read and write need nothing from other
-ranks. The global layers see every latent: `gather_latents` all-gathers the small latent
-sequence (backward: reduce-scatter, so each rank receives the summed gradient of its own
-latents), every rank runs the same global layers on it, and `own_groups` cuts out the
-latents this rank's groups use (shifted by one group for the causal write).
+ranks. Each global layer sees every latent: `gather_latents` all-gathers the small latent
+sequence as keys / values (backward: reduce-scatter, so each rank receives the summed
+gradient of its own latents) while each rank computes only its own latent rows; for the
+causal write, `own_groups(..., shift=1)` cuts out the groups one earlier from a final gather.
 
 Gradient convention (what the models engineer relies on): each rank back-propagates only
-its own loss, so the cotangent entering the global layers is non-zero only on this rank's
-slice. Backprop is linear in that cotangent, so the global layers' parameter gradients
-summed over ranks equal the unsharded gradient -- exactly like the local layers, whose
-gradients are partial sums over this rank's groups. Sum (all-reduce) every FIT parameter
-gradient over the sp group; never average it.
+its own loss through the rows it computed (its groups, its latent rows). A parameter's
+gradient is a sum of per-row contributions, so the parameter gradients summed over ranks
+equal the unsharded gradient. Sum (all-reduce) every FIT parameter gradient over the sp
+group; never average it over sp.
 """
 
 from __future__ import annotations
@@ -58,7 +57,8 @@ def group_index(t_local: int, mesh: Mesh | None, device=None) -> torch.Tensor:
 
 
 def gather_latents(latents: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
-    """Every rank's latents in global group order: [B, t_local, m, D] -> [B, T, m, D].
+    """Every rank's latents in global order along dim 1: [B, t_local, ...] -> [B, T, ...]
+    (works for [B, t, m, D] and for flattened [B, t*m, D]).
 
     Backward is a reduce-scatter: rank r gets the sum over ranks of the gradient of its groups.
     """
