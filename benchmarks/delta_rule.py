@@ -1,7 +1,7 @@
 """Delta-rule benchmarks on this CPU; every ratio comes from timings taken in the same run.
 
     python benchmarks/delta_rule.py            # fuller: sweep up to 1M tokens
-    python benchmarks/delta_rule.py --quick    # about 1-2 minutes: sweep up to 256K tokens
+    python benchmarks/delta_rule.py --quick    # about 1-2 minutes on an idle machine: up to 256K
 
 1. chunked (WY) vs the token-by-token recurrence (naive.py) on one process, N = 8K:
    forward and forward+backward.
@@ -40,19 +40,25 @@ def inputs(B, H, N, D, *, requires_grad=True, seed=0):
     return [t.requires_grad_(requires_grad) for t in (q, k, v, beta)]
 
 
-def best_time(fn, repeats: int, sync=None) -> float:
-    """Minimum wall time of fn() over repeats (after one warm-up when repeats > 1)."""
+def best_time(fn, repeats: int, sync=None) -> tuple[float, float]:
+    """(wall, CPU) seconds of fn(): the minimum of each over repeats, after one warm-up run
+    (fresh pages, first-touch costs) unless repeats is 1. CPU time is this process's, so it
+    does not count time spent waiting behind other jobs on a shared machine. `sync` (two
+    ranks) lines the ranks up before each run and returns the slowest rank's times."""
     if repeats > 1:
         fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
         if sync:
             sync()
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        elapsed = time.perf_counter() - start
-        times.append(sync(elapsed) if sync else elapsed)
-    return min(times)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        if sync:
+            wall, cpu = sync((wall, cpu))
+        walls.append(wall)
+        cpus.append(cpu)
+    return min(walls), min(cpus)
 
 
 def fwd_bwd(op, tensors, **kwargs):
@@ -83,11 +89,11 @@ def chunk_vs_naive(cfg) -> dict:
     naive_fb = best_time(fwd_bwd(naive_delta_rule, ts), 1)
     print(f"\n[1] chunked vs naive recurrence, one process, 1 thread, B={B} H={H} D={D} N={N} "
           f"({load()})")
-    print(f"    forward:          naive {naive_f * 1e3:8.1f} ms   chunked {chunk_f * 1e3:7.1f} ms"
-          f"   speed-up {naive_f / chunk_f:5.1f}x")
-    print(f"    forward+backward: naive {naive_fb * 1e3:8.1f} ms   chunked {chunk_fb * 1e3:7.1f} ms"
-          f"   speed-up {naive_fb / chunk_fb:5.1f}x")
-    return {"naive_fwd": naive_f, "chunk_fwd": chunk_f, "naive_fb": naive_fb, "chunk_fb": chunk_fb}
+    for what, naive, chunk in (("forward", naive_f, chunk_f),
+                               ("forward+backward", naive_fb, chunk_fb)):
+        for i, clock in enumerate(("wall", "CPU ")):
+            print(f"    {what:16s} {clock}: naive {naive[i] * 1e3:8.1f} ms   chunked "
+                  f"{chunk[i] * 1e3:7.1f} ms   speed-up {naive[i] / chunk[i]:5.1f}x")
 
 
 # --- 2 and 3: two ranks ---------------------------------------------------------------------
@@ -95,7 +101,11 @@ def _rank_main(rank, world, port, cfg, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
+    import warnings
+
     import torch.distributed as dist
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's collective renames
 
     from seqshard.dist import Contiguous, Mesh, init_process_group
     from seqshard.ops.delta_rule import delta_rule
@@ -103,13 +113,13 @@ def _rank_main(rank, world, port, cfg, results):
     init_process_group("gloo", timeout_s=600)
     mesh = Mesh.new(timeout_s=600)
 
-    def slowest(elapsed=None):
-        if elapsed is None:
+    def slowest(times=None):
+        if times is None:
             dist.barrier(mesh.group)
             return None
-        t = torch.tensor([elapsed], dtype=torch.float64)
+        t = torch.tensor(times, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=mesh.group)
-        return float(t)
+        return tuple(t.tolist())
 
     B, H, D = 1, cfg.heads, cfg.dim
     out = {"compare": {}, "sweep": []}
@@ -123,7 +133,7 @@ def _rank_main(rank, world, port, cfg, results):
         mine = [Contiguous().shard(t, 2, rank, world).requires_grad_() for t in full]
         del full
         step = fwd_bwd(delta_rule, mine, mesh=mesh, schedule="scan")
-        t = best_time(step, cfg.repeats if n <= 65536 else 1, slowest)
+        t = best_time(step, cfg.repeats if n <= 65536 else 2, slowest)
         rss = torch.tensor([peak_rss_mib()])
         dist.all_reduce(rss, op=dist.ReduceOp.MAX, group=mesh.group)
         out["sweep"].append((n, t, float(rss)))
@@ -149,10 +159,10 @@ def two_ranks(cfg) -> dict:
     return out
 
 
-def single_process_baseline(cfg) -> float:
+def single_process_baseline(cfg, threads: int) -> float:
     from seqshard.ops.delta_rule import delta_rule
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     ts = inputs(1, cfg.heads, cfg.compare_tokens, cfg.dim)
     return best_time(fwd_bwd(delta_rule, ts), cfg.repeats)
 
@@ -164,7 +174,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64, help="head dim (Dk = Dv)")
     cfg = parser.parse_args()
     cfg.naive_tokens = 8192
-    cfg.compare_tokens = 32768 if cfg.quick else 65536
+    cfg.compare_tokens = 16384 if cfg.quick else 65536
     top = 18 if cfg.quick else 20
     cfg.sweep = [2 ** e for e in range(12, top + 1, 2)]  # 4K, 16K, 64K, 256K (, 1M)
     cfg.repeats = 2 if cfg.quick else 3
@@ -173,29 +183,34 @@ def main() -> None:
 
     chunk_vs_naive(cfg)
 
-    single = single_process_baseline(cfg)
+    single = {t: single_process_baseline(cfg, t) for t in (2, 1)}
     ranks = two_ranks(cfg)
     n = cfg.compare_tokens
-    print(f"\n[2] sharded on 2 ranks (1 thread each) vs chunked on 1 process (2 threads), "
+    print(f"\n[2] sharded on 2 ranks (1 thread each) vs chunked on 1 process, "
           f"forward+backward, B=1 H={cfg.heads} D={cfg.dim} N={n} ({load()})")
-    print(f"    one process: {single * 1e3:8.1f} ms")
-    for schedule, t in ranks["compare"].items():
-        print(f"    2 ranks {schedule:4s}: {t * 1e3:8.1f} ms   time ratio sharded / one process "
-              f"{t / single:5.2f}")
+    for t, (wall, cpu) in single.items():
+        print(f"    one process, {t} thread{'s' if t > 1 else ' '}: wall {wall * 1e3:8.1f} ms"
+              f"   CPU {cpu * 1e3:8.1f} ms")
+    for schedule, (wall, cpu) in ranks["compare"].items():
+        print(f"    2 ranks, {schedule:4s}:        wall {wall * 1e3:8.1f} ms   CPU {cpu * 1e3:8.1f} ms"
+              f" (slowest rank)")
+        print(f"        wall ratio sharded / one process: {wall / single[2][0]:5.2f} (2 threads), "
+              f"{wall / single[1][0]:5.2f} (1 thread);  CPU per rank / one thread's CPU: "
+              f"{cpu / single[1][1]:5.2f} (0.50 = work split evenly, no overhead)")
 
     print(f"\n[3] forward+backward on 2 ranks, scan schedule, B=1 H={cfg.heads} D={cfg.dim} "
           f"({load()})")
-    print("    tokens      time (s)   tokens/s    peak RSS per rank (MiB)")
+    print("    tokens    wall (s)   tokens/s    CPU (s)   peak RSS per rank (MiB)")
     times = {}
-    for n, t, rss in ranks["sweep"]:
-        times[n] = t
-        print(f"    {n:9d} {t:11.3f} {n / t:11.0f} {rss:14.0f}")
+    for n, (wall, cpu), rss in ranks["sweep"]:
+        times[n] = (wall, cpu)
+        print(f"    {n:8d} {wall:10.3f} {n / wall:10.0f} {cpu:10.3f} {rss:12.0f}")
     big = max(times)
     base = big // 16
     if base in times:
-        print(f"    time({big // 1024}K) / time({base // 1024}K) = {times[big] / times[base]:.1f}"
+        print(f"    time({big // 1024}K) / time({base // 1024}K) = wall "
+              f"{times[big][0] / times[base][0]:.1f}, CPU {times[big][1] / times[base][1]:.1f}"
               f"  (16.0 = linear)")
-
 
 if __name__ == "__main__":
     main()
