@@ -26,10 +26,10 @@ stated efficiencies (assumptions until a GPU run calibrates them).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 FAMILIES = ("attention", "delta_rule", "fit")
 CANDIDATE_IMPLS = {"attention": ("ring", "ulysses", "hybrid", "allgather"),
@@ -87,6 +87,11 @@ def load_hardware(name_or_path: str) -> Hardware:
     unknown = set(data) - set(Hardware.__dataclass_fields__)
     if unknown:
         raise ValueError(f"{name_or_path}: unknown hardware fields {sorted(unknown)}")
+    required = [f for f, spec in Hardware.__dataclass_fields__.items()
+                if spec.default is spec.default_factory is dataclasses.MISSING]
+    missing = [f for f in required if f not in data]
+    if missing:
+        raise ValueError(f"{name_or_path}: missing hardware fields {missing}")
     return Hardware(**data)
 
 

@@ -146,3 +146,21 @@ def test_plan_command_prints_a_ranked_table_and_the_scaling_grid(capsys):
     assert out.count("| 10M |") == 8 and "| 1M | 1024 |" in out
     assert main(["plan", "--world", "3", "--n", "1000"]) == 2  # 1000 % 3: a clear error
     assert "not divisible" in capsys.readouterr().err
+
+
+def test_hardware_profile_from_toml(tmp_path):
+    path = tmp_path / "a100.toml"
+    path.write_text('name = "a100-node"\nflops = 312e12\nmemory_bytes = 80e9\n'
+                    'devices_per_node = 8\nintra_bw = 250e9\nintra_latency = 1e-5\n'
+                    'inter_bw = 25e9\ninter_latency = 2e-5\n')
+    hw = planner.load_hardware(str(path))
+    assert hw.name == "a100-node" and hw.devices_per_node == 8
+    slow = predict("attention", "ring", LLAMA, 1 << 20, 1, 8, hw).compute_s
+    fast = predict("attention", "ring", LLAMA, 1 << 20, 1, 8, H100_NODE).compute_s
+    assert slow / fast == pytest.approx(989 / 312)
+    path.write_text('name = "x"\nflops = 1.0\n')
+    with pytest.raises(ValueError, match="missing hardware fields \\['memory_bytes'"):
+        planner.load_hardware(str(path))
+    path.write_text('name = "x"\nflops = 1.0\nwarp_speed = 9\n')
+    with pytest.raises(ValueError, match="unknown hardware fields \\['warp_speed'\\]"):
+        planner.load_hardware(str(path))

@@ -16,7 +16,6 @@ import argparse
 import shlex
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 MiB = 2**20
@@ -88,7 +87,7 @@ def run_bench(suite_name: str, out: str | Path, *, families=None, maxctx: bool =
 
 def write_report(results: dict, out: str | Path, log=print) -> Path:
     """results.md and the PNG plots from a results map (also used on saved records)."""
-    from . import calibrate, report
+    from . import report
 
     out = Path(out)
     plots = report.plot(results, out)

@@ -121,8 +121,18 @@ def ratios_table(ratios: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
+_STYLE = {  # one colour and marker per implementation, the same in every panel
+    "sdpa": ("tab:gray", "s"), "seqshard": ("tab:blue", "o"), "ring": ("tab:orange", "o"),
+    "ulysses": ("tab:green", "^"), "hybrid": ("tab:red", "D"), "allgather": ("tab:purple", "v"),
+    "ds_ulysses": ("tab:brown", "x"), "naive": ("tab:gray", "s"), "chunk": ("tab:blue", "o"),
+    "scan": ("tab:orange", "^"), "pass": ("tab:green", "v"), "fit": ("tab:blue", "o"),
+    "transformer": ("tab:blue", "o"), "deltanet": ("tab:orange", "^"),
+}
+
+
 def plot(results: dict, out_dir: str | Path, mode: str = "fwdbwd") -> list[Path]:
-    """Per family: `{family}_time.png` and `{family}_memory.png`, log-log, exponent in legend."""
+    """Per family: `{family}_time.png` and `{family}_memory.png`, log-log, one panel per rank
+    count P (shared y axis), the fitted exponent of each series in its legend."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on a worker or in CI
@@ -135,27 +145,35 @@ def plot(results: dict, out_dir: str | Path, mode: str = "fwdbwd") -> list[Path]
         by_family[key[0]][key] = pts
     written = []
     for family, series in sorted(by_family.items()):
+        worlds = sorted({key[2] for key in series})
         for what, value, unit in (("time", lambda m: m["time_s"], "seconds (median)"),
                                   ("memory", lambda m: max(m["mem_peak_bytes"]) / MiB,
                                    "peak MiB per rank")):
-            fig, ax = plt.subplots(figsize=(7, 4.5))
-            for key, pts in sorted(series.items()):
-                ns = [p["n"] for p in pts]
-                ys = [value(p[mode]) for p in pts]
-                slope = fit_exponent(ns, ys)
-                tag = "" if slope is None else f" (~N^{slope:.2f})"
-                ax.plot(ns, ys, marker="o", label=series_label(key) + tag)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length N (tokens)")
-            ax.set_ylabel(unit)
-            ax.set_title(f"{family}: {'forward+backward' if mode == 'fwdbwd' else 'forward'} "
+            fig, axes = plt.subplots(1, len(worlds), figsize=(4.2 * len(worlds) + 1, 4.4),
+                                     sharey=True, squeeze=False)
+            for ax, world in zip(axes[0], worlds):
+                for key, pts in sorted(series.items()):
+                    if key[2] != world:
+                        continue
+                    ns = [p["n"] for p in pts]
+                    ys = [value(p[mode]) for p in pts]
+                    slope = fit_exponent(ns, ys)
+                    tag = "" if slope is None else f" ~N^{slope:.2f}"
+                    color, marker = _STYLE.get(key[1], (None, "o"))
+                    ax.plot(ns, ys, marker=marker, color=color,
+                            label=series_label(key).rsplit(" P=", 1)[0] + tag)
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_title(f"P = {world}")
+                ax.set_xlabel("sequence length N (tokens)")
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=7)
+            axes[0][0].set_ylabel(unit)
+            fig.suptitle(f"{family}: {'forward+backward' if mode == 'fwdbwd' else 'forward'} "
                          f"{what} vs N")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
             fig.tight_layout()
             path = out_dir / f"{family}_{what}.png"
-            fig.savefig(path, dpi=110)
+            fig.savefig(path, dpi=100)
             plt.close(fig)
             written.append(path)
     return written

@@ -14,6 +14,7 @@ degree) are recorded as "skipped" with the reason, before any process sees them.
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing as mp
 import os
 import queue
@@ -74,8 +75,6 @@ def _quiet_profiler_lines() -> None:
 
 
 def _measure_point(spec: dict, mesh, modes, warmup: int, repeats: int) -> dict:
-    import torch
-
     from .measure import measuring, time_runs
     from .workloads import build
 
@@ -84,7 +83,7 @@ def _measure_point(spec: dict, mesh, modes, warmup: int, repeats: int) -> dict:
     for mode in modes:
         backward = mode == "fwdbwd"
         inputs = workload.make_inputs()
-        times = time_runs(lambda: workload.run(inputs, backward), warmup=warmup,
+        times = time_runs(functools.partial(workload.run, inputs, backward), warmup=warmup,
                           repeats=repeats, group=mesh.group, device=mesh.device)
         del inputs
         # a separate run for memory and bytes, with fresh inputs inside the measured window
@@ -93,10 +92,7 @@ def _measure_point(spec: dict, mesh, modes, warmup: int, repeats: int) -> dict:
             workload.run(inputs, backward)
             del inputs
         out[mode] = {"times": times, "mem": pm.peak_bytes, "rss": pm.rss_bytes,
-                     "comm": cc.bytes_sent,
-                     "calls": cc.calls}
-    del workload
-    torch.set_grad_enabled(True)
+                     "comm": cc.bytes_sent, "calls": cc.calls}
     return out
 
 

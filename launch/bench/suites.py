@@ -47,7 +47,10 @@ def attention_specs(shape: dict, ns, worlds) -> list[dict]:
 
 
 def delta_specs(shape: dict, ns, worlds, naive_ns) -> list[dict]:
-    out = [spec("delta_rule", "naive", n, 1, shape) for n in naive_ns]
+    # the token loop is slow: it runs at its own (short) lengths, each beside the chunk form
+    out = [spec("delta_rule", impl, n, 1, shape) for n in naive_ns if n not in ns
+           for impl in ("naive", "chunk")]
+    out += [spec("delta_rule", "naive", n, 1, shape) for n in naive_ns if n in ns]
     for n in ns:
         for world in worlds:
             if world == 1:
@@ -85,7 +88,7 @@ def quick() -> Suite:
     return Suite(
         "quick",
         attention_specs(ATTN, (512, 1024, 2048, 4096), (1, 2, 4))
-        + delta_specs(DELTA, (1024, 2048, 4096, 8192), (1, 2, 4), naive_ns=(512,))
+        + delta_specs(DELTA, (1024, 2048, 4096, 8192), (1, 2, 4), naive_ns=(256,))
         + fit_specs(FIT, (1024, 2048, 4096, 8192), (1, 2, 4), naive_ns=(1024, 2048)),
         warmup=1, repeats=3,
         # the same budget, one process vs two: how much further does sharding reach?
