@@ -49,7 +49,7 @@ class Hardware:
     inter_bw: float              # bytes/s one device sends across nodes
     inter_latency: float         # s per message across nodes
     dtype_bytes: int = 2         # element size of activations
-    shared_cores: int = 0        # > 0: ranks are 1-thread processes on a host with this many cores
+    shared_cores: float = 0      # > 0: ranks are 1-thread processes on a host with this many cores
     overlap: bool = True         # ring traffic overlaps compute
     step_overhead: float = 20e-6
     call_overhead: float = 50e-6

@@ -141,12 +141,15 @@ def planner_section(results: dict, log=print) -> list[str]:
                                                 sorted(hw.efficiency.items()) if "/" in k)
              + f"; {hw.intra_bw / 1e9:.2f} GB/s, {hw.intra_latency * 1e6:.0f} us/message, "
              f"{hw.step_overhead * 1e3:.2f} ms/step, {hw.call_overhead * 1e3:.2f} ms/call; "
-             "memory x " + ", ".join(f"{k} {v:.2f}" for k, v in hw.memory_scale.items()), "",
+             "memory x " + ", ".join(f"{k} {v:.2f}" for k, v in hw.memory_scale.items())
+             + f"; the ranks got {hw.shared_cores:.1f} cores of the host.", "",
              f"Time within 30%: **{ev['within_30']}/{ev['count']}** points, median |error| "
              f"{ev['median_abs_time_err']:.1%}, max {ev['max_abs_time_err']:.1%}.", "",
-             f"Ranking: **{rk['pairs_agree']}/{rk['pairs_decisive']}** strategy pairs that "
-             f"differ by > 10% ordered as measured; best strategy picked (within 10% of the "
-             f"measured best) in **{rk['top_agree']}/{rk['top_total']}** (family, N, P) groups.", ""]
+             f"Ranking: **{rk['pairs_agree']}/{rk['pairs_decisive']}** pairs of strategies "
+             f"ordered as measured (pairs the measurements can tell apart: repeat ranges "
+             f"disjoint, medians > 5% apart); the planner's pick is the measured best or "
+             f"indistinguishable from it in **{rk['top_agree']}/{rk['top_total']}** "
+             f"(family, N, P) groups.", ""]
     held = calibrate.holdout(results)
     if held:
         lines += [f"Extrapolation check (calibrated without each series' largest N, then "
