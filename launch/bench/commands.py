@@ -13,6 +13,7 @@ Both also run as `python -m seqshard.launch.bench {bench,plan} ...`.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -79,6 +80,7 @@ def run_bench(suite_name: str, out: str | Path, *, families=None, maxctx: bool =
             results["maxctx"].append(found)
             write_results(out / "records.msgpack", results)
     results["elapsed_s"] = time.monotonic() - started
+    results["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
     write_results(out / "records.msgpack", results)
     write_report(results, out, log=log)
     log(f"seqshard bench: done in {results['elapsed_s']:.0f} s; see {out / 'results.md'}")
@@ -118,9 +120,11 @@ def write_report(results: dict, out: str | Path, log=print) -> Path:
 
 
 def machine_line(m: dict) -> str:
+    end = m.get("load_avg_1m_end")
     return (f"{m.get('cpu_model', '?')} ({m.get('cpu_count', '?')} cores, "
             f"{m.get('mem_total_bytes', 0) / 2**30:.0f} GiB), torch {m.get('torch', '?')}, "
-            f"load average {m.get('load_avg_1m', 0):.1f} at start")
+            f"one thread per rank; 1-minute load average {m.get('load_avg_1m', 0):.1f} at the "
+            f"start" + ("" if end is None else f", {end:.1f} at the end"))
 
 
 def planner_section(results: dict, log=print) -> list[str]:
