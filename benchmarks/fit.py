@@ -123,7 +123,13 @@ def measure(kind: str, n_tokens: int, cfg: dict, reps: int) -> dict:
     """Run one point on WORLD ranks; re-run once when its repetitions disagree (noisy machine)."""
     for attempt in range(2):
         load = os.getloadavg()[0]
-        per_rank = run_ranks(_step_rank, WORLD, kind, n_tokens, cfg, reps, timeout=1800)
+        try:
+            per_rank = run_ranks(_step_rank, WORLD, kind, n_tokens, cfg, reps, timeout=1800)
+        except AssertionError as err:  # a rank died or stalled; the harness starts a new pool
+            if attempt:
+                raise
+            print(f"# {kind} N={n_tokens}: rank failure, running it again: {str(err)[-300:]}")
+            continue
         best = max(r["best"] for r in per_rank)
         median = max(r["median"] for r in per_rank)
         point = {"best": best, "median": median, "cpu": max(r["cpu"] for r in per_rank),
