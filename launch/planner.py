@@ -311,7 +311,13 @@ def candidates(family: str, shape: dict, world: int) -> list[tuple[str, int, int
 
 
 def plan(family: str, shape: dict, n: int, world: int, hw: Hardware) -> list[Prediction]:
-    """Every candidate's prediction, fitting ones first, fastest first."""
+    """Every candidate's prediction, fitting ones first, fastest first.
+
+    >>> llama = {"batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128, "causal": True}
+    >>> best = plan("attention", llama, 1 << 20, 64, H100_NODE)[0]
+    >>> best.impl, (best.ulysses, best.ring), best.fits, round(best.time_s, 2)
+    ('hybrid', (8, 8), True, 1.11)
+    """
     preds = [predict(family, impl, shape, n, u, r, hw)
              for impl, u, r in candidates(family, shape, world)]
     return sorted(preds, key=lambda x: (not x.fits, x.time_s))

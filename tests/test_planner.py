@@ -164,3 +164,18 @@ def test_hardware_profile_from_toml(tmp_path):
     path.write_text('name = "x"\nflops = 1.0\nwarp_speed = 9\n')
     with pytest.raises(ValueError, match="unknown hardware fields \\['warp_speed'\\]"):
         planner.load_hardware(str(path))
+
+
+def test_plan_from_bench_records_uses_the_calibrated_cpu(tmp_path, capsys):
+    from seqshard.launch.bench.__main__ import main
+
+    truth = replace(planner.CPU_DEFAULT, shared_cores=2, flops=30e9)
+    path = records.write_results(tmp_path / "records.msgpack", _synthetic(truth))
+    assert main(["plan", "--hardware", str(path), "--n", "2048", "--world", "4",
+                 "--heads", "8", "--head-dim", "48"]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated on" in out and "| hybrid | 2x2 |" in out
+    # the calibrated profile predicts the synthetic machine's own time for a measured point
+    hw = calibrate.calibrate(records.read_results(path))
+    want = predict("attention", "ring", ATTN, 2048, 1, 4, truth).time_s
+    assert predict("attention", "ring", ATTN, 2048, 1, 4, hw).time_s == pytest.approx(want, rel=0.02)
