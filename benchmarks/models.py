@@ -30,11 +30,12 @@ DEFAULT_SIZES = {
 
 
 def model_config(kind: str, dim: int, layers: int, heads: int, group_size: int) -> dict:
-    config = {"dim": dim, "num_layers": layers, "num_heads": heads, "vocab_size": 256}
+    config = {"dim": dim, "num_layers": layers, "num_heads": heads, "vocab_size": 256,
+              "mlp_ratio": 2}
     if kind == "deltanet":
         config["chunk_size"] = 64
     if kind == "fit":
-        config.update(group_size=group_size, num_latents=4, mlp_ratio=2)
+        config.update(group_size=group_size, num_latents=4)
     return config
 
 
@@ -71,7 +72,7 @@ def main() -> None:
         config = model_config(kind, args.dim, args.layers, args.heads, args.group_size)
         first = None
         for seq_len in sizes:
-            steps = 2 if seq_len <= 65536 else 1
+            steps = 2 if seq_len <= 8192 else 1
             try:
                 results = run_ranks(_one_step, args.world, kind, config, seq_len, steps,
                                     args.strategy, timeout=args.budget_s * steps + 120)

@@ -168,6 +168,10 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(tc))
         self.step_count = 0
+        if (tc.dtype == "bf16" and self.mesh.device.type == "cuda"
+                and not torch.cuda.is_bf16_supported()):
+            raise ValueError(f"dtype='bf16' but {torch.cuda.get_device_name()} has no bf16; "
+                             f"use dtype='fp32'")
         self.autocast = torch.autocast(self.mesh.device.type, dtype=torch.bfloat16,
                                        enabled=tc.dtype == "bf16")
 
