@@ -20,7 +20,7 @@ def _reference_params(trainer, steps: int) -> dict:
     """Plain torch, one process: the same init, AdamW, schedule and clipping, every replica's
     full sequences, gradients averaged over replicas."""
     from seqshard.dist import Mesh
-    from seqshard.models import build_model, sharded_lm_loss
+    from seqshard.models import build_model, recall_batch, sharded_lm_loss
     from seqshard.models.trainer import make_optimizer
 
     tc = trainer.tc
@@ -32,8 +32,6 @@ def _reference_params(trainer, steps: int) -> dict:
         optimizer.zero_grad()
         total = 0.0
         for replica in range(replicas):
-            from seqshard.models import recall_batch
-
             ids, mask = recall_batch(trainer.task, tc.batch_size, tc.seq_len, seed=tc.seed,
                                      step=step, replica=replica)
             total = total + sharded_lm_loss(model(ids), ids, loss_mask=mask) / replicas
