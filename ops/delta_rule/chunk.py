@@ -84,36 +84,43 @@ def prepare(q, k, v, beta, gate, scale: float, C: int) -> Chunks:
     return Chunks(qg, aqk, w, u, kt, decay)
 
 
-def _decayed(s: torch.Tensor, decay: torch.Tensor | None, j: int) -> torch.Tensor:
-    return s if decay is None else s * decay[j][..., None, None]
+def _heads_flat(ch: Chunks):
+    """W, U, Kt as [nc, B*H, C, D] and the decay as [nc, B*H, 1, 1] (or None): 3-D batches,
+    so each chain step is one fused baddbmm (small matmuls are dominated by call overhead)."""
+    w, u, kt = (x.flatten(1, 2) if x is not None else None for x in (ch.w, ch.u, ch.kt))
+    decay = ch.decay.flatten(1, 2)[..., None, None] if ch.decay is not None else None
+    return w, u, kt, decay
 
 
 def chain_states(s0: torch.Tensor, ch: Chunks):
     """Run the state through the chunks. Returns the state at each chunk start
     [nc, B, H, Dk, Dv], Delta = U - W S of each chunk [nc, B, H, C, Dv] (the outputs reuse
     it) and the state after the last chunk [B, H, Dk, Dv]."""
-    nc = ch.w.shape[0]
-    states = s0.new_empty((nc,) + s0.shape)
+    w, u, kt, decay = _heads_flat(ch)
+    states = s0.new_empty((w.shape[0],) + s0.shape)
     deltas = torch.empty_like(ch.u)
-    s = s0
-    for j in range(nc):
-        states[j] = s
-        delta = torch.sub(ch.u[j], ch.w[j] @ s, out=deltas[j])  # [B, H, C, Dv]
-        s = _decayed(s, ch.decay, j) + ch.kt[j].mT @ delta
-    return states, deltas, s
+    flat_states, flat_deltas = states.flatten(1, 2), deltas.flatten(1, 2)
+    s = s0.flatten(0, 1)  # [B*H, Dk, Dv]
+    for j in range(w.shape[0]):
+        flat_states[j] = s
+        delta = torch.baddbmm(u[j], w[j], s, alpha=-1, out=flat_deltas[j])  # U - W S
+        s = torch.baddbmm(s if decay is None else s * decay[j], kt[j].mT, delta)
+    return states, deltas, s.view(s0.shape)
 
 
 def shard_map(ch: Chunks) -> tuple[torch.Tensor, torch.Tensor]:
     """The affine map S -> A S + Bm that all chunks apply together, composed while streaming
     (only the running pair is live). Returns A [B, H, Dk, Dk], Bm [B, H, Dk, Dv]."""
-    nc, B, H, _, Dk = ch.w.shape
+    w, u, kt, decay = _heads_flat(ch)
+    nc, BH, _, Dk = w.shape
     # one running matrix [A | Bm]: the A columns see no U (homogeneous part)
-    m = torch.cat([torch.eye(Dk, dtype=ch.w.dtype, device=ch.w.device).expand(B, H, Dk, Dk),
-                   ch.u.new_zeros(B, H, Dk, ch.u.shape[-1])], dim=-1)
+    m = torch.cat([torch.eye(Dk, dtype=w.dtype, device=w.device).expand(BH, Dk, Dk),
+                   u.new_zeros(BH, Dk, u.shape[-1])], dim=-1)
     for j in range(nc):
-        delta = -(ch.w[j] @ m)  # [B, H, C, Dk + Dv]
-        delta[..., Dk:] += ch.u[j]
-        m = _decayed(m, ch.decay, j) + ch.kt[j].mT @ delta
+        delta = torch.bmm(w[j], m).neg_()  # [B*H, C, Dk + Dv]
+        delta[..., Dk:] += u[j]
+        m = torch.baddbmm(m if decay is None else m * decay[j], kt[j].mT, delta)
+    m = m.view(ch.w.shape[1:3] + m.shape[1:])
     return m[..., :Dk], m[..., Dk:]
 
 
@@ -121,15 +128,17 @@ def chain_grads(ch: Chunks, ds_states: torch.Tensor, ds_end: torch.Tensor, keep:
     """The state chain backward. ds_states [nc, B, H, Dk, Dv]: gradient reaching each chunk-start
     state from the outputs; ds_end: gradient of the state after the last chunk.
     Returns (gradient of the state after each chunk [nc, ...] or None, gradient of s0)."""
-    nc = ch.w.shape[0]
+    w, _, kt, decay = _heads_flat(ch)
     after = ds_end.new_empty(ds_states.shape) if keep else None
-    g = ds_end
-    for j in range(nc - 1, -1, -1):
+    flat_after, flat_ds = (after.flatten(1, 2) if keep else None), ds_states.flatten(1, 2)
+    g = ds_end.flatten(0, 1)  # [B*H, Dk, Dv]
+    for j in range(w.shape[0] - 1, -1, -1):
         if keep:
-            after[j] = g
-        d_delta = ch.kt[j] @ g  # [B, H, C, Dv]
-        g = ds_states[j] + _decayed(g, ch.decay, j) - ch.w[j].mT @ d_delta
-    return after, g
+            flat_after[j] = g
+        d_delta = torch.bmm(kt[j], g)  # [B*H, C, Dv]
+        g = torch.baddbmm(flat_ds[j] + (g if decay is None else g * decay[j]),
+                          w[j].mT, d_delta, alpha=-1)
+    return after, g.view(ds_end.shape)
 
 
 class LocalSchedule:
