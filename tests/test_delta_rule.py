@@ -219,7 +219,7 @@ def test_bad_input_raises(change, match):
         delta_rule(**t)
 
 
-def test_layer_bad_config_and_short_shards():
+def test_layer_bad_config():
     with pytest.raises(ValueError, match="hidden_size=30 is not divisible by num_heads=4"):
         DeltaNet(30, 4)
     with pytest.raises(ValueError, match="conv size=0"):
