@@ -267,10 +267,13 @@ class Prediction:
     fits: bool
 
 
-def efficiency(hw: Hardware, family: str, impl: str) -> float:
+def efficiency(hw: Hardware, family: str, impl: str, world: int = 2) -> float:
     """Fraction of `flops` an implementation reaches: 'family/impl' if calibrated, else the
     family's (how a kernel path performs, e.g. fused vs masked pieces, is a property of the
-    machine and the code, so a calibration may give each implementation its own)."""
+    machine and the code, so a calibration may give each implementation its own). A sharded
+    implementation run on one process takes its local path: 'family/impl@1' when calibrated."""
+    if world == 1 and f"{family}/{impl}@1" in hw.efficiency:
+        return hw.efficiency[f"{family}/{impl}@1"]
     return hw.efficiency.get(f"{family}/{impl}", hw.efficiency[family])
 
 
@@ -280,7 +283,7 @@ def predict(family: str, impl: str, shape: dict, n: int, ulysses: int, ring: int
     p = ulysses * ring
     t = terms(family, impl, shape, n, ulysses, ring, hw)
     f = features(t, p, hw)
-    compute = f["flops"] / (hw.flops * efficiency(hw, family, impl))
+    compute = f["flops"] / (hw.flops * efficiency(hw, family, impl, p))
     lat_intra = t.msgs_intra * hw.intra_latency
     lat_inter = t.msgs_inter * hw.inter_latency
     comm = t.bytes_intra / hw.intra_bw + t.bytes_inter / hw.inter_bw + lat_intra + lat_inter

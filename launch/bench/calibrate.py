@@ -35,8 +35,16 @@ def _usable(results: dict, mode: str) -> list[dict]:
     return [p for p in ok_points(results, mode) if p["family"] in FAMILIES]
 
 
+_ONE_PROCESS_NAMES = {"sdpa", "seqshard", "naive", "chunk"}  # already their own kinds
+
+
 def _kind(point: dict) -> str:
-    return f"{point['family']}/{point['impl']}"
+    """The compute rate a point shares: one per implementation, and a sharded op run on one
+    process (mesh None: local kernels, no masks across shards) separately as 'impl@1'."""
+    kind = f"{point['family']}/{point['impl']}"
+    if point["world"] == 1 and point["impl"] not in _ONE_PROCESS_NAMES:
+        kind += "@1"
+    return kind
 
 
 def _row(point: dict, hw: Hardware, kinds: list[str]) -> list[float]:
@@ -106,8 +114,8 @@ def _calibrate(results: dict, base: Hardware, mode: str, exclude) -> Hardware:
     ref = next((rates[k] for k in ("attention/sdpa", "attention/seqshard") if k in rates),
                max(rates.values()))
     efficiency = {k: r / ref for k, r in rates.items()}
-    for fam in FAMILIES:  # a family's default: its fastest measured implementation
-        mine = [e for k, e in efficiency.items() if k.startswith(fam + "/")]
+    for fam in FAMILIES:  # a family's default: its fastest measured sharded implementation
+        mine = [e for k, e in efficiency.items() if k.startswith(fam + "/") and "@" not in k]
         efficiency[fam] = max(mine) if mine else 1.0
     bw = 1.0 / c["bytes"] if c["bytes"] > 0 else 1e15  # traffic too cheap to resolve here
     scale = {}
