@@ -65,8 +65,8 @@ def check_spec(spec: dict) -> None:
                          f"group_size={shape['group_size']}")
 
 
-def _leaves(*shapes, generator=None) -> tuple:
-    return tuple(torch.randn(*s, generator=generator).requires_grad_() for s in shapes)
+def _leaves(*shapes, device=None) -> tuple:
+    return tuple(torch.randn(*s, device=device).requires_grad_() for s in shapes)
 
 
 def _clear_grads(tensors) -> None:
@@ -98,7 +98,8 @@ def _attention(spec: dict, mesh) -> Workload:
         return _ds_ulysses(b, h, hkv, d, n_local, causal, mesh)
 
     def make_inputs():
-        return _leaves((b, h, n_local, d), (b, hkv, n_local, d), (b, hkv, n_local, d))
+        return _leaves((b, h, n_local, d), (b, hkv, n_local, d), (b, hkv, n_local, d),
+                       device=mesh.device)
 
     if impl == "sdpa":
         def forward(x):
@@ -130,7 +131,8 @@ def _ds_ulysses(b, h, hkv, d, n_local, causal, mesh) -> Workload:
     attn = DistributedAttention(local_attn, mesh.group, scatter_idx=2, gather_idx=0)
 
     def make_inputs():  # DeepSpeed's layout: [N_local, B, H, D]
-        return _leaves((n_local, b, h, d), (n_local, b, hkv, d), (n_local, b, hkv, d))
+        return _leaves((n_local, b, h, d), (n_local, b, hkv, d), (n_local, b, hkv, d),
+                       device=mesh.device)
 
     return Workload(make_inputs, _runner(lambda x: attn(*x, batch_dim_idx=1)))
 
@@ -142,9 +144,8 @@ def _delta_rule(spec: dict, mesh) -> Workload:
     n_local = spec["n"] // world
 
     def make_inputs():
-        q, k, v = _leaves((b, h, n_local, dk), (b, h, n_local, dk), (b, h, n_local, dv))
-        beta_logit = torch.randn(b, h, n_local).requires_grad_()
-        return q, k, v, beta_logit
+        return _leaves((b, h, n_local, dk), (b, h, n_local, dk), (b, h, n_local, dv),
+                       (b, h, n_local), device=mesh.device)  # q, k, v, beta logits
 
     def prepare(x):
         # the layer's own preprocessing: unit-norm keys/queries, beta in (0, 1)
@@ -177,12 +178,12 @@ def _fit(spec: dict, mesh) -> Workload:
     s, impl, world = spec["shape"], spec["impl"], spec["world"]
     torch.manual_seed(0)  # every rank holds the same weights
     module = FIT(s["dim"], s["heads"], s["group_size"], s["latents"], depth=s["depth"],
-                 causal=s["causal"])
+                 causal=s["causal"]).to(mesh.device)
     n_local = spec["n"] // world
     params = tuple(module.parameters())
 
     def make_inputs():
-        return _leaves((s["batch"], n_local, s["dim"]))
+        return _leaves((s["batch"], n_local, s["dim"]), device=mesh.device)
 
     if impl == "naive":
         from seqshard.ops.fit.naive import naive_fit
@@ -206,12 +207,12 @@ def _model(spec: dict, mesh) -> Workload:
     torch.manual_seed(0)
     config = {k: v for k, v in s.items() if k != "batch"}
     use_mesh = None if world == 1 else mesh
-    model = build_model(spec["impl"], config, use_mesh)
+    model = build_model(spec["impl"], config, use_mesh).to(mesh.device)
     n_local = spec["n"] // world
     params = tuple(model.parameters())
 
     def make_inputs():
-        return (torch.randint(0, s["vocab_size"], (s["batch"], n_local)),)
+        return (torch.randint(0, s["vocab_size"], (s["batch"], n_local), device=mesh.device),)
 
     def run(inputs, backward):
         if not backward:
