@@ -36,13 +36,17 @@ def attention_specs(shape: dict, ns, worlds) -> list[dict]:
                 out += [spec("attention", "sdpa", n, 1, shape),
                         spec("attention", "seqshard", n, 1, shape)]
                 continue
-            out += [spec("attention", "ring", n, world, shape),
-                    spec("attention", "ulysses", n, world, shape, ulysses=world),
-                    spec("attention", "allgather", n, world, shape),
-                    spec("attention", "ds_ulysses", n, world, shape, ulysses=world)]
+            # the layout each strategy runs (recorded with the point): zigzag balances causal
+            # work around a ring; after Ulysses' all-to-all each rank has the whole sequence
+            ring = dict(shape, layout="zigzag" if shape["causal"] else "contiguous")
+            flat = dict(shape, layout="contiguous")
+            out += [spec("attention", "ring", n, world, ring),
+                    spec("attention", "ulysses", n, world, flat, ulysses=world),
+                    spec("attention", "allgather", n, world, ring),
+                    spec("attention", "ds_ulysses", n, world, flat, ulysses=world)]
             for u in range(2, world):
                 if world % u == 0:
-                    out.append(spec("attention", "hybrid", n, world, shape, ulysses=u))
+                    out.append(spec("attention", "hybrid", n, world, ring, ulysses=u))
     return out
 
 

@@ -109,7 +109,11 @@ def _attention(spec: dict, mesh) -> Workload:
         from seqshard.ops.attention import sharded_attention
 
         strategy = "ring" if impl == "seqshard" else impl
-        layout = "zigzag" if causal and world > 1 else "contiguous"
+        # zigzag balances causal work over a ring; after Ulysses' all-to-all every rank holds
+        # the whole sequence (for its heads), so contiguous is balanced there and cuts fewer
+        # pieces (DeepSpeed's Ulysses runs contiguous too)
+        layout = s.get("layout") or ("zigzag" if causal and world > 1 and impl != "ulysses"
+                                     else "contiguous")
         use_mesh = None if world == 1 else mesh
 
         def forward(x):
