@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from seqshard.launch.bench.commands import run_bench
+from seqshard.launch.bench.commands import run_bench, write_report
 from seqshard.launch.bench.plan_cmd import scaling_table
 from seqshard.launch.bench.records import read_results
 from seqshard.launch.planner import H100_NODE
@@ -32,6 +32,25 @@ GPU_SHAPES = [
      {"batch": 1, "dim": 1024, "heads": 16, "group_size": 256, "latents": 16, "depth": 2,
       "causal": True}),
 ]
+
+
+METHOD = """## How the numbers are taken
+
+- Every rank is a spawned process in a real gloo group (`Mesh.from_env`), one thread each (one
+  rank = one core, as one rank = one GPU); P = 4 on this 2-core machine therefore shares cores.
+- Time: one untimed warm-up, then 3 timed runs between barriers (the slowest rank's wall time);
+  the median is kept, every repeat is in the records. fwd runs under no_grad; fwd+bwd
+  back-propagates sum(out) to every input (and weight, for FIT).
+- Peak memory per rank: bytes live in torch's CPU allocator (profiler memory events) above
+  the state before the inputs were made, so inputs, gradients, outputs, saved activations and
+  received buffers count. The resident high-water mark (VmHWM) is recorded too, as a coarse
+  cross-check.
+- Bytes sent per rank: counted at torch.distributed for the collectives the op really made,
+  under bandwidth-optimal algorithms; tests check that they equal the planner's formulas.
+- Planner error: the CPU profile is fitted to these same points (relative least squares: one
+  compute rate per implementation, shared bandwidth, latency, step and call overheads, and the
+  cores the ranks really got); the extrapolation line refits without each series' largest N.
+"""
 
 
 def gpu_section() -> list[str]:
@@ -74,7 +93,7 @@ def render(out: Path, command: str) -> str:
              f"- 1-minute load average: {m.get('load_avg_1m', 0):.1f} at the start, "
              f"{m.get('load_avg_1m_end', float('nan')):.1f} at the end (other work on this "
              "2-core machine inflates and scatters the times)", "",
-             body, ""]
+             METHOD, body, ""]
     return "\n".join(lines + gpu_section())
 
 
@@ -91,6 +110,7 @@ def main(argv=None) -> int:
                                                             (argv if argv is not None else sys.argv[1:]))
     if args.existing:
         out = Path(args.existing)
+        write_report(read_results(out / "records.msgpack"), out, log=lambda line: None)
     else:
         out = Path(args.out or HERE / "out" / args.suite)
         started = time.monotonic()

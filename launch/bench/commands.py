@@ -98,8 +98,10 @@ def write_report(results: dict, out: str | Path, log=print) -> Path:
              f"Started {results['started']} on {machine_line(results['machine'])}.", "",
              "## Measurements (median of repeats, warm-up excluded; fwd+bwd unless noted)", "",
              report.markdown_table(results), "## Fitted exponents (time, memory ~ N^k)", "",
-             report.exponents_table(results), "## Peers (ratios > 1: seqshard faster / smaller)",
-             "", report.ratios_table(ratios)]
+             report.exponents_table(results),
+             "## Peers at the largest N (ratios > 1: seqshard faster / smaller)", "",
+             report.ratios_table(report.at_largest_n(ratios)),
+             "## Peers at every N", "", report.ratios_table(ratios)]
     for r in ratios:
         log(f"  ratio {r['family']}/{r['impl']} {r['split']} P={r['world']} N={r['n']}: "
             f"{r['peer']} time / ours = {r['time_ratio']:.2f}, memory = {r['mem_ratio']:.2f}")

@@ -112,6 +112,16 @@ def peer_ratios(results: dict, mode: str = "fwdbwd") -> list[dict]:
     return out
 
 
+def at_largest_n(ratios: list[dict]) -> list[dict]:
+    """Each (ours, P, peer) pair's ratio at the largest N both measured: the headline row."""
+    best: dict[tuple, dict] = {}
+    for r in ratios:
+        key = (r["family"], r["impl"], r["split"], r["world"], r["peer"])
+        if key not in best or r["n"] > best[key]["n"]:
+            best[key] = r
+    return list(best.values())
+
+
 def ratios_table(ratios: list[dict]) -> str:
     rows = ["| family | ours | P | N | peer | peer time / ours | peer mem / ours (per rank) |",
             "|---|---|---|---|---|---|---|"]
