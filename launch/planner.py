@@ -66,13 +66,23 @@ H100_NODE = Hardware(
     note="8 x H100 SXM per node, NVLink4 (900 GB/s bidirectional, ~350 GB/s achieved per "
          "direction), one 400 Gb/s NDR InfiniBand NIC per GPU (~45 GB/s achieved); bf16 dense "
          "989 TFLOP/s; efficiencies are assumptions, not measured here")
+H200_NODE = dataclasses.replace(
+    H100_NODE, name="h200-nvlink-ib", memory_bytes=141e9,
+    note="8 x H200 SXM per node: H100 compute and links, 141 GB HBM3e per GPU; efficiencies "
+         "are assumptions, not measured here")
+A100_NODE = Hardware(
+    name="a100-nvlink-ib", flops=312e12, memory_bytes=80e9, devices_per_node=8,
+    intra_bw=250e9, intra_latency=10e-6, inter_bw=22e9, inter_latency=25e-6, dtype_bytes=2,
+    note="8 x A100 80GB SXM per node, NVLink3 (600 GB/s bidirectional, ~250 GB/s achieved), "
+         "one 200 Gb/s HDR InfiniBand NIC per GPU (~22 GB/s achieved); bf16 dense 312 TFLOP/s; "
+         "efficiencies are assumptions, not measured here")
 CPU_DEFAULT = Hardware(
     name="cpu", flops=25e9, memory_bytes=8e9, devices_per_node=1 << 30, intra_bw=2e9,
     intra_latency=50e-6, inter_bw=2e9, inter_latency=50e-6, dtype_bytes=4, shared_cores=2,
     overlap=False, step_overhead=1e-3, call_overhead=1e-3,
     efficiency={"attention": 1.0, "delta_rule": 1.0, "fit": 1.0},
     note="uncalibrated placeholder; run `seqshard bench` and calibrate from its records")
-HARDWARE = {"h100": H100_NODE, "cpu": CPU_DEFAULT}
+HARDWARE = {"h100": H100_NODE, "h200": H200_NODE, "a100": A100_NODE, "cpu": CPU_DEFAULT}
 
 
 def load_hardware(name_or_path: str) -> Hardware:
