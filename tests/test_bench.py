@@ -75,6 +75,11 @@ def test_peak_memory_sees_a_torch_allocation_and_timing_checks_arguments():
     assert len(times) == 3 and len(calls) == 5 and all(t >= 0 for t in times)
     with pytest.raises(ValueError, match="repeats=0"):
         time_runs(lambda: None, warmup=0, repeats=0)
+    # short runs are repeated until enough was timed, but never past max_repeats
+    calls.clear()
+    times = time_runs(lambda: calls.append(1), warmup=0, repeats=2, max_repeats=6,
+                      min_total_s=10.0)
+    assert len(times) == 6 == len(calls)
     with CommCounter() as cc:  # no group: nothing is sent, nothing counted
         pass
     assert cc.bytes_sent == 0 and cc.calls == 0

@@ -66,7 +66,9 @@ def run_bench(suite_name: str, out: str | Path, *, families=None, maxctx: bool =
     started = time.monotonic()
     log(f"seqshard bench: suite {suite_name}, {len(specs)} points -> {out}")
     results["points"] = run_points(specs, warmup=suite.warmup if warmup is None else warmup,
-                                   repeats=suite.repeats if repeats is None else repeats, log=log)
+                                   repeats=suite.repeats if repeats is None else repeats,
+                                   max_repeats=suite.max_repeats, min_total_s=suite.min_total_s,
+                                   log=log)
     write_results(out / "records.msgpack", results)
     if maxctx:
         for job in suite.maxctx:

@@ -1,8 +1,8 @@
 """Honest measurements inside one rank: median time, peak memory, bytes on the wire.
 
 - Time: `warmup` untimed runs (first-call allocations, kernel selection, gloo buffers), then
-  `repeats` timed runs, each bracketed by barriers so the time is the slowest rank's wall
-  time; the median is kept and every repeat is recorded.
+  at least `repeats` timed runs (more for short ones), each bracketed by barriers so the time
+  is the slowest rank's wall time; the median is kept and every repeat is recorded.
 - Peak memory (CPU): the peak of bytes live in torch's CPU allocator during the run, from the
   profiler's memory events (every allocation and free through c10's CPU allocator, kernel
   workspaces and received buffers included), relative to what was live at entry. tracemalloc
@@ -172,22 +172,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _slowest(seconds: float, group) -> float:
+    """The largest of every rank's value, known to all ranks (so they decide alike)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t)
+
+
 def time_runs(run: Callable[[], None], *, warmup: int, repeats: int, group=None,
-              device: torch.device = torch.device("cpu")) -> list[float]:
-    """Seconds per timed run on this rank, between barriers (so the slowest rank sets it)."""
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"warmup={warmup} must be >= 0 and repeats={repeats} >= 1")
+              device: torch.device = torch.device("cpu"), max_repeats: int | None = None,
+              min_total_s: float = 0.0) -> list[float]:
+    """Seconds of each timed run, the slowest rank's (runs are bracketed by barriers).
+
+    At least `repeats` runs; short runs are repeated further, up to `max_repeats`, until
+    `min_total_s` seconds were timed, since a few ms are the most easily disturbed. Every rank
+    takes the same decision, from the agreed (slowest) times.
+    """
+    max_repeats = repeats if max_repeats is None else max_repeats
+    if warmup < 0 or repeats < 1 or max_repeats < repeats:
+        raise ValueError(f"warmup={warmup} must be >= 0, repeats={repeats} >= 1 and "
+                         f"max_repeats={max_repeats} >= repeats")
     for _ in range(warmup):
         run()
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or (len(times) < max_repeats and sum(times) < min_total_s):
         barrier(group)
         _sync(device)
         start = time.perf_counter()
         run()
         _sync(device)
         barrier(group)
-        times.append(time.perf_counter() - start)
+        times.append(_slowest(time.perf_counter() - start, group))
     return times
 
 

@@ -74,7 +74,8 @@ def _quiet_profiler_lines() -> None:
     threading.Thread(target=pump, daemon=True).start()
 
 
-def _measure_point(spec: dict, mesh, modes, warmup: int, repeats: int) -> dict:
+def _measure_point(spec: dict, mesh, modes, warmup: int, repeats: tuple) -> dict:
+    """repeats: (at least, at most, until this many seconds were timed); see measure.py."""
     from .measure import measuring, time_runs
     from .workloads import build
 
@@ -84,7 +85,8 @@ def _measure_point(spec: dict, mesh, modes, warmup: int, repeats: int) -> dict:
         backward = mode == "fwdbwd"
         inputs = workload.make_inputs()
         times = time_runs(functools.partial(workload.run, inputs, backward), warmup=warmup,
-                          repeats=repeats, group=mesh.group, device=mesh.device)
+                          repeats=repeats[0], max_repeats=repeats[1], min_total_s=repeats[2],
+                          group=mesh.group, device=mesh.device)
         del inputs
         # a separate run for memory and bytes, with fresh inputs inside the measured window
         with measuring(mesh.device) as (pm, cc):
@@ -165,11 +167,13 @@ class World:
             raise TimeoutError(f"{what}: no answer from the {self.world} bench ranks within "
                                f"{timeout_s:.0f} s") from None
 
-    def measure(self, index: int, spec: dict, modes, warmup: int, repeats: int,
+    def measure(self, index: int, spec: dict, modes, warmup: int, repeats: int | tuple,
                 timeout_s: float) -> list[dict]:
         """Per-rank {mode: {times, mem, comm, calls}}; raises RuntimeError naming failed ranks."""
+        if isinstance(repeats, int):
+            repeats = (repeats, repeats, 0.0)
         for q in self.tasks:
-            q.put((index, spec, tuple(modes), warmup, repeats))
+            q.put((index, spec, tuple(modes), warmup, tuple(repeats)))
         per_rank: dict[int, dict] = {}
         errors = []
         deadline = time.monotonic() + timeout_s
@@ -229,9 +233,14 @@ def _failed(spec: dict, status: str, message: str) -> dict:
 
 
 def run_points(specs: list[dict], *, modes=("fwd", "fwdbwd"), warmup: int = 1,
-               repeats: int = 3, point_timeout_s: float = 300.0,
+               repeats: int = 3, max_repeats: int | None = None, min_total_s: float = 0.0,
+               point_timeout_s: float = 300.0,
                log: Callable[[str], None] = print) -> list[dict]:
-    """Measure every spec; returns record points in the order of `specs`."""
+    """Measure every spec; returns record points in the order of `specs`.
+
+    Each point is timed `repeats` times, or more (up to `max_repeats`) while less than
+    `min_total_s` seconds were timed."""
+    timing = (repeats, max(repeats, max_repeats or repeats), min_total_s)
     points: list[dict | None] = [None] * len(specs)
     by_world: dict[int, list[int]] = {}
     for i, spec in enumerate(specs):
@@ -249,7 +258,7 @@ def run_points(specs: list[dict], *, modes=("fwd", "fwdbwd"), warmup: int = 1,
             try:
                 pool = pool or World(world, timeout_s=min(point_timeout_s, 120.0))
                 started = time.monotonic()
-                points[i] = merge(spec, pool.measure(i, spec, modes, warmup, repeats,
+                points[i] = merge(spec, pool.measure(i, spec, modes, warmup, timing,
                                                      point_timeout_s), modes)
                 log(f"  {label}: {summary(points[i])} ({time.monotonic() - started:.1f} s)")
             except (RuntimeError, TimeoutError) as err:

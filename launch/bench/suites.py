@@ -20,6 +20,8 @@ class Suite:
     specs: list[dict]
     warmup: int = 1
     repeats: int = 3
+    max_repeats: int = 3       # short points: repeated up to this many times ...
+    min_total_s: float = 0.0   # ... until this many seconds were timed
     maxctx: list[dict] = field(default_factory=list)  # max-context searches (see maxctx.py)
 
 
@@ -94,7 +96,7 @@ def quick() -> Suite:
         attention_specs(ATTN, (512, 1024, 2048, 4096), (1, 2, 4))
         + delta_specs(DELTA, (1024, 2048, 4096, 8192), (1, 2, 4), naive_ns=(256,))
         + fit_specs(FIT, (1024, 2048, 4096, 8192), (1, 2, 4), naive_ns=(1024, 2048)),
-        warmup=1, repeats=3,
+        warmup=1, repeats=3, max_repeats=7, min_total_s=1.0,
         # the same budget, one process vs two: how much further does sharding reach?
         maxctx=[{"family": "attention", "impl": "sdpa", "world": 1, "ulysses": 1,
                  "shape": ATTN, "start": 2048, "mem_budget_mib": 64, "time_budget_s": 4.0},
@@ -122,7 +124,7 @@ def full() -> Suite:
         + delta_specs(DELTA, (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8), naive_ns=(512, 1024))
         + fit_specs(FIT, (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8), naive_ns=(2048, 4096))
         + model_specs((4096, 16384), (1, 4)),
-        warmup=2, repeats=5, maxctx=quick().maxctx + lm_search)
+        warmup=2, repeats=5, max_repeats=9, min_total_s=2.0, maxctx=quick().maxctx + lm_search)
 
 
 SUITES = {"tiny": tiny, "quick": quick, "full": full}
