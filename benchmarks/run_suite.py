@@ -76,9 +76,19 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def render(out: Path, command: str) -> str:
+def render(out: Path, command: str, previous: str | None = None) -> str:
     results = read_results(out / "records.msgpack")
     m = results["machine"]
+    repro = []
+    if previous:
+        from seqshard.launch.bench.calibrate import reproducibility
+
+        r = reproducibility(results, read_results(previous))
+        repro = [f"- run-to-run yardstick: the same {r['count']} points measured by an earlier "
+                 f"run (started {r['earlier_started']}) agree within 30% for "
+                 f"**{r['within_30']}/{r['count']}**, median difference "
+                 f"{r['median_abs_diff']:.0%}; the planner's error below is to be read "
+                 "against this"]
     text = (out / "results.md").read_text()
     body = text[text.index("## Measurements"):]  # its title and machine line are above
     lines = ["# seqshard benchmark results (CPU)", "",
@@ -92,7 +102,7 @@ def render(out: Path, command: str) -> str:
              f"python {m.get('python')}; one thread per rank",
              f"- 1-minute load average: {m.get('load_avg_1m', 0):.1f} at the start, "
              f"{m.get('load_avg_1m_end', float('nan')):.1f} at the end (other work on this "
-             "2-core machine inflates and scatters the times)", "",
+             "2-core machine inflates and scatters the times)"] + repro + ["",
              METHOD, body, ""]
     return "\n".join(lines + gpu_section())
 
@@ -105,6 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--from", dest="existing", default=None,
                    help="render RESULTS.md from an existing bench output folder")
     p.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--previous", default=None,
+                   help="records.msgpack of an earlier run of the same suite (run-to-run check)")
     args = p.parse_args(argv)
     command = "python benchmarks/run_suite.py " + " ".join(shlex.quote(a) for a in
                                                             (argv if argv is not None else sys.argv[1:]))
@@ -117,7 +129,7 @@ def main(argv=None) -> int:
         run_bench(args.suite, out,
                   command=f"seqshard bench --suite {args.suite} --out {_shown(out)}")
         print(f"suite took {time.monotonic() - started:.0f} s")
-    Path(args.results).write_text(render(out, command.strip()))
+    Path(args.results).write_text(render(out, command.strip(), args.previous))
     print(f"wrote {args.results}")
     return 0
 

@@ -214,3 +214,18 @@ def holdout(results: dict, mode: str = "fwdbwd") -> dict | None:
     except ValueError:
         return None
     return evaluate(results, hw, mode, only=is_top)
+
+
+def reproducibility(results: dict, earlier: dict, mode: str = "fwdbwd") -> dict:
+    """How well two runs of the same points agree: the yardstick for the planner's error
+    (no model can predict a machine closer than the machine repeats itself)."""
+    def key(p):
+        return p["family"], p["impl"], p["n"], p["world"], p["ulysses"]
+
+    before = {key(p): p for p in ok_points(earlier, mode)}
+    ratios = [p[mode]["time_s"] / before[key(p)][mode]["time_s"]
+              for p in ok_points(results, mode) if key(p) in before]
+    diffs = [abs(r - 1) for r in ratios]
+    return {"count": len(diffs), "within_30": sum(d <= 0.30 for d in diffs),
+            "median_abs_diff": float(np.median(diffs)) if diffs else float("nan"),
+            "earlier_started": earlier["started"]}
