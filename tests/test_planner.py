@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -179,3 +180,17 @@ def test_plan_from_bench_records_uses_the_calibrated_cpu(tmp_path, capsys):
     hw = calibrate.calibrate(records.read_results(path))
     want = predict("attention", "ring", ATTN, 2048, 1, 4, truth).time_s
     assert predict("attention", "ring", ATTN, 2048, 1, 4, hw).time_s == pytest.approx(want, rel=0.02)
+
+
+def test_reproducibility_compares_the_same_points_of_two_runs():
+    truth = replace(planner.CPU_DEFAULT, shared_cores=2)
+    first, second = _synthetic(truth), _synthetic(truth)
+    for i, p in enumerate(second["points"]):
+        factor = 1.1 if i % 2 else 1.5  # half the points 10% slower, half 50% slower
+        p["fwdbwd"] = dict(p["fwdbwd"], time_s=p["fwdbwd"]["time_s"] * factor)
+    second["points"] = second["points"][:-1]  # a point only one run has is left out
+    r = calibrate.reproducibility(second, first)
+    n = len(second["points"])
+    diffs = [0.1 if i % 2 else 0.5 for i in range(n)]
+    assert r["count"] == n and r["within_30"] == diffs.count(0.1)
+    assert r["median_abs_diff"] == pytest.approx(statistics.median(diffs))
