@@ -88,9 +88,9 @@ def find(job: dict, *, warmup: int = 0, repeats: int = 1, max_n: int = 1 << 20,
         if guess > guard * budget:
             return Probe(n, False, f"predicted {guess / MiB:.0f} MiB > {guard:g} x budget")
         try:
-            point = merge(spec, pool.measure(n, spec, ("fwdbwd",), warmup, repeats,
-                                             timeout_s=max(60.0, 20 * job["time_budget_s"])),
-                          ("fwdbwd",))
+            per_rank = pool.measure([(n, spec)], ("fwdbwd",), warmup, repeats,
+                                    timeout_s=max(60.0, 20 * job["time_budget_s"]))
+            point = merge(spec, [r[n] for r in per_rank], ("fwdbwd",))
         except (RuntimeError, TimeoutError) as err:
             pool.close()
             pool = World(world)

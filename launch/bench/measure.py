@@ -2,7 +2,8 @@
 
 - Time: `warmup` untimed runs (first-call allocations, kernel selection, gloo buffers), then
   at least `repeats` timed runs (more for short ones), each bracketed by barriers so the time
-  is the slowest rank's wall time; the median is kept and every repeat is recorded.
+  is the slowest rank's wall time; the median is kept and every repeat is recorded. The
+  runner interleaves the timed runs of many points (runner._measure_points).
 - Peak memory (CPU): the peak of bytes live in torch's CPU allocator during the run, from the
   profiler's memory events (every allocation and free through c10's CPU allocator, kernel
   workspaces and received buffers included), relative to what was live at entry. tracemalloc
@@ -181,15 +182,29 @@ def _slowest(seconds: float, group) -> float:
     return float(t)
 
 
+def time_one(run: Callable[[], None], group=None,
+             device: torch.device = torch.device("cpu")) -> float:
+    """One run between barriers; the slowest rank's seconds, known to every rank."""
+    barrier(group)
+    _sync(device)
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    barrier(group)
+    return _slowest(time.perf_counter() - start, group)
+
+
+def wants_more(times: list[float], repeats: int, max_repeats: int, min_total_s: float) -> bool:
+    """At least `repeats` runs; short ones again, up to `max_repeats`, until `min_total_s`
+    seconds were timed (a few ms are the most easily disturbed)."""
+    return len(times) < repeats or (len(times) < max_repeats and sum(times) < min_total_s)
+
+
 def time_runs(run: Callable[[], None], *, warmup: int, repeats: int, group=None,
               device: torch.device = torch.device("cpu"), max_repeats: int | None = None,
               min_total_s: float = 0.0) -> list[float]:
-    """Seconds of each timed run, the slowest rank's (runs are bracketed by barriers).
-
-    At least `repeats` runs; short runs are repeated further, up to `max_repeats`, until
-    `min_total_s` seconds were timed, since a few ms are the most easily disturbed. Every rank
-    takes the same decision, from the agreed (slowest) times.
-    """
+    """Seconds of each timed run of one point (see `time_one` and `wants_more`); every rank
+    takes the same decisions, from the agreed (slowest) times."""
     max_repeats = repeats if max_repeats is None else max_repeats
     if warmup < 0 or repeats < 1 or max_repeats < repeats:
         raise ValueError(f"warmup={warmup} must be >= 0, repeats={repeats} >= 1 and "
@@ -197,14 +212,8 @@ def time_runs(run: Callable[[], None], *, warmup: int, repeats: int, group=None,
     for _ in range(warmup):
         run()
     times: list[float] = []
-    while len(times) < repeats or (len(times) < max_repeats and sum(times) < min_total_s):
-        barrier(group)
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        barrier(group)
-        times.append(_slowest(time.perf_counter() - start, group))
+    while wants_more(times, repeats, max_repeats, min_total_s):
+        times.append(time_one(run, group, device))
     return times
 
 

@@ -74,27 +74,43 @@ def _quiet_profiler_lines() -> None:
     threading.Thread(target=pump, daemon=True).start()
 
 
-def _measure_point(spec: dict, mesh, modes, warmup: int, repeats: tuple) -> dict:
-    """repeats: (at least, at most, until this many seconds were timed); see measure.py."""
-    from .measure import measuring, time_runs
+def _measure_points(items: list[tuple[int, dict]], mesh_of, modes, warmup: int,
+                    repeats: tuple) -> dict[int, dict]:
+    """Measure several points *interleaved*: every timing round runs each point once, so a
+    burst of other work on the machine slows all of them alike instead of ruining one.
+
+    repeats: (at least, at most, until this many seconds were timed); see measure.py. Every
+    rank walks the points in the same order and decides from agreed times, so the ranks'
+    collectives always match.
+    """
+    from .measure import measuring, time_one, wants_more
     from .workloads import build
 
-    workload = build(spec, mesh)
-    out = {}
+    built = [(i, mesh_of(spec), build(spec, mesh_of(spec))) for i, spec in items]
+    out: dict[int, dict] = {i: {} for i, _ in items}
     for mode in modes:
         backward = mode == "fwdbwd"
-        inputs = workload.make_inputs()
-        times = time_runs(functools.partial(workload.run, inputs, backward), warmup=warmup,
-                          repeats=repeats[0], max_repeats=repeats[1], min_total_s=repeats[2],
-                          group=mesh.group, device=mesh.device)
-        del inputs
-        # a separate run for memory and bytes, with fresh inputs inside the measured window
-        with measuring(mesh.device) as (pm, cc):
-            inputs = workload.make_inputs()
-            workload.run(inputs, backward)
-            del inputs
-        out[mode] = {"times": times, "mem": pm.peak_bytes, "rss": pm.rss_bytes,
-                     "comm": cc.bytes_sent, "calls": cc.calls}
+        live = []
+        for i, mesh, workload in built:
+            run = functools.partial(workload.run, workload.make_inputs(), backward)
+            for _ in range(warmup):
+                run()
+            live.append((i, mesh, run, []))
+        for _ in range(repeats[1]):
+            for i, mesh, run, times in live:
+                if wants_more(times, *repeats):
+                    times.append(time_one(run, mesh.group, mesh.device))
+        for i, _, _, times in live:
+            out[i][mode] = {"times": times}
+        del live, run  # free the timing inputs before the memory runs
+        for i, mesh, workload in built:
+            # a separate run for memory and bytes, with fresh inputs inside the measured window
+            with measuring(mesh.device) as (pm, cc):
+                inputs = workload.make_inputs()
+                workload.run(inputs, backward)
+                del inputs
+            out[i][mode].update(mem=pm.peak_bytes, rss=pm.rss_bytes, comm=cc.bytes_sent,
+                                calls=cc.calls)
     return out
 
 
@@ -125,17 +141,19 @@ def _worker(rank: int, world: int, port: int, tasks, results, threads: int,
         task = tasks.get()
         if task is None:
             break
-        index, spec, modes, warmup, repeats = task
+        items, modes, warmup, repeats = task
         try:
-            key = (spec["ulysses"], spec["ring"])
-            if key not in meshes:  # every rank creates the same groups in the same order
-                meshes[key] = Mesh.new(ulysses=key[0], ring=key[1], timeout_s=timeout_s)
+            def mesh_of(spec):
+                key = (spec["ulysses"], spec["ring"])
+                if key not in meshes:  # every rank creates the same groups in the same order
+                    meshes[key] = Mesh.new(ulysses=key[0], ring=key[1], timeout_s=timeout_s)
+                return meshes[key]
+
             torch.manual_seed(1234 + rank)
-            result = _measure_point(spec, meshes[key], modes, warmup, repeats)
-            results.put((rank, "ok", (index, result)))
+            results.put((rank, "ok", _measure_points(items, mesh_of, modes, warmup, repeats)))
         except Exception as err:
-            results.put((rank, "error", (index, f"{type(err).__name__}: {err}\n"
-                                                f"{traceback.format_exc(limit=4)}")))
+            results.put((rank, "error", f"{type(err).__name__}: {err}\n"
+                                        f"{traceback.format_exc(limit=4)}"))
 
 
 class World:
@@ -167,26 +185,23 @@ class World:
             raise TimeoutError(f"{what}: no answer from the {self.world} bench ranks within "
                                f"{timeout_s:.0f} s") from None
 
-    def measure(self, index: int, spec: dict, modes, warmup: int, repeats: int | tuple,
-                timeout_s: float) -> list[dict]:
-        """Per-rank {mode: {times, mem, comm, calls}}; raises RuntimeError naming failed ranks."""
+    def measure(self, items: list[tuple[int, dict]], modes, warmup: int, repeats: int | tuple,
+                timeout_s: float) -> list[dict[int, dict]]:
+        """Per rank {index: {mode: {times, mem, rss, comm, calls}}} for the points `items`
+        [(index, spec)], measured interleaved; RuntimeError naming the failed rank."""
         if isinstance(repeats, int):
             repeats = (repeats, repeats, 0.0)
         for q in self.tasks:
-            q.put((index, spec, tuple(modes), warmup, tuple(repeats)))
+            q.put((list(items), tuple(modes), warmup, tuple(repeats)))
         per_rank: dict[int, dict] = {}
-        errors = []
         deadline = time.monotonic() + timeout_s
-        while len(per_rank) + len(errors) < self.world:
+        while len(per_rank) < self.world:
             left = deadline - time.monotonic()
-            rank, status, payload = self._get(max(left, 0.01), f"point {index}")
-            if status == "ok":
-                per_rank[rank] = payload[1]
-            else:
-                errors.append(f"rank {rank}: {payload[1] if isinstance(payload, tuple) else payload}")
-                break  # the other ranks may be stuck in a collective: do not wait for them
-        if errors:
-            raise RuntimeError("\n".join(errors))
+            rank, status, payload = self._get(max(left, 0.01), f"{len(items)} point(s)")
+            if status != "ok":
+                # the other ranks may be stuck in a collective: do not wait for them
+                raise RuntimeError(f"rank {rank}: {payload}")
+            per_rank[rank] = payload
         return [per_rank[r] for r in range(self.world)]
 
     def close(self) -> None:
@@ -251,19 +266,36 @@ def run_points(specs: list[dict], *, modes=("fwd", "fwdbwd"), warmup: int = 1,
             continue
         by_world.setdefault(spec["world"], []).append(i)
     for world, indices in sorted(by_world.items()):
+        todo = list(indices)
+        if len(todo) > 1:  # all of this world's points interleaved; one by one if that fails
+            log(f"  P={world}: {len(todo)} points, timed runs interleaved ...")
+            try:
+                pool = World(world, timeout_s=min(point_timeout_s, 120.0))
+                try:
+                    per_rank = pool.measure([(i, specs[i]) for i in todo], modes, warmup,
+                                            timing, point_timeout_s * len(todo))
+                finally:
+                    pool.close()
+                for i in todo:
+                    points[i] = merge(specs[i], [r[i] for r in per_rank], modes)
+                    log(f"  {describe(specs[i])}: {summary(points[i])}")
+                continue
+            except (RuntimeError, TimeoutError) as err:
+                log(f"  P={world}: interleaved run failed ({str(err).splitlines()[0][:160]}); "
+                    f"measuring its points one by one")
         pool = None
-        for i in indices:
+        for i in todo:
             spec = specs[i]
-            label = describe(spec)
             try:
                 pool = pool or World(world, timeout_s=min(point_timeout_s, 120.0))
                 started = time.monotonic()
-                points[i] = merge(spec, pool.measure(i, spec, modes, warmup, timing,
-                                                     point_timeout_s), modes)
-                log(f"  {label}: {summary(points[i])} ({time.monotonic() - started:.1f} s)")
+                per_rank = pool.measure([(i, spec)], modes, warmup, timing, point_timeout_s)
+                points[i] = merge(spec, [r[i] for r in per_rank], modes)
+                log(f"  {describe(spec)}: {summary(points[i])} "
+                    f"({time.monotonic() - started:.1f} s)")
             except (RuntimeError, TimeoutError) as err:
                 points[i] = _failed(spec, "error", str(err)[-2000:])
-                log(f"  {label}: ERROR {str(err).splitlines()[0][:200]}")
+                log(f"  {describe(spec)}: ERROR {str(err).splitlines()[0][:200]}")
                 if pool is not None:
                     pool.close()
                 pool = None
