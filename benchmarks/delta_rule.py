@@ -12,11 +12,15 @@
 
 Timings are the minimum over repeats (the least disturbed sample; the machine may be shared:
 the load average is printed with each section). Sharded timings are the slowest rank's.
+Every process asks glibc to keep freed memory in its heap (as jemalloc / tcmalloc do, see
+`keep_freed_memory`); --default-malloc measures without that, where each large tensor is a
+fresh mmap whose pages fault in again on every call (system time that grows with N).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import resource
 import socket
@@ -25,6 +29,17 @@ import time
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+
+def keep_freed_memory() -> bool:
+    """glibc mallopt: no mmap for large blocks (M_MMAP_MAX = 0) and no trimming of the heap
+    top (M_TRIM_THRESHOLD), so freed tensors are reused instead of faulted in afresh."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def load() -> str:
@@ -101,6 +116,8 @@ def _rank_main(rank, world, port, cfg, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
+    if cfg.tuned_malloc:
+        keep_freed_memory()
     import warnings
 
     import torch.distributed as dist
@@ -172,19 +189,34 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sweep, fewer repeats")
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--dim", type=int, default=64, help="head dim (Dk = Dv)")
+    parser.add_argument("--sections", default="123", help="which of sections 1, 2, 3 to run")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (see keep_freed_memory)")
     cfg = parser.parse_args()
+    cfg.tuned_malloc = not cfg.default_malloc and keep_freed_memory()
     cfg.naive_tokens = 8192
     cfg.compare_tokens = 16384 if cfg.quick else 65536
     top = 18 if cfg.quick else 20
     cfg.sweep = [2 ** e for e in range(12, top + 1, 2)]  # 4K, 16K, 64K, 256K (, 1M)
     cfg.repeats = 2 if cfg.quick else 3
     print(f"delta rule benchmarks: torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"chunk 64, fp32 ({load()})")
+          f"chunk 64, fp32, freed memory kept: {cfg.tuned_malloc} ({load()})")
 
-    chunk_vs_naive(cfg)
-
-    single = {t: single_process_baseline(cfg, t) for t in (2, 1)}
+    if "1" in cfg.sections:
+        chunk_vs_naive(cfg)
+    if "2" not in cfg.sections and "3" not in cfg.sections:
+        return
+    if "2" not in cfg.sections:
+        cfg.compare_tokens = 4096  # the ranks still run it; not reported
+    single = {t: single_process_baseline(cfg, t) for t in (2, 1)} if "2" in cfg.sections else {}
     ranks = two_ranks(cfg)
+    if "2" in cfg.sections:
+        report_compare(cfg, single, ranks)
+    if "3" in cfg.sections:
+        report_sweep(cfg, ranks)
+
+
+def report_compare(cfg, single, ranks) -> None:
     n = cfg.compare_tokens
     print(f"\n[2] sharded on 2 ranks (1 thread each) vs chunked on 1 process, "
           f"forward+backward, B=1 H={cfg.heads} D={cfg.dim} N={n} ({load()})")
@@ -198,6 +230,8 @@ def main() -> None:
               f"{wall / single[1][0]:5.2f} (1 thread);  CPU per rank / one thread's CPU: "
               f"{cpu / single[1][1]:5.2f} (0.50 = work split evenly, no overhead)")
 
+
+def report_sweep(cfg, ranks) -> None:
     print(f"\n[3] forward+backward on 2 ranks, scan schedule, B=1 H={cfg.heads} D={cfg.dim} "
           f"({load()})")
     print("    tokens    wall (s)   tokens/s    CPU (s)   peak RSS per rank (MiB)")
@@ -211,6 +245,7 @@ def main() -> None:
         print(f"    time({big // 1024}K) / time({base // 1024}K) = wall "
               f"{times[big][0] / times[base][0]:.1f}, CPU {times[big][1] / times[base][1]:.1f}"
               f"  (16.0 = linear)")
+
 
 if __name__ == "__main__":
     main()
