@@ -154,10 +154,9 @@ def planner_section(results: dict, log=print) -> list[str]:
              f"Time within 30%: **{ev['within_30']}/{ev['count']}** points, median |error| "
              f"{ev['median_abs_time_err']:.1%}, max {ev['max_abs_time_err']:.1%}.", "",
              f"Ranking: **{rk['pairs_agree']}/{rk['pairs_decisive']}** pairs of strategies "
-             f"ordered as measured (pairs the measurements can tell apart: repeat ranges "
-             f"disjoint, medians > 5% apart); the planner's pick is the measured best or "
-             f"indistinguishable from it in **{rk['top_agree']}/{rk['top_total']}** "
-             f"(family, N, P) groups.", ""]
+             f"ordered as measured (pairs whose measured medians differ by more than 10%); "
+             f"the planner's pick is the measured best or within 10% of it in "
+             f"**{rk['top_agree']}/{rk['top_total']}** (family, N, P) groups.", ""]
     held = calibrate.holdout(results)
     if held:
         lines += [f"Extrapolation check (calibrated without each series' largest N, then "
