@@ -63,6 +63,12 @@ def _wait(work, timeout: datetime.timedelta | None) -> None:
         work.wait(timeout)
 
 
+def _flat(new_name: str, old_name: str):
+    # torch 2.13 renamed the flat-tensor collectives (the old names warn); older torch has only
+    # the old ones. Looked up per call so that instrumentation of torch.distributed sees it.
+    return getattr(dist, new_name, None) or getattr(dist, old_name)
+
+
 def _run(op, *args, group, timeout, **kwargs) -> None:
     work = op(*args, group=group, async_op=True, **kwargs)
     _wait(work, timeout)
@@ -126,7 +132,7 @@ def _all_gather(x: torch.Tensor, dim: int, group, timeout) -> torch.Tensor:
     send = x.movedim(dim, 0).contiguous()
     recv = send.new_empty((world * send.shape[0],) + tuple(send.shape[1:]))
     with _guard("all_gather", group):
-        _run(dist.all_gather_into_tensor, recv, send, group=group, timeout=timeout)
+        _run(_flat("all_gather_single", "all_gather_into_tensor"), recv, send, group=group, timeout=timeout)
     return recv.movedim(0, dim)
 
 
@@ -141,7 +147,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group, timeout) -> torch.Tensor:
     send = x.movedim(dim, 0).contiguous()
     recv = send.new_empty((send.shape[0] // world,) + tuple(send.shape[1:]))
     with _guard("reduce_scatter", group):
-        _run(dist.reduce_scatter_tensor, recv, send, group=group, timeout=timeout)
+        _run(_flat("reduce_scatter_single", "reduce_scatter_tensor"), recv, send, group=group, timeout=timeout)
     return recv.movedim(0, dim)
 
 

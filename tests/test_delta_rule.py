@@ -11,18 +11,11 @@ import torch.nn.functional as F
 from seqshard.dist import Contiguous, all_reduce
 from seqshard.ops.delta_rule import DeltaNet, ShortConv, chunk, chunk_delta_rule, delta_rule
 from seqshard.ops.delta_rule.naive import naive_delta_rule
+from tests.common import assert_close
 from tests.harness import mesh, run_ranks
 
 TOL = {"o": 1e-5, "state": 1e-5, "grad": 2e-5}
 NAMES = ("q", "k", "v", "beta", "gate", "initial_state")
-
-
-def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
-    """Elementwise |out - ref| <= tol * max(1, max|ref|), i.e. relative to the tensor's scale."""
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    scale = max(1.0, ref.detach().abs().max().item())
-    err = (out.detach().double() - ref.detach().double()).abs().max().item()
-    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:.1g} x scale {scale:.3g}"
 
 
 def make_inputs(B, H, N, Dk, Dv, *, gate, h0, seed, dtype=torch.float32, neg=False):

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from seqshard.dist import Mesh
 from seqshard.ops.fit import FIT, FITBlock
 from seqshard.ops.fit.naive import naive_fit
+from tests.common import assert_close
 from tests.harness import mesh, run_ranks
 
 # (name, FIT kwargs, batch, groups per rank). Awkward sizes: odd group sizes, head dim 48,
@@ -31,13 +32,6 @@ CASES = [
 ]
 # fp32 against the fp32 oracle; errors measured relative to max(1, max |ref|)
 TOL = {"out": 1e-5, "dx": 1e-5, "param": 2e-5}
-
-
-def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
-    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err = (ref - out).abs().max().item()
-    scale = max(1.0, ref.abs().max().item())
-    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} x {scale:.3g}"
 
 
 def _case_tensors(seed: int, kwargs: dict, batch: int, groups: int, world: int):
