@@ -42,9 +42,13 @@ class LMConfig:
     """Share the token embedding with the output head."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of linear and embedding weights."""
+    piece_tokens: int = 8192
+    """Tokens per piece when token-wise work (LM head + loss, MLPs) runs piece by piece with
+    recomputation (see models/pieces.py); bounds its transient memory, same math."""
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size", "dim", "num_layers", "num_heads", "mlp_ratio")
+        _positive(self, "vocab_size", "dim", "num_layers", "num_heads", "mlp_ratio",
+                  "piece_tokens")
 
 
 @dataclass

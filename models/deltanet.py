@@ -17,6 +17,7 @@ from seqshard.ops.delta_rule import DeltaNet
 from .config import DeltaNetConfig
 from .layers import Attention, RMSNorm, ShardContext, SwiGLU
 from .lm import CausalLM
+from .pieces import in_pieces
 
 
 class DeltaNetBlock(nn.Module):
@@ -35,11 +36,17 @@ class DeltaNetBlock(nn.Module):
                                   chunk_size=cfg.chunk_size, schedule=cfg.schedule)
         self.mlp_norm = RMSNorm(cfg.dim)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_ratio)
+        self.piece_tokens = cfg.piece_tokens
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.mlp_norm(x))
 
     def forward(self, x: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
         h = self.mixer_norm(x)
         x = x + (self.mixer(h, ctx) if self.is_attention else self.mixer(h, ctx.mesh))
-        return x + self.mlp(self.mlp_norm(x))
+        del h  # the mixer has what it needs; do not hold [B, N_local, C] through the MLP
+        # token-wise: in pieces, so its hidden activations are O(piece) (models/pieces.py)
+        return in_pieces(self._mlp, x, self.piece_tokens)
 
 
 class DeltaNetLM(CausalLM):

@@ -33,7 +33,9 @@ class FITLM(CausalLM):
         self.fit = FIT(config.dim, config.num_heads, config.group_size, config.num_latents,
                        depth=config.num_layers, local_layers=config.local_layers,
                        global_layers=config.global_layers, causal=True,
-                       mlp_ratio=config.mlp_ratio)
+                       mlp_ratio=config.mlp_ratio,
+                       # group-local work in pieces of about piece_tokens tokens
+                       piece_groups=max(1, config.piece_tokens // config.group_size))
         self.finish([])
 
     def checkpoint_units(self):

@@ -17,6 +17,7 @@ from seqshard.dist import Mesh
 
 from .config import LMConfig
 from .layers import ShardContext, RMSNorm
+from .pieces import chunked_lm_loss
 
 
 def checkpoint_each(modules) -> None:
@@ -83,10 +84,22 @@ class CausalLM(nn.Module):
             x = block(x, ctx)
         return x
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, N_local] (this rank's shard) -> logits [B, N_local, vocab_size]."""
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None):
+        """input_ids [B, N_local] (this rank's shard) -> logits [B, N_local, vocab_size].
+
+        With targets [B, N_local] (from `next_token_targets`; loss_mask optional) it returns
+        (loss, predictions [B, N_local]) instead, equal to `sharded_lm_loss` of the logits and
+        their argmax, but with the head and loss run in pieces (`chunked_lm_loss`) so the
+        shard's logits never exist at once. Both go through forward so that wrappers such as
+        DeepSpeed's engine (ZeRO-3 parameter gathering) see the call.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, N_local], got {tuple(input_ids.shape)}")
         ctx = self.context(input_ids)
         x = self.mix(self.embed(input_ids), ctx)  # [B, N_local, C]
-        return self.head(self.norm(x))  # [B, N_local, V]
+        hidden = self.norm(x)  # [B, N_local, C]
+        if targets is None:
+            return self.head(hidden)  # [B, N_local, V]
+        return chunked_lm_loss(hidden, self.head, targets, self.mesh, loss_mask=loss_mask,
+                               piece_tokens=self.config.piece_tokens)

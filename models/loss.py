@@ -109,6 +109,15 @@ def sharded_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor | None = None,
     if logits.dim() != 3 or logits.shape[:2] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match targets "
                          f"{tuple(targets.shape)} as [B, N_local, V] vs [B, N_local]")
+    valid, count = loss_weights(targets, loss_mask, mesh, ignore_index)
+    flat = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                           ignore_index=ignore_index, reduction="none")  # [B * N_local]
+    return global_value((flat * valid.flatten()).sum() / count.to(flat.dtype), mesh)
+
+
+def loss_weights(targets: torch.Tensor, loss_mask: torch.Tensor | None, mesh: Mesh,
+                 ignore_index: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid [B, N_local] bool: the positions that count, global count over the sp group)."""
     valid = targets != ignore_index
     if loss_mask is not None:
         if loss_mask.shape != targets.shape:
@@ -117,23 +126,28 @@ def sharded_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor | None = None,
     count = _global_count(valid, mesh)
     if count.item() == 0:
         raise ValueError("sharded_lm_loss: no position counts (all ignored or masked out)")
-    flat = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                           ignore_index=ignore_index, reduction="none")  # [B * N_local]
-    term = (flat * valid.flatten()).sum() / count.to(flat.dtype)
+    return valid, count
+
+
+def global_value(term: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """This rank's loss term with the value of the sum over the sp group (the global mean) and
+    the gradient of the term alone."""
     total = term.detach().clone()
     if mesh.size > 1:
         dist.all_reduce(total, group=mesh.group)
-    # value = global mean, gradient = this rank's term
     return term + (total - term.detach())
 
 
 @torch.no_grad()
 def sharded_accuracy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                      mesh: Mesh | None = None) -> float:
-    """Fraction of masked positions whose argmax equals the target, over the sp group."""
+    """Fraction of masked positions whose argmax equals the target, over the sp group.
+
+    logits [B, N_local, V], or the predicted ids [B, N_local] (e.g. from `model.loss`)."""
     mesh = mesh or Mesh.single()
     mask = mask.bool() & (targets != IGNORE)
-    hits = ((logits.argmax(-1) == targets) & mask).sum().to(torch.float64)
+    predictions = logits.argmax(-1) if logits.dim() == 3 else logits
+    hits = ((predictions == targets) & mask).sum().to(torch.float64)
     stats = torch.stack([hits, mask.sum().to(torch.float64)])
     if mesh.size > 1:
         dist.all_reduce(stats, group=mesh.group)

@@ -207,12 +207,12 @@ class Trainer:
         targets = next_token_targets(ids, self.mesh, layout=self.layout)
         self.engine.train()
         with self.autocast:
-            logits = self.engine(ids)  # [B, N_local, V]
-        loss = sharded_lm_loss(logits, mesh=self.mesh, targets=targets, loss_mask=mask)
+            # the loss path of the model: head + loss in pieces, no [N_local, V] logits
+            loss, predictions = self.engine(ids, targets, mask)
         self.engine.backward(loss * self.mesh.size)  # see the module docstring
         lr = self.engine.get_lr()[0]
         self.engine.step()
-        accuracy = sharded_accuracy(logits.detach(), targets, mask, self.mesh)
+        accuracy = sharded_accuracy(predictions, targets, mask, self.mesh)
         self.step_count += 1
         return {
             "step": self.step_count,

@@ -17,6 +17,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from seqshard.dist import Mesh
 
@@ -67,6 +68,25 @@ def group_embedding(index: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angle.sin(), angle.cos()], dim=-1)[:, :dim]
 
 
+def in_group_pieces(fn, tensors: tuple[torch.Tensor, ...], piece_groups: int | None):
+    """fn(*tensors) where every tensor is [B, t, ...] and fn treats each group alone, run on
+    pieces of `piece_groups` groups, each recomputed in backward (non-reentrant checkpoint).
+
+    Same numbers as one call; only the pieces' inputs stay alive for backward, so the
+    intermediates of the group-local sublayers (attention, MLP, norms) are O(piece), not O(N).
+    None, or one piece in all, or no grad: one plain call. Returns what fn returns, pieces
+    concatenated along dim 1 (a tensor or a tuple of tensors).
+    """
+    t = tensors[0].shape[1]
+    if piece_groups is None or t <= piece_groups or not torch.is_grad_enabled():
+        return fn(*tensors)
+    outs = [checkpoint(fn, *parts, use_reentrant=False)
+            for parts in zip(*(torch.split(x, piece_groups, dim=1) for x in tensors))]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(part, dim=1) for part in zip(*outs))
+    return torch.cat(outs, dim=1)
+
+
 class FITBlock(nn.Module):
     """One FIT block: local layers, read, global layers, write.
 
@@ -76,6 +96,8 @@ class FITBlock(nn.Module):
       global_mask  causal only: `latent_mask(T, m, rows=this rank's groups)`, to share one
                    between blocks; built here when None. Ignored when not causal.
     Returns the new tokens (same shape) and the new latents of this rank's groups (unshifted).
+    piece_groups: run the group-local parts (local layers + read, write) on this many groups
+    at a time, recomputed in backward (`in_group_pieces`); None = all groups at once.
 
     Example:
         >>> blk = FITBlock(dim=96, num_heads=2, group_size=5, num_latents=3, causal=True)
@@ -85,9 +107,12 @@ class FITBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, group_size: int, num_latents: int,
                  local_layers: int = 1, global_layers: int = 1, causal: bool = False,
-                 mlp_ratio: float = 4):
+                 mlp_ratio: float = 4, piece_groups: int | None = None):
         super().__init__()
         _check_positive(dim=dim, group_size=group_size, num_latents=num_latents)
+        if piece_groups is not None:
+            _check_positive(piece_groups=piece_groups)
+        self.piece_groups = piece_groups
         _check_count(local_layers=local_layers, global_layers=global_layers)
         check_heads(dim, num_heads)
         self.dim, self.group_size, self.num_latents = dim, group_size, num_latents
@@ -108,17 +133,21 @@ class FITBlock(nn.Module):
                 f"latents have shape {tuple(latents.shape)}, expected (batch, groups, "
                 f"num_latents, dim) = {(b, t, m, self.dim)} for x of shape {tuple(x.shape)}")
         x = x.reshape(b, t, n, self.dim)  # [B, t, n, D]
-        for layer in self.local_layers:
-            x = layer(x, causal=self.causal)
-        # a group's latents may read all of its own group's tokens: in the causal variant
-        # they only reach tokens of later groups (after the shift below).
-        latents = self.read(latents, x)  # [B, t, m, D]
+        x, latents = in_group_pieces(self._local_and_read, (x, latents), self.piece_groups)
         latents = self._global(latents, mesh, global_mask)  # [B, t, m, D]
         source = latents
         if self.causal:  # group g writes from group g - 1: one group comes from rank r - 1
             source = own_groups(gather_latents(latents, mesh), t, mesh, shift=1)
-        x = self.write(x, source)  # [B, t, n, D]
+        x = in_group_pieces(self.write, (x, source), self.piece_groups)  # [B, t, n, D]
         return x.reshape(b, t * n, self.dim), latents
+
+    def _local_and_read(self, x: torch.Tensor, latents: torch.Tensor):
+        """The group-local first half: x [B, t, n, D], latents [B, t, m, D] -> both updated."""
+        for layer in self.local_layers:
+            x = layer(x, causal=self.causal)
+        # a group's latents may read all of its own group's tokens: in the causal variant
+        # they only reach tokens of later groups (after the shift in forward).
+        return x, self.read(latents, x)
 
     def _global(self, latents: torch.Tensor, mesh: Mesh | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -156,6 +185,7 @@ class FIT(nn.Module):
     [num_latents, dim] plus a fixed sinusoid of the global group index g. With a Mesh, the
     sequence is the concatenation of every rank's shard in rank order (contiguous layout);
     sum parameter gradients over the mesh's sp group (see sharded.py). No final norm.
+    piece_groups: see `FITBlock` (bounds the memory of the group-local parts; same math).
 
     Example:
         >>> fit = FIT(dim=96, num_heads=2, group_size=5, num_latents=3, causal=True)
@@ -164,7 +194,8 @@ class FIT(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, group_size: int, num_latents: int,
                  depth: int = 2, local_layers: int = 1, global_layers: int = 1,
-                 causal: bool = False, mlp_ratio: float = 4, max_group_size: int | None = None):
+                 causal: bool = False, mlp_ratio: float = 4, max_group_size: int | None = None,
+                 piece_groups: int | None = None):
         super().__init__()
         max_group_size = group_size if max_group_size is None else max_group_size
         _check_positive(dim=dim, group_size=group_size, num_latents=num_latents, depth=depth,
@@ -174,7 +205,7 @@ class FIT(nn.Module):
         self.latent_slots = nn.Parameter(torch.randn(num_latents, dim))
         self.blocks = nn.ModuleList(
             FITBlock(dim, num_heads, group_size, num_latents, local_layers, global_layers,
-                     causal, mlp_ratio) for _ in range(depth))
+                     causal, mlp_ratio, piece_groups) for _ in range(depth))
         self.set_group_size(group_size)
 
     def set_group_size(self, group_size: int) -> None:
