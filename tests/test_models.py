@@ -132,3 +132,69 @@ def _bad_inputs(rank, world):
 
 def test_bad_inputs_raise():
     assert run_ranks(_bad_inputs, 2) == [True, True]
+
+
+def _loss_path_cases(rank, world, cases):
+    """The models' loss path (head + loss in pieces, MLPs / FIT group-local parts in pieces,
+    recomputed in backward) against the plain path of an unsharded copy: loss, predictions,
+    every parameter gradient."""
+    from seqshard.dist import Mesh, get_layout
+    from seqshard.models import build_model, next_token_targets, sharded_lm_loss
+
+    m = mesh()
+    compared = []
+    for seed, (kind, config, seq_len) in enumerate(cases):
+        layout = get_layout(config.get("layout", "contiguous"))
+        torch.manual_seed(seed)
+        sharded = build_model(kind, config, m)
+        reference = build_model(kind, dict(config, piece_tokens=8192), Mesh.single())
+        reference.load_state_dict(sharded.state_dict())
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, sharded.config.vocab_size, (2, seq_len), generator=gen)
+        mask = torch.rand(2, seq_len, generator=gen) > 0.3  # loss on some positions only
+        ids_local, mask_local = (layout.shard(t, 1, m.rank, m.size) for t in (ids, mask))
+
+        targets = next_token_targets(ids_local, m, layout=layout)
+        loss, predictions = sharded(ids_local, targets, mask_local)  # [], [B, N_local]
+        loss.backward()
+        full_logits = reference(ids)  # [B, N, V]
+        full_loss = sharded_lm_loss(full_logits, ids, loss_mask=mask)
+        full_loss.backward()
+
+        tag = f"{kind} P={m.size} pieces={config['piece_tokens']}"
+        assert_close(f"{tag} loss", full_loss.detach(), loss.detach(), TOL["loss"])
+        local_logits = layout.shard(full_logits.detach(), 1, m.rank, m.size)
+        chosen = local_logits.gather(-1, predictions[..., None])[..., 0]  # [B, N_local]
+        assert_close(f"{tag} predictions are argmax", local_logits.amax(-1), chosen, TOL["logits"])
+        ref_params = dict(reference.named_parameters())
+        for name, p in sharded.named_parameters():
+            grad = p.grad.clone()
+            if m.size > 1:
+                dist.all_reduce(grad, group=m.group)
+            assert_close(f"{tag} grad {name}", ref_params[name].grad, grad, TOL["grad"])
+        compared.append(len(ref_params))
+
+    from seqshard.models.pieces import chunked_lm_loss, in_pieces
+
+    with pytest.raises(ValueError, match="piece_tokens=0"):
+        in_pieces(torch.nn.Identity(), torch.zeros(1, 4, 8), 0)
+    with pytest.raises(ValueError, match=r"hidden \(1, 5, 8\) does not match"):
+        chunked_lm_loss(torch.zeros(1, 5, 8), torch.nn.Linear(8, 3), torch.zeros(1, 4).long())
+    return compared
+
+
+PIECE_CASES = [
+    # pieces of 3 tokens: odd, so pieces end inside a shard and the last one is short
+    ("deltanet", dict(DELTANET, piece_tokens=3, activation_checkpointing=True), 26),
+    ("deltanet", dict(DELTANET, piece_tokens=5, attn_layers=(0,)), 22),
+    # FIT pieces of one group (piece_tokens < group_size) and of two groups
+    ("fit", dict(FIT_LM, piece_tokens=2, activation_checkpointing=True), 24),
+    ("fit", dict(FIT_LM, piece_tokens=6), 24),
+    ("transformer", dict(TRANSFORMER, layout="zigzag", piece_tokens=3), 20),
+]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_loss_path_in_pieces_equals_plain_path(world):
+    for counts in run_ranks(_loss_path_cases, world, PIECE_CASES):
+        assert len(counts) == len(PIECE_CASES) and min(counts) > 10
