@@ -55,12 +55,36 @@ def _row(point: dict, hw: Hardware, kinds: list[str]) -> list[float]:
     return row + [f["bytes_intra"] + f["bytes_inter"], f["msgs"], f["steps"], 1.0]
 
 
-def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
-    from scipy.optimize import nnls
+def _lawson_hanson(a: np.ndarray, y: np.ndarray, max_iter: int) -> np.ndarray:
+    """min ||a x - y|| subject to x >= 0 (Lawson & Hanson's active-set method; numpy only)."""
+    n = a.shape[1]
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)  # coefficients free to be positive
+    tol = 10 * np.finfo(float).eps * np.linalg.norm(a, 1) * max(a.shape)
+    for _ in range(max_iter):
+        w = a.T @ (y - a @ x)  # descent direction for the bound coefficients
+        if passive.all() or w[~passive].max(initial=-np.inf) <= tol:
+            break
+        passive[np.argmax(np.where(passive, -np.inf, w))] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], y, rcond=None)[0]
+            if z[passive].min() > 0:
+                x = z
+                break
+            # step back to the boundary and release the coefficients that hit zero
+            shrinking = passive & (z <= 0)
+            gap = x[shrinking] - z[shrinking]  # >= 0; 0 only where both are already 0
+            alpha = np.min(np.where(gap > 0, x[shrinking] / np.where(gap > 0, gap, 1.0), 0.0))
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+    return x
 
+
+def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     scale = np.maximum(np.abs(a).max(axis=0), 1e-300)  # columns span 1 .. 1e12
-    x, _ = nnls(a / scale, y, maxiter=50 * a.shape[1])
-    return x / scale
+    return _lawson_hanson(a / scale, y, max_iter=50 * a.shape[1]) / scale
 
 
 def base_profile(results: dict) -> Hardware:

@@ -117,6 +117,9 @@ class CommCounter:
         "all_gather_into_tensor": (2, lambda a, k, p: _nbytes(k.get("input_tensor", a[1] if len(a) > 1 else None)) * (p - 1)),
         "all_gather": (2, lambda a, k, p: _nbytes(k.get("tensor", a[1] if len(a) > 1 else None)) * (p - 1)),
         "reduce_scatter_tensor": (3, lambda a, k, p: _nbytes(k.get("input", a[1] if len(a) > 1 else None)) * (p - 1) // p),
+        # torch 2.13's names for the two above (seqshard.dist calls these when they exist)
+        "all_gather_single": (2, lambda a, k, p: _nbytes(k.get("input_tensor", a[1] if len(a) > 1 else None)) * (p - 1)),
+        "reduce_scatter_single": (3, lambda a, k, p: _nbytes(k.get("input", a[1] if len(a) > 1 else None)) * (p - 1) // p),
         "all_reduce": (2, lambda a, k, p: 2 * _nbytes(k.get("tensor", a[0] if a else None)) * (p - 1) // p),
         "send": (2, lambda a, k, p: _nbytes(k.get("tensor", a[0] if a else None))),
         "isend": (2, lambda a, k, p: _nbytes(k.get("tensor", a[0] if a else None))),
@@ -148,7 +151,7 @@ class CommCounter:
     def __enter__(self):
         # isend/irecv themselves are not replaced: P2POp checks them by identity
         for name, (pos, rule) in self._RULES.items():
-            if name in ("isend",):
+            if name in ("isend",) or not hasattr(dist, name):  # new names: torch >= 2.13 only
                 continue
             self._saved[name] = getattr(dist, name)
             setattr(dist, name, self._wrap(name, self._saved[name], pos, rule))
