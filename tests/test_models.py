@@ -8,15 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.common import assert_close
 from tests.harness import mesh, run_ranks
 
 TOL = {"loss": 2e-5, "logits": 5e-5, "grad": 5e-5}
-
-
-def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
-    err = (ref.float() - out.float()).abs().max().item()
-    scale = max(1.0, ref.float().abs().max().item())
-    assert err <= tol * scale, f"{name}: max abs err {err:.3e} > {tol:.1e} x {scale:.3g}"
 
 
 def _compare_model(kind: str, config: dict, m, *, batch: int, seq_len: int, seed: int) -> int:
