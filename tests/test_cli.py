@@ -57,9 +57,9 @@ def test_subcommand_registry_dispatches(capsys):
         return 0
 
     cmd_plan.add_arguments = lambda p: p.add_argument("seq_len", type=int)
-    cli.command("plan", "plan a mesh")(cmd_plan)
+    cli.command("fake-plan", "plan a mesh")(cmd_plan)
     try:
-        assert cli.main(["plan", "4096"]) == 0
+        assert cli.main(["fake-plan", "4096"]) == 0
         assert capsys.readouterr().out == "planning 4096\n"
     finally:
-        del cli.COMMANDS["plan"]
+        del cli.COMMANDS["fake-plan"]
