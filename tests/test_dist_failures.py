@@ -18,36 +18,28 @@ def _short_timeout_group(seconds: float):
     return dist.new_group([0, 1], timeout=datetime.timedelta(seconds=seconds))
 
 
-def _rank_never_arrives(rank, world):
-    group = _short_timeout_group(2.0)
+def _rank_one_fails(rank, world, mode: str, timeout_s: float):
+    """Rank 1 skips the collective ('skip') or dies ('die'); rank 0 reports what it saw."""
+    group = _short_timeout_group(timeout_s)
     if rank == 1:
+        if mode == "die":
+            os._exit(3)
         return "skipped the collective"
     try:
-        all_reduce(torch.ones(3), group, timeout=datetime.timedelta(seconds=2.0))
+        all_reduce(torch.ones(3), group, timeout=datetime.timedelta(seconds=timeout_s))
     except CollectiveError as err:
         return str(err)
     return "no error"
 
 
 def test_rank_that_never_arrives_times_out():
-    results = run_ranks(_rank_never_arrives, 2, isolated=True, timeout=120)
+    results = run_ranks(_rank_one_fails, 2, "skip", 2.0, isolated=True, timeout=120)
     assert results[1] == "skipped the collective"
     assert results[0].startswith("rank 0: all_reduce over a group of 2 ranks failed"), results[0]
 
 
-def _rank_dies(rank, world):
-    group = _short_timeout_group(10.0)
-    if rank == 1:
-        os._exit(3)
-    try:
-        all_reduce(torch.ones(3), group, timeout=datetime.timedelta(seconds=10.0))
-    except CollectiveError as err:
-        return str(err)
-    return "no error"
-
-
 def test_rank_that_dies_gives_an_error():
-    results = run_ranks(_rank_dies, 2, isolated=True, timeout=120)
+    results = run_ranks(_rank_one_fails, 2, "die", 10.0, isolated=True, timeout=120)
     assert results[1] == RankDied(1, 3)
     assert results[0].startswith("rank 0: all_reduce over a group of 2 ranks failed"), results[0]
 
