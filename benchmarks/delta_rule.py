@@ -23,12 +23,13 @@ import argparse
 import ctypes
 import os
 import resource
-import socket
 import time
 
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from seqshard.dist import free_port, local_rank_env
 
 
 def keep_freed_memory() -> bool:
@@ -113,8 +114,7 @@ def chunk_vs_naive(cfg) -> dict:
 
 # --- 2 and 3: two ranks ---------------------------------------------------------------------
 def _rank_main(rank, world, port, cfg, results):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.update(local_rank_env(rank, world, port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     if cfg.tuned_malloc:
         keep_freed_memory()
@@ -162,9 +162,7 @@ def _rank_main(rank, world, port, cfg, results):
 
 
 def two_ranks(cfg) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, 2, port, cfg, results)) for r in range(2)]

@@ -29,12 +29,18 @@ from .layout import (
     pad_to_multiple,
 )
 from .mesh import Mesh, MeshShape
-from .process_group import default_backend, destroy_process_group, init_process_group
+from .process_group import (
+    default_backend,
+    destroy_process_group,
+    free_port,
+    init_process_group,
+    local_rank_env,
+)
 
 __all__ = [
     "Block", "CollectiveError", "Contiguous", "LAYOUTS", "Layout", "Mesh", "MeshShape",
     "RingComm", "Striped", "Zigzag", "all_gather", "all_reduce", "all_to_all",
     "check_same_shape", "default_backend", "destroy_process_group", "exchange",
-    "exclusive_scan", "get_layout", "heads_to_seq", "init_process_group", "pad_to_multiple",
+    "exclusive_scan", "free_port", "get_layout", "heads_to_seq", "init_process_group", "local_rank_env", "pad_to_multiple",
     "reduce_scatter", "ring_shift", "seq_to_heads",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,22 @@ DEFAULT_TIMEOUT_S = 300.0
 def default_backend() -> str:
     """NCCL when this process sees a CUDA device, gloo otherwise."""
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` now (for a rendezvous that starts right after)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def local_rank_env(rank: int, world: int, port: int, addr: str = "127.0.0.1") -> dict[str, str]:
+    """The torchrun variables of `rank` in a group of `world` processes on this one machine.
+
+    `os.environ.update(local_rank_env(r, P, port))` in each process, then `Mesh.from_env()`.
+    """
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
 
 
 def _env_int(name: str, default: int | None = None) -> int:

@@ -18,12 +18,12 @@ at once.
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from seqshard.dist import free_port
 
 from .config import JobConfig
 from .records import Recorder
@@ -64,9 +64,7 @@ class WorkerActor:
     """One rank. Holds no state between `run` calls; a restart makes fresh actors."""
 
     def node_info(self) -> dict:
-        with socket.socket() as s:  # a free port, used only if this actor becomes rank 0
-            s.bind(("", 0))
-            port = s.getsockname()[1]
+        port = free_port(host="")  # on every interface; used only if this actor becomes rank 0
         return {"ip": ray.util.get_node_ip_address(), "node": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port}
 

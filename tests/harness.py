@@ -23,23 +23,18 @@ import atexit
 import multiprocessing as mp
 import os
 import queue
-import socket
 import sys
 import time
 import traceback
 from dataclasses import dataclass
+
+from seqshard.dist import free_port, local_rank_env
 
 TASK_TIMEOUT_S = float(os.environ.get("SEQSHARD_TEST_TIMEOUT", "300"))
 COLLECTIVE_TIMEOUT_S = 60.0
 
 _pools: dict[int, "_Pool"] = {}
 _meshes: dict = {}  # inside a rank process: Mesh objects by degrees
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mesh(*, dp: int = 1, ulysses: int = 1, ring: int | None = None):
@@ -53,10 +48,7 @@ def mesh(*, dp: int = 1, ulysses: int = 1, ring: int | None = None):
 
 
 def _worker_main(rank: int, world: int, port: int, tasks, results) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
-    )
+    os.environ.update(local_rank_env(rank, world, port), DS_ACCELERATOR="cpu")
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))

@@ -8,8 +8,8 @@ import textwrap
 
 import torch
 
-from seqshard.dist import CollectiveError, all_reduce
-from tests.harness import RankDied, free_port, run_ranks
+from seqshard.dist import CollectiveError, all_reduce, free_port
+from tests.harness import RankDied, run_ranks
 
 
 def _short_timeout_group(seconds: float):

@@ -18,10 +18,11 @@ import functools
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from typing import Callable
+
+from seqshard.dist import free_port, local_rank_env
 
 from . import records
 from .workloads import check_spec
@@ -31,12 +32,6 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 # rank never waits in an OpenMP barrier for a second thread that a busy host descheduled
 # (on a loaded 2-core machine that turned 20 ms of small kernels into seconds).
 THREADS_PER_RANK = 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pin_malloc(threshold: int = 65536) -> None:
@@ -122,9 +117,7 @@ def _worker(rank: int, world: int, port: int, tasks, results, threads: int,
 
     # torch's deprecation notes for the collectives dist/ calls, once per rank and call site
     warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(local_rank_env(rank, world, port))
     import torch
 
     torch.set_num_threads(threads)
@@ -165,7 +158,7 @@ class World:
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world)]
-        port = _free_port()
+        port = free_port()
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.procs = [ctx.Process(target=_worker, daemon=True,
                                   args=(r, world, port, self.tasks[r], self.results, threads,
