@@ -5,14 +5,17 @@
 - `ShardedAttention`: the same as an nn.Module; `make_sdpa(mesh, ...)`: a drop-in with
   torch's `scaled_dot_product_attention` signature.
 - `local_attention(q, k, v, causal, scale) -> (out, lse)`: the fused single-device kernel.
+- `window_attention(q, k, v, mesh, window=W)`: causal sliding window (also reached through
+  `sharded_attention(..., causal=True, window=W)`).
 
 The readable reference lives in `seqshard.ops.attention.naive` (tests import it).
 """
 
 from .kernels import local_attention
 from .sharded import STRATEGIES, ShardedAttention, make_sdpa, resolve_strategy, sharded_attention
+from .window import window_attention
 
 __all__ = [
     "STRATEGIES", "ShardedAttention", "local_attention", "make_sdpa", "resolve_strategy",
-    "sharded_attention",
+    "sharded_attention", "window_attention",
 ]

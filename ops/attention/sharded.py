@@ -26,6 +26,7 @@ from .kernels import default_scale, local_attention
 from .naive import doc_ids
 from .plan import cached_plan
 from .ring import ring_attention
+from .window import check_window, window_attention
 
 STRATEGIES = ("auto", "ring", "ulysses", "hybrid", "allgather")
 
@@ -116,7 +117,7 @@ def _allgather(q, k, v, mesh, layout, *, causal, scale, doc_lens):
 
 def sharded_attention(q, k, v, mesh: Mesh | None = None, *, causal: bool = False,
                       scale: float | None = None, layout="contiguous", strategy: str = "auto",
-                      doc_lens=None) -> torch.Tensor:
+                      doc_lens=None, window: int | None = None) -> torch.Tensor:
     """Exact attention over a sequence sharded across `mesh`'s sequence-parallel ranks.
 
     q [B, Hq, N_local, D]; k, v [B, Hkv, N_local, D] with Hq % Hkv == 0 (GQA/MQA); each rank
@@ -128,6 +129,9 @@ def sharded_attention(q, k, v, mesh: Mesh | None = None, *, causal: bool = False
     strategy: 'auto' | 'ring' | 'ulysses' | 'hybrid' | 'allgather' (auto: see module doc).
     doc_lens: lengths of packed documents over the global sequence (sum == N); tokens never
     attend across a document boundary. mesh None or Mesh.single(): plain local attention.
+    window: causal sliding window of W tokens including the token itself (token t reads
+    t-W+1 .. t); needs causal=True, strategy='auto' and, sharded, layout='contiguous'
+    (a halo exchange with the previous ranks, see ops/attention/window.py).
 
     Example (one process; with P ranks every rank passes its shard and the same mesh):
 
@@ -137,6 +141,9 @@ def sharded_attention(q, k, v, mesh: Mesh | None = None, *, causal: bool = False
     """
     _check_inputs(q, k, v)
     mesh = Mesh.single(q.device) if mesh is None else mesh
+    if window is not None:
+        check_window(window, causal=causal, layout=layout, strategy=strategy, world=mesh.size)
+        return window_attention(q, k, v, mesh, window=window, scale=scale, doc_lens=doc_lens)
     layout = get_layout(layout)
     strategy = resolve_strategy(strategy, mesh, q.shape[1])
     if mesh.size > 1:
@@ -165,9 +172,11 @@ def sharded_attention(q, k, v, mesh: Mesh | None = None, *, causal: bool = False
 
 
 # --- drop-ins ----------------------------------------------------------------------------------
-def make_sdpa(mesh: Mesh | None = None, layout="contiguous", strategy: str = "auto"):
+def make_sdpa(mesh: Mesh | None = None, layout="contiguous", strategy: str = "auto",
+              window: int | None = None):
     """A function with `torch.nn.functional.scaled_dot_product_attention`'s signature that
     computes sharded attention over `mesh` (query/key/value are this rank's shards).
+    `window` makes it a causal sliding window of that many tokens (then is_causal=True).
 
     attn_mask must be None (use causal or doc_lens in `sharded_attention`), dropout_p must be 0.
 
@@ -191,7 +200,7 @@ def make_sdpa(mesh: Mesh | None = None, layout="contiguous", strategy: str = "au
                 f"query heads {query.shape[1]} != key heads {key.shape[1]}: pass enable_gqa=True"
             )
         return sharded_attention(query, key, value, mesh, causal=is_causal, scale=scale,
-                                 layout=layout, strategy=strategy)
+                                 layout=layout, strategy=strategy, window=window)
 
     return sdpa
 
@@ -204,16 +213,23 @@ class ShardedAttention(torch.nn.Module):
     """
 
     def __init__(self, mesh: Mesh | None = None, *, causal: bool = False,
-                 scale: float | None = None, layout="contiguous", strategy: str = "auto"):
+                 scale: float | None = None, layout="contiguous", strategy: str = "auto",
+                 window: int | None = None):
         super().__init__()
-        self.mesh, self.causal, self.scale = mesh, causal, scale
+        self.mesh, self.causal, self.scale, self.window = mesh, causal, scale, window
         self.layout, self.strategy = get_layout(layout), strategy
         resolve_strategy(strategy, mesh or Mesh.single(), 1)  # reject unknown names early
+        if window is not None:
+            check_window(window, causal=causal, layout=layout, strategy=strategy,
+                         world=1 if mesh is None else mesh.size)
 
     def forward(self, q, k, v, doc_lens=None):
         return sharded_attention(q, k, v, self.mesh, causal=self.causal, scale=self.scale,
-                                 layout=self.layout, strategy=self.strategy, doc_lens=doc_lens)
+                                 layout=self.layout, strategy=self.strategy, doc_lens=doc_lens,
+                                 window=self.window)
 
     def extra_repr(self) -> str:
         size = 1 if self.mesh is None else self.mesh.size
-        return f"P={size}, causal={self.causal}, layout={self.layout.name}, strategy={self.strategy}"
+        window = "" if self.window is None else f", window={self.window}"
+        return (f"P={size}, causal={self.causal}, layout={self.layout.name}, "
+                f"strategy={self.strategy}{window}")
