@@ -82,7 +82,8 @@ class TransformerConfig(LMConfig):
 
 @dataclass
 class DeltaNetConfig(LMConfig):
-    """DeltaNet blocks (delta-rule mixer + SwiGLU); optionally some layers global attention."""
+    """DeltaNet blocks (delta-rule mixer + SwiGLU); optionally some layers global or
+    sliding-window attention."""
 
     head_dim: int | None = None
     """Per-head key/value width of the delta rule (None = dim // num_heads)."""
@@ -101,6 +102,11 @@ class DeltaNetConfig(LMConfig):
     attn_layers: tuple[int, ...] = ()
     """Indices of layers that use (global, causal) sharded attention instead of the delta rule:
     the hybrid of the DeltaNet paper."""
+    window_layers: tuple[int, ...] = ()
+    """Indices of layers that use causal sliding-window attention (`window` tokens) instead of
+    the delta rule: the paper's other hybrid. Disjoint from attn_layers."""
+    window: int = 512
+    """Tokens a sliding-window layer sees, the token itself included (t reads t-W+1 .. t)."""
     rope_theta: float = 10000.0
     """RoPE base for the attention layers of the hybrid."""
     strategy: str = "auto"
@@ -108,10 +114,17 @@ class DeltaNetConfig(LMConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _positive(self, "window")
         self.attn_layers = tuple(int(i) for i in self.attn_layers)
-        bad = [i for i in self.attn_layers if not 0 <= i < self.num_layers]
-        if bad:
-            raise ValueError(f"attn_layers {bad} outside 0..{self.num_layers - 1}")
+        self.window_layers = tuple(int(i) for i in self.window_layers)
+        for name in ("attn_layers", "window_layers"):
+            bad = [i for i in getattr(self, name) if not 0 <= i < self.num_layers]
+            if bad:
+                raise ValueError(f"{name} {bad} outside 0..{self.num_layers - 1}")
+        both = sorted(set(self.attn_layers) & set(self.window_layers))
+        if both:
+            raise ValueError(f"layers {both} are in both attn_layers={self.attn_layers} and "
+                             f"window_layers={self.window_layers}: a layer has one mixer")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
 

@@ -1,9 +1,11 @@
-"""DeltaNetLM: DeltaNet (delta-rule) blocks, optionally with some global-attention layers
-(the hybrid of the DeltaNet paper).
+"""DeltaNetLM: DeltaNet (delta-rule) blocks, optionally with some global-attention or
+sliding-window-attention layers (the hybrids of the DeltaNet paper).
 
 Block: x + Mixer(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)); the mixer is
 `seqshard.ops.delta_rule.DeltaNet` (state passed across ranks), or for layers listed in
-`attn_layers` the causal sharded attention with RoPE. DeltaNet shards are contiguous only.
+`attn_layers` the causal sharded attention with RoPE, or for `window_layers` causal
+sliding-window attention of `window` tokens with RoPE (the halo comes from the previous
+ranks). DeltaNet shards are contiguous only.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ from .pieces import in_pieces
 
 
 class DeltaNetBlock(nn.Module):
-    def __init__(self, cfg: DeltaNetConfig, attention: bool):
+    def __init__(self, cfg: DeltaNetConfig, mixer: str):
+        """mixer: 'delta' | 'global' (causal attention) | 'window' (sliding window)."""
         super().__init__()
         self.mixer_norm = RMSNorm(cfg.dim)
-        self.is_attention = attention
-        if attention:
+        self.is_attention = mixer in ("global", "window")
+        if self.is_attention:
             head_dim = cfg.head_dim or cfg.dim // cfg.num_heads
+            # the window has one algorithm (a halo exchange): cfg.strategy is for global layers
+            window, strategy = (cfg.window, "auto") if mixer == "window" else (None, cfg.strategy)
             self.mixer = Attention(cfg.dim, cfg.num_heads, cfg.num_heads, head_dim,
-                                   cfg.rope_theta, cfg.strategy)
+                                   cfg.rope_theta, strategy, window=window)
         else:
             self.mixer = DeltaNet(cfg.dim, cfg.num_heads, head_dim=cfg.head_dim,
                                   use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size,
@@ -62,8 +67,14 @@ class DeltaNetLM(CausalLM):
 
     def __init__(self, config: DeltaNetConfig, mesh: Mesh | None = None):
         super().__init__(config, mesh)
-        self.blocks = nn.ModuleList(DeltaNetBlock(config, i in config.attn_layers)
+        self.blocks = nn.ModuleList(DeltaNetBlock(config, self.mixer_kind(i))
                                     for i in range(config.num_layers))
         # the delta-rule layers keep the op's own initialisation
         owned = [b.mlp for b in self.blocks] + [b.mixer for b in self.blocks if b.is_attention]
         self.finish(owned)
+
+    def mixer_kind(self, layer: int) -> str:
+        """'global', 'window' or 'delta': the mixer the config gives layer `layer`."""
+        if layer in self.config.attn_layers:
+            return "global"
+        return "window" if layer in self.config.window_layers else "delta"

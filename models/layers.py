@@ -92,14 +92,15 @@ class Attention(nn.Module):
 
     x [B, N_local, C] -> [B, N_local, C]. The attention itself is
     `seqshard.ops.attention.sharded_attention` with the mesh, layout and strategy, so the
-    result equals attention over the whole (gathered) sequence.
+    result equals attention over the whole (gathered) sequence. `window` (tokens, the token
+    itself included) makes it causal sliding-window attention (contiguous layout).
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rope_theta: float, strategy: str):
+                 rope_theta: float, strategy: str, window: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.rope_theta, self.strategy = rope_theta, strategy
+        self.rope_theta, self.strategy, self.window = rope_theta, strategy, window
         self.wq = nn.Linear(dim, num_heads * head_dim, bias=False)
         self.wk = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
         self.wv = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
@@ -113,5 +114,5 @@ class Attention(nn.Module):
         cos, sin = rope_tables(ctx.positions, self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = sharded_attention(q, k, v, ctx.mesh, causal=True, layout=ctx.layout,
-                                strategy=self.strategy)  # [B, Hq, N_local, D]
+                                strategy=self.strategy, window=self.window)  # [B, Hq, N_local, D]
         return self.wo(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
