@@ -191,6 +191,9 @@ def _strategy_cases(world):
     for j, strategy in enumerate(strategies):  # the largest head dim, odd shard length
         cases.append(dict(seed=300 + j, strategy=strategy, causal=True, layout="contiguous",
                           hq=4, hkv=1, d=256, n_local=7))
+    for j, layout in enumerate(layouts):  # 3 K/V heads x batch 2: uneven backward head groups
+        cases.append(dict(seed=400 + j, strategy="ring", causal=True, layout=layout, hq=6,
+                          hkv=3, d=48, n_local=9 if layout == "contiguous" else 10))
     for j, strategy in enumerate(strategies):  # bf16 stays within bf16 tolerance
         cases.append(dict(seed=200 + j, strategy=strategy, causal=True, layout="zigzag", hq=4,
                           hkv=2, d=64, dtype=torch.bfloat16, tol="bf16"))
