@@ -143,6 +143,8 @@ def window_attention(q, k, v, mesh: Mesh | None = None, *, window: int,
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise ValueError(f"block={block!r} must be a positive integer")
     n = q.shape[2]
+    if n == 0:
+        raise ValueError(f"window attention needs local tokens, got q of shape {tuple(q.shape)}")
     doc = None if doc_lens is None else doc_ids(doc_lens, n * mesh.size, q.device)
     k_halo, v_halo = gather_halo(k, v, mesh, window)  # [B, Hkv, h, D]
     if k_halo.shape[2] or mesh.size > 1:
