@@ -50,7 +50,11 @@ def _shape_problems(q, k, v, beta, gate, initial_state, schedule, chunk_size) ->
 def _nonfinite(named) -> list[str]:
     bad = []
     for name, t in named:
-        if t is not None:
+        # Fast path: a NaN or inf anywhere makes the sum NaN or inf, so a finite sum proves
+        # every value finite in one cheap reduction (isfinite costs several full passes: a
+        # third of the chunked forward at 8K tokens). Only a non-finite sum (a bad value, or
+        # an overflow of large finite ones) pays for the exact count.
+        if t is not None and not bool(torch.isfinite(t.detach().sum())):
             count = int((~torch.isfinite(t.detach())).sum())
             if count:
                 bad.append(f"{name} has {count} NaN/inf values")

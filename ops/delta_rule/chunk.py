@@ -27,7 +27,11 @@ import torch
 
 
 class Chunks(NamedTuple):
-    """Per-chunk tensors, chunk-major so the state chain indexes dim 0."""
+    """Per-chunk tensors, indexed chunk first so the state chain reads chunk j as x[j].
+
+    They are views of head-major storage [B, H, nc, C, ...] (the inputs' own order): chunking
+    a contiguous input copies nothing, and all chunks of all heads are one 3-D batch
+    [B*H*nc, C, ...] (`flat`) for the chunk-parallel bmm calls."""
 
     qg: torch.Tensor  # [nc, B, H, C, Dk] scaled queries, decayed from the chunk start
     aqk: torch.Tensor  # [nc, B, H, C, C] causal (Q K^T * Gamma)
@@ -38,7 +42,8 @@ class Chunks(NamedTuple):
 
 
 def to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
-    """[B, H, N, ...] -> [nc, B, H, C, ...], zero-padded at the end.
+    """[B, H, N, ...] -> [nc, B, H, C, ...]: a view, or a zero-padded copy when C does not
+    divide N.
 
     Zero padding is exact: a token with k = 0, b = 0, g = 0 leaves the state unchanged.
     """
@@ -47,41 +52,66 @@ def to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     if nc * C != N:
         pad = x.new_zeros(x.shape[:2] + (nc * C - N,) + x.shape[3:])
         x = torch.cat([x, pad], dim=2)
-    return x.unflatten(2, (nc, C)).movedim(2, 0).contiguous()  # contiguous: the chain slices it
+    return x.unflatten(2, (nc, C)).movedim(2, 0)
 
 
 def from_chunks(x: torch.Tensor, N: int) -> torch.Tensor:
-    """[nc, B, H, C, D] -> [B, H, N, D] (drops the padding)."""
+    """[nc, B, H, C, D] -> [B, H, N, D] (drops the padding; a view for head-major storage)."""
     return x.movedim(0, 2).flatten(2, 3)[:, :, :N]
 
 
-def prepare(q, k, v, beta, gate, scale: float, C: int) -> Chunks:
-    """The chunk-parallel part: the UT transform and the intra-chunk scores."""
-    qc, kc, vc = to_chunks(q * scale, C), to_chunks(k, C), to_chunks(v, C)
-    bc = to_chunks(beta, C)  # [nc, B, H, C]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # t >= s
-    kk = kc @ kc.mT  # [nc, B, H, C, C]
-    qk = qc @ kc.mT
-    if gate is None:
-        strict = (kk * bc[..., None]).tril_(-1)  # in place: mul's backward does not need it
-        kw, qg, kt, decay = kc, qc, kc, None
-        aqk = qk.tril_()
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """[nc, B, H, ...] -> [B*H*nc, ...]: one batch of every chunk of every head (a view for
+    head-major storage, a copy otherwise)."""
+    return x.movedim(0, 2).flatten(0, 2)
+
+
+def unflat(x: torch.Tensor, B: int, H: int) -> torch.Tensor:
+    """[B*H*nc, ...] -> [nc, B, H, ...] (a view)."""
+    return x.unflatten(0, (B, H, -1)).movedim(2, 0)
+
+
+def _chunk_math(q, k, v, b, g, scale: float, out: Chunks | None = None, with_u: bool = True):
+    """The UT transform and the intra-chunk scores of G independent chunks, as 3-D batches.
+
+    q, k [G, C, Dk], v [G, C, Dv], b, g (log-decay or None) [G, C]. Returns the Chunks fields
+    as [G, ...] tensors (decay [G]); with `out` (no autograd) the results land in its buffers
+    (a None field: allocate; kt is k itself without a gate). with_u=False skips U = T V."""
+    out = out or Chunks(None, None, None, None, None, None)
+    C = q.shape[1]
+    kk = torch.bmm(k, k.mT)  # [G, C, C]
+    if g is None:
+        qg = torch.mul(q, scale, out=out.qg)
+        aqk = torch.bmm(qg, k.mT, out=out.aqk).tril_()  # tril_ in place: bmm's backward keeps no output
+        kk_b = kk * b[..., None]
+        kw, kt, decay = k, k, None
     else:
-        gam = to_chunks(gate, C).cumsum(-1)  # [nc, B, H, C]
+        gam = g.cumsum(-1)  # [G, C]
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # t >= s
         # -inf above the diagonal first, so exp never sees a large positive gap
-        ratio = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-        strict = (kk * ratio * bc[..., None]).tril_(-1)
-        kw = kc * gam.exp()[..., None]
-        qg = qc * gam.exp()[..., None]
-        kt = kc * (gam[..., -1:] - gam).exp()[..., None]
-        decay = gam[..., -1].exp()
-        aqk = qk * ratio
-    # T = (I + strict)^-1 diag(b): unitriangular=True reads only the strict lower part
-    eye = torch.eye(C, dtype=q.dtype, device=q.device).expand_as(strict)
-    t = torch.linalg.solve_triangular(strict, eye, upper=False, unitriangular=True)
-    t = t * bc[..., None, :]  # [nc, B, H, C, C]
-    w, u = t @ kw, t @ vc
+        ratio = (gam[:, :, None] - gam[:, None, :]).masked_fill(~causal, float("-inf")).exp()
+        qg = torch.mul(q, (gam.exp() * scale)[..., None], out=out.qg)
+        aqk = torch.mul(torch.bmm(q * scale, k.mT), ratio, out=out.aqk)
+        kk_b = kk * ratio * b[..., None]
+        kw = k * gam.exp()[..., None]
+        kt = torch.mul(k, (gam[:, -1:] - gam).exp()[..., None], out=out.kt)
+        decay = torch.exp(gam[:, -1], out=out.decay)
+    # T = (I + strict_tril(kk_b))^-1 diag(b): unitriangular=True reads only the strict lower
+    # part of kk_b (and its backward only writes there), so no tril and no identity are added
+    t = torch.linalg.solve_triangular(kk_b, torch.diag_embed(b), upper=False,
+                                      unitriangular=True)  # [G, C, C]
+    w = torch.bmm(t, kw, out=out.w)
+    u = torch.bmm(t, v, out=out.u) if with_u else None
     return Chunks(qg, aqk, w, u, kt, decay)
+
+
+def prepare(q, k, v, beta, gate, scale: float, C: int) -> Chunks:
+    """The chunk-parallel part: the UT transform and the intra-chunk scores (differentiable).
+    q, k [B, H, N, Dk], v [B, H, N, Dv], beta, gate [B, H, N] -> Chunks of nc = ceil(N / C)."""
+    B, H = q.shape[:2]
+    parts = [flat(to_chunks(t, C)) if t is not None else None for t in (q, k, v, beta, gate)]
+    ch = _chunk_math(*parts, scale)
+    return Chunks(*(unflat(x, B, H) if x is not None else None for x in ch))
 
 
 def _heads_flat(ch: Chunks):
@@ -92,13 +122,19 @@ def _heads_flat(ch: Chunks):
     return w, u, kt, decay
 
 
+def _per_chunk(like: torch.Tensor, nc: int) -> torch.Tensor:
+    """An empty [nc, B, H, ...] buffer for one `like` [B, H, ...] per chunk, head-major as the
+    Chunks are (so `flat` of it is a view)."""
+    return like.new_empty(like.shape[:2] + (nc,) + like.shape[2:]).movedim(2, 0)
+
+
 def chain_states(s0: torch.Tensor, ch: Chunks):
     """Run the state through the chunks. Returns the state at each chunk start
     [nc, B, H, Dk, Dv], Delta = U - W S of each chunk [nc, B, H, C, Dv] (the outputs reuse
     it) and the state after the last chunk [B, H, Dk, Dv]."""
     w, u, kt, decay = _heads_flat(ch)
-    states = s0.new_empty((w.shape[0],) + s0.shape)
-    deltas = torch.empty_like(ch.u)
+    states = _per_chunk(s0, w.shape[0])
+    deltas = torch.empty_like(ch.u)  # keeps u's head-major strides
     flat_states, flat_deltas = states.flatten(1, 2), deltas.flatten(1, 2)
     s = s0.flatten(0, 1)  # [B*H, Dk, Dv]
     for j in range(w.shape[0]):
@@ -129,7 +165,7 @@ def chain_grads(ch: Chunks, ds_states: torch.Tensor, ds_end: torch.Tensor, keep:
     state from the outputs; ds_end: gradient of the state after the last chunk.
     Returns (gradient of the state after each chunk [nc, ...] or None, gradient of s0)."""
     w, _, kt, decay = _heads_flat(ch)
-    after = ds_end.new_empty(ds_states.shape) if keep else None
+    after = _per_chunk(ds_end, w.shape[0]) if keep else None
     flat_after, flat_ds = (after.flatten(1, 2) if keep else None), ds_states.flatten(1, 2)
     g = ds_end.flatten(0, 1)  # [B*H, Dk, Dv]
     for j in range(w.shape[0] - 1, -1, -1):
@@ -157,98 +193,128 @@ class LocalSchedule:
         return ds_in
 
 
-BLOCK_TOKENS = 4096  # tokens whose chunk temporaries are live together (bounds memory)
+BLOCK_TOKENS = 16384  # tokens (over all heads) whose C x C temporaries are live together
 
 
-def _blocks(N: int, C: int) -> list[tuple[int, int]]:
-    """Token ranges [start, stop) of whole chunks, about BLOCK_TOKENS long."""
-    step = max(1, BLOCK_TOKENS // C) * C
-    return [(a, min(a + step, N)) for a in range(0, N, step)]
+def _blocks(G: int, C: int) -> list[slice]:
+    """Ranges of the flat chunk index [B*H*nc] about BLOCK_TOKENS tokens long: contiguous
+    slices of every flat tensor, so a block's results are written in place (no stacking)."""
+    step = max(1, BLOCK_TOKENS // C)
+    return [slice(a, min(a + step, G)) for a in range(0, G, step)]
 
 
-def _part(tensors, a: int, b: int):
-    return [t[:, :, a:b] if t is not None else None for t in tensors]
-
-
-def _over_blocks(N: int, C: int, fn):
-    """Run fn(a, b) -> tuple of [chunks of block, ...] tensors (or None) on every block and
-    stack the results over all N/C chunks into buffers allocated on the first block."""
-    nc, out = -(-N // C), None
-    for a, b in _blocks(N, C):
-        part = fn(a, b)
-        if out is None:
-            out = [t.new_empty((nc,) + t.shape[1:]) if t is not None else None for t in part]
-        for buf, t in zip(out, part):
-            if t is not None:
-                buf[a // C: -(-b // C)] = t
-    return out
+def _flat_inputs(inputs, C: int):
+    return [flat(to_chunks(t, C)) if t is not None else None for t in inputs]
 
 
 def prepare_blocked(inputs, scale: float, C: int) -> Chunks:
     """`prepare` without autograd, block by block: the C x C temporaries of one block at a time
-    are live, only the per-chunk results of all blocks are kept."""
-    N = inputs[0].shape[2]
-    return Chunks(*_over_blocks(N, C, lambda a, b: prepare(*_part(inputs, a, b), scale, C)))
+    are live, only the per-chunk results of all blocks are kept (written in place)."""
+    B, H = inputs[0].shape[:2]
+    parts = _flat_inputs(inputs, C)  # [G, C, ...]
+    q, k, v, _, gate = parts
+    G = q.shape[0]
+    out = Chunks(q.new_empty(G, C, q.shape[-1]), q.new_empty(G, C, C),
+                 q.new_empty(G, C, k.shape[-1]), q.new_empty(G, C, v.shape[-1]),
+                 q.new_empty(G, C, k.shape[-1]) if gate is not None else k,
+                 q.new_empty(G) if gate is not None else None)
+    for sl in _blocks(G, C):
+        _chunk_math(*(t[sl] if t is not None else None for t in parts), scale,
+                    out=Chunks(*(x[sl] if x is not None else None for x in out)))
+    return Chunks(*(unflat(x, B, H) if x is not None else None for x in out))
 
 
 def _fwd(inputs, h0, schedule, scale, C):
     """Returns (o [B, H, N, Dv], what the schedule makes of the last state, chunk-start states)."""
+    B, H, N = inputs[0].shape[:3]
     ch = prepare_blocked(inputs, scale, C)
     s_in = schedule.state_in(h0, ch)
     states, deltas, s_out = chain_states(s_in, ch)
-    qg, aqk = ch.qg, ch.aqk
+    qg, aqk = flat(ch.qg), flat(ch.aqk)
     del ch  # W, U, Kt are no longer needed: free them before the outputs
     final = schedule.state_out(s_out)  # sharded schedules post their send here
-    o = torch.matmul(qg, states)  # [nc, B, H, C, Dv]
-    o.view(-1, *o.shape[-2:]).baddbmm_(aqk.view(-1, *aqk.shape[-2:]),
-                                       deltas.view(-1, *deltas.shape[-2:]))
-    return from_chunks(o, inputs[0].shape[2]), final, states
+    o = torch.bmm(qg, flat(states)).baddbmm_(aqk, flat(deltas))  # [B*H*nc, C, Dv]
+    return from_chunks(unflat(o, B, H), N), final, states
 
 
-def _block_grads(inputs, states, after, do, scale, C, a, b):
-    """Gradients of the inputs' tokens [a, b) given the gradient of every state after a chunk:
-    recompute this block's `prepare` with autograd and pull the chunk gradients through it."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in _part(inputs, a, b)]
+def _with_graph(parts, scale):
+    """The chunk math of a block with autograd: (its leaf inputs, its Chunks)."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in parts]
     with torch.enable_grad():
-        ch = prepare(*leaves, scale, C)
-    j = slice(a // C, -(-b // C))
-    states, after, do_c = states[j], after[j], to_chunks(do[:, :, a:b], C)
-    delta = ch.u.detach() - ch.w.detach() @ states  # [n, B, H, C, Dv]
-    d_delta = ch.aqk.detach().mT @ do_c + ch.kt.detach() @ after
+        return leaves, _chunk_math(*leaves, scale)
+
+
+def _pull(leaves, ch: Chunks, s, after, do, aqk_do):
+    """Gradients of a block's inputs (flat [g, C, ...] each) given its chunk math with graph,
+    the chunk-start states s, the gradient of the state after each chunk, dO and Aqk^T dO:
+    the chunk gradients pulled through the graph by one autograd call."""
+    w, u, kt = (x.detach() for x in ch[2:5])
+    delta = torch.baddbmm(u, w, s, alpha=-1)  # [g, C, Dv]
+    d_delta = torch.baddbmm(aqk_do, kt, after)
     outs = [ch.qg, ch.aqk, ch.w, ch.u, ch.kt]
-    grads = [do_c @ states.mT, do_c @ delta.mT, (d_delta @ states.mT).neg_(), d_delta,
-             delta @ after.mT]
+    grads = [torch.bmm(do, s.mT), torch.bmm(do, delta.mT), torch.bmm(d_delta, s.mT).neg_(),
+             d_delta, torch.bmm(delta, after.mT)]
     if ch.decay is not None:
         outs.append(ch.decay)
-        grads.append((states * after).sum((-2, -1)))
+        grads.append((s * after).sum((-2, -1)))
     return torch.autograd.grad(outs, [t for t in leaves if t is not None], grads)
 
 
 def _bwd(inputs, states, do, ds_final, schedule, scale, C):
     """Gradients of (q, k, v, beta, gate) and of the incoming state.
 
-    Two passes over `prepare`: first without autograd for what the state chain needs (so the
-    incoming-state gradient leaves for the previous rank early), then block by block with
-    autograd, so that only one block's graph is ever alive."""
-    def chain_part(a, b):  # what the state chain needs, and the outputs' pull on each S_j
-        ch = prepare(*_part(inputs, a, b), scale, C)
-        do_c = to_chunks(do[:, :, a:b], C)  # [n, B, H, C, Dv]
-        ds_states = ch.qg.mT @ do_c - ch.w.mT @ (ch.aqk.mT @ do_c)
-        return ch.w, ch.kt, ch.decay, ds_states
-
-    w, kt, decay, ds_states = _over_blocks(inputs[0].shape[2], C, chain_part)
-    ch = Chunks(None, None, w, None, kt, decay)
+    Pass 1 computes what the state chain needs and runs the chain backward (so the
+    incoming-state gradient leaves for the previous rank early); pass 2 pulls every input's
+    gradient through the chunk math, block by block with autograd, so that only one block's
+    graph is ever alive. A shard that is one block keeps pass 1's graph for pass 2 instead of
+    recomputing it (same memory bound: one block's graph)."""
+    B, H, N = inputs[0].shape[:3]
+    parts, do_f = _flat_inputs(inputs, C), flat(to_chunks(do, C))
+    q, k, _, _, gate = parts
+    G = q.shape[0]
+    blocks = _blocks(G, C)
+    kept = None
+    # pass 1: W, Kt, decay and the outputs' pull on each S_j, Qg^T dO - W^T (Aqk^T dO)
+    ds_states = _per_chunk(ds_final, G // (B * H))
+    ds_f = flat(ds_states)
+    if len(blocks) == 1:
+        leaves, ch = _with_graph(parts, scale)
+        w, kt, decay = (x.detach() if x is not None else None for x in (ch.w, ch.kt, ch.decay))
+        aqk_do = torch.bmm(ch.aqk.detach().mT, do_f)
+        torch.bmm(ch.qg.detach().mT, do_f, out=ds_f).baddbmm_(w.mT, aqk_do, alpha=-1)
+        kept = (leaves, ch, aqk_do)
+    else:
+        w = q.new_empty(G, C, k.shape[-1])
+        kt = q.new_empty(w.shape) if gate is not None else k
+        decay = q.new_empty(G) if gate is not None else None
+        for sl in blocks:
+            ch = _chunk_math(*(t[sl] if t is not None else None for t in parts), scale,
+                             out=Chunks(None, None, w[sl], None, kt[sl] if gate is not None
+                                        else None, decay[sl] if gate is not None else None),
+                             with_u=False)
+            torch.bmm(ch.qg.mT, do_f[sl], out=ds_f[sl]).baddbmm_(
+                ch.w.mT, torch.bmm(ch.aqk.mT, do_f[sl]), alpha=-1)
+    ch = Chunks(None, None, *(unflat(x, B, H) if x is not None else None
+                              for x in (w, None, kt, decay)))
     ds_end = schedule.grad_out(ds_final, ch, ds_states)
     after, ds_in = chain_grads(ch, ds_states, ds_end)
     dh0 = schedule.grad_in(ds_in)
-    del ch, w, kt, decay, ds_states
-    d_inputs = [torch.empty_like(t) if t is not None else None for t in inputs]
-    for a, b in _blocks(inputs[0].shape[2], C):
-        got = iter(_block_grads(inputs, states, after, do, scale, C, a, b))
-        for d in d_inputs:
-            if d is not None:
-                d[:, :, a:b] = next(got)
-    return d_inputs, dh0
+    del ch, w, kt, decay, ds_states, ds_f
+    # pass 2: every input's gradient
+    states_f, after_f = flat(states), flat(after)
+    if kept is not None:
+        d_parts = iter(_pull(*kept[:2], states_f, after_f, do_f, kept[2]))
+        d_parts = [next(d_parts) if t is not None else None for t in parts]
+    else:
+        d_parts = [torch.empty_like(t) if t is not None else None for t in parts]
+        for sl in blocks:
+            leaves, ch = _with_graph([t[sl] if t is not None else None for t in parts], scale)
+            got = iter(_pull(leaves, ch, states_f[sl], after_f[sl], do_f[sl],
+                             torch.bmm(ch.aqk.detach().mT, do_f[sl])))
+            for d in d_parts:
+                if d is not None:
+                    d[sl] = next(got)
+    return [from_chunks(unflat(d, B, H), N) if d is not None else None for d in d_parts], dh0
 
 
 class _DeltaRule(torch.autograd.Function):
