@@ -144,3 +144,24 @@ def test_deltanet_window_hybrid_matches_unsharded(world, cases):
     # every parameter compared: the window and global layers' projections included
     expected = [len(list(build_model("deltanet", config).parameters())) for config, _ in cases]
     assert run_ranks(_hybrid, world, cases) == [expected] * world
+
+
+def test_local_blocks_are_o_n_times_window(monkeypatch):
+    """The local kernel never meets more than block + W - 1 keys per query block, so its
+    work is O(n W): count the (query, key) pairs handed to the fused kernel."""
+    import seqshard.ops.attention.window as window_mod
+
+    calls = []
+    sdpa = window_mod.F.scaled_dot_product_attention
+
+    def counting(q, k, v, **kwargs):
+        calls.append((q.shape[2], k.shape[2]))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(window_mod.F, "scaled_dot_product_attention", counting)
+    n, window, block = 301, 10, 16
+    q = torch.randn(1, 2, n, 8)
+    window_mod.window_attention(q, q, q, None, window=window, block=block)
+    assert len(calls) == -(-n // block)
+    assert max(nk for _, nk in calls) <= block + window - 1
+    assert sum(nq * nk for nq, nk in calls) <= n * (block + window - 1)
