@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from seqshard.dist import RingComm, exchange
+from seqshard.dist import RingComm, exchange, heads_to_seq, seq_to_heads
 
 from .kernels import block_backward, block_forward, merge_into
 
@@ -157,27 +157,84 @@ def _ring_bwd(do, q, k, v, out, lse, plans, scale, group, timeout):
     return dq, dk, dv
 
 
+# --- the Ulysses stage: all-to-all to head shards around the loop, one head group at a time --
+def _head_groups(kv_heads: int, degree: int) -> int:
+    """How many head groups stream through the Ulysses stage: the largest divisor of the K/V
+    heads each rank gets (kv_heads / degree) up to BWD_SLICES, so groups hold whole GQA groups."""
+    per_rank = kv_heads // degree
+    return max(d for d in range(1, min(per_rank, BWD_SLICES) + 1) if per_rank % d == 0)
+
+
+def _heads(t, j: int, groups: int):
+    """Head group j of `groups` of t [B, H, ...] (a view)."""
+    h = t.shape[1] // groups
+    return t[:, j * h:(j + 1) * h]
+
+
+def _ulysses_fwd(q, k, v, plans, scale, group, timeout, a2a, groups):
+    # per group: [B, H/G, n, D] -> all-to-all -> [B, H/(G u), u n, D] -> the loop -> back
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lses = []
+    for j in range(groups):
+        qg, kg, vg = (seq_to_heads(_heads(t, j, groups), a2a, timeout=timeout) for t in (q, k, v))
+        og, lse = _ring_fwd(qg, kg, vg, plans, scale, group, timeout)
+        del qg, kg, vg
+        _heads(out, j, groups).copy_(heads_to_seq(og, a2a, timeout=timeout))
+        lses.append(lse)  # [B, H/(G u), u n]: all that is kept per group besides q, k, v, out
+    return out, torch.stack(lses)
+
+
+def _ulysses_bwd(do, q, k, v, out, lses, plans, scale, group, timeout, a2a, groups):
+    """Head-sharded inputs are all-to-all'ed again per group instead of being saved: one
+    group's working set at a time instead of every head's (the all-to-all is cheap next to
+    the attention it feeds)."""
+    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+    for j in range(groups):
+        parts = [seq_to_heads(_heads(t, j, groups), a2a, timeout=timeout)
+                 for t in (do, q, k, v, out)]
+        g = list(_ring_bwd(*parts, lses[j], plans, scale, group, timeout))
+        del parts
+        for i, dst in enumerate(grads):  # fp32 head shards -> this rank's rows, one at a time
+            _heads(dst, j, groups).copy_(heads_to_seq(g[i], a2a, timeout=timeout))
+            g[i] = None
+    return grads
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plans, scale, group, timeout):
-        out, lse = _ring_fwd(q, k, v, plans, scale, group, timeout)
+    def forward(ctx, q, k, v, plans, scale, group, timeout, a2a):
+        if a2a is None:
+            out, lse = _ring_fwd(q, k, v, plans, scale, group, timeout)
+        else:
+            ctx.groups = _head_groups(k.shape[1], RingComm(a2a).size)
+            out, lse = _ulysses_fwd(q, k, v, plans, scale, group, timeout, a2a, ctx.groups)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (plans, scale, group, timeout)
+        ctx.a2a = a2a
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_bwd(do.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        if ctx.a2a is None:
+            dq, dk, dv = _ring_bwd(do.contiguous(), q, k, v, out, lse, *ctx.args)
+        else:
+            dq, dk, dv = _ulysses_bwd(do, q, k, v, out, lse, *ctx.args, ctx.a2a, ctx.groups)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def ring_attention(q, k, v, plans, scale: float, group=None, timeout=None) -> torch.Tensor:
+def ring_attention(q, k, v, plans, scale: float, group=None, timeout=None,
+                   a2a_group=None) -> torch.Tensor:
     """Attention of local queries against K/V blocks passed around `group`'s ring.
 
     q [B, Hq, nq, D]; k, v [B, Hkv, nk, D] (this rank's blocks; every rank's k has the same
     shape); plans: R lists of `plan.Piece`, plans[s] for the keys of ring rank (r - s) mod R.
-    Returns out [B, Hq, nq, D]. group None = one process (R = 1). Example (one process):
+    Returns out [B, Hq, nq, D]. group None = one process (R = 1).
+
+    a2a_group (Ulysses, u ranks): q, k, v are sequence shards that go to head shards
+    [B, H/u, u nq, D] by all-to-all before the loop (the plans are for those concatenated
+    rows) and back after it; Hq and Hkv must divide by u. Head groups stream through this
+    stage one at a time, forward and backward. Example (one process):
 
     >>> from seqshard.ops.attention.plan import Piece
     >>> q = k = v = torch.randn(1, 2, 6, 32)
@@ -185,4 +242,11 @@ def ring_attention(q, k, v, plans, scale: float, group=None, timeout=None) -> to
     """
     if len(plans) != RingComm(group).size:
         raise ValueError(f"got {len(plans)} step plans for a ring of {RingComm(group).size} ranks")
-    return _RingAttention.apply(q, k, v, plans, scale, group, timeout)
+    if a2a_group is not None and RingComm(a2a_group).size == 1:
+        a2a_group = None
+    if a2a_group is not None:
+        u = RingComm(a2a_group).size
+        if q.shape[1] % u or k.shape[1] % u:
+            raise ValueError(f"query heads {q.shape[1]} and key/value heads {k.shape[1]} must "
+                             f"divide by the all-to-all group size {u}")
+    return _RingAttention.apply(q, k, v, plans, scale, group, timeout, a2a_group)

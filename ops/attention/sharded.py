@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from seqshard.dist import Mesh, all_gather, get_layout, heads_to_seq, seq_to_heads
+from seqshard.dist import Mesh, all_gather, get_layout
 
 from .kernels import default_scale, local_attention
 from .naive import doc_ids
@@ -93,16 +93,14 @@ def _ulysses_ring(q, k, v, mesh, layout, *, causal, scale, doc_lens, a2a_group, 
     n_global = q.shape[2] * mesh.size
     if u > 1:
         k, v = _replicate_kv(k, u), _replicate_kv(v, u)
-        # [B, H, N/P, D] -> [B, H/u, u*N/P, D]
-        q, k, v = (seq_to_heads(t, a2a_group, timeout=mesh.timeout) for t in (q, k, v))
     members = [tuple(range(i * u, (i + 1) * u)) for i in range(r)]
     plans = [cached_plan(layout, n_global, mesh.size, members[ring_index],
                          members[(ring_index - s) % r], causal=causal, doc_lens=doc_lens)
              for s in range(r)]
-    out = ring_attention(q, k, v, plans, scale, ring_group, mesh.timeout)
-    if u > 1:
-        out = heads_to_seq(out, a2a_group, timeout=mesh.timeout)  # [B, H, N/P, D]
-    return out
+    # the loop does the all-to-all [B, H, N/P, D] <-> [B, H/u, u*N/P, D] itself, head group
+    # by head group, so no rank ever holds every head's full-sequence tensors at once
+    return ring_attention(q, k, v, plans, scale, ring_group, mesh.timeout,
+                          a2a_group=a2a_group if u > 1 else None)
 
 
 def _allgather(q, k, v, mesh, layout, *, causal, scale, doc_lens):
