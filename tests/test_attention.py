@@ -297,3 +297,40 @@ def test_plans_stay_on_the_fused_kernel():
     # a document boundary that is not aligned between striped shards does need a mask
     plan = build_plan(lay["striped"], 64, 4, (0,), (1,), causal=True, doc_lens=[9, 55])
     assert any(p.mask is not None for p in plan)
+
+
+def _streaming(rank, world):
+    """What travels in the memory-lean paths: the ring backward sends one head group's K/V
+    and dK/dV share at a time (never a whole block), and Ulysses all-to-alls one head group
+    at a time, forward and backward (never every head). Returns what was seen."""
+    from seqshard.ops.attention import ring
+
+    sent, a2a_heads = [], []
+    real_exchange, real_a2a = ring.exchange, ring.seq_to_heads
+
+    def exchange(sends, recvs, *args, **kwargs):
+        sent.extend(tuple(t.shape) for t, _ in sends)
+        return real_exchange(sends, recvs, *args, **kwargs)
+
+    def seq_to_heads(x, *args, **kwargs):
+        a2a_heads.append(x.shape[1])
+        return real_a2a(x, *args, **kwargs)
+
+    m = mesh()
+    (q, k, v), g = _inputs(rank, 1, 4, 4, 16, 32)
+    ring.exchange, ring.seq_to_heads = exchange, seq_to_heads
+    try:
+        for strategy, layout in (("ring", "zigzag"), ("ulysses", "contiguous")):
+            _grads(lambda *t: sharded_attention(*t, m, causal=True, layout=layout,
+                                                strategy=strategy), q, k, v, g)
+    finally:
+        ring.exchange, ring.seq_to_heads = real_exchange, real_a2a
+    return sorted(set(sent)), a2a_heads
+
+
+def test_backward_and_ulysses_stream_head_groups():
+    for sent, a2a_heads in run_ranks(_streaming, 2):
+        # ring backward at P=2: 4 K/V heads in 4 groups: [1, 1, 16, 32] messages only
+        assert sent == [(1, 1, 16, 32)], sent
+        # ulysses: 2 head groups of 2 heads (1 per rank): 3 all-to-alls each forward, 5 backward
+        assert a2a_heads == [2] * 16, a2a_heads
