@@ -71,38 +71,109 @@ def unflat(x: torch.Tensor, B: int, H: int) -> torch.Tensor:
     return x.unflatten(0, (B, H, -1)).movedim(2, 0)
 
 
-def _chunk_math(q, k, v, b, g, scale: float, out: Chunks | None = None, with_u: bool = True):
-    """The UT transform and the intra-chunk scores of G independent chunks, as 3-D batches.
+class _Scores(NamedTuple):
+    """What the chunk math and its hand-written backward share, flat [G, ...]. Without a gate
+    kw = kt = k and ratio, e, ekt, decay are None."""
 
-    q, k [G, C, Dk], v [G, C, Dv], b, g (log-decay or None) [G, C]. Returns the Chunks fields
-    as [G, ...] tensors (decay [G]); with `out` (no autograd) the results land in its buffers
-    (a None field: allocate; kt is k itself without a gate). with_u=False skips U = T V."""
-    out = out or Chunks(None, None, None, None, None, None)
+    qs: torch.Tensor  # [G, C, Dk] scale * q
+    qg: torch.Tensor  # [G, C, Dk] qs * e
+    aqk: torch.Tensor  # [G, C, C] causal (qk * ratio)
+    kkr: torch.Tensor  # [G, C, C] k k^T * ratio (only its strict lower part is read)
+    t0: torch.Tensor  # [G, C, C] (I + strict_tril(diag(b) kkr))^-1, unit lower triangular
+    t: torch.Tensor  # [G, C, C] t0 diag(b)
+    kw: torch.Tensor  # [G, C, Dk] k * e
+    kt: torch.Tensor  # [G, C, Dk] k * ekt
+    ratio: torch.Tensor | None  # [G, C, C] exp(gam_t - gam_s) for s <= t, else 0
+    e: torch.Tensor | None  # [G, C] exp(gam), gam = in-chunk cumulative log-decay
+    ekt: torch.Tensor | None  # [G, C] exp(gam_C - gam)
+    decay: torch.Tensor | None  # [G] exp(gam_C)
+
+
+def _scores(q, k, b, g, scale: float, out: Chunks) -> _Scores:
+    """The UT transform and the intra-chunk scores of G chunks (q, k [G, C, Dk], b, g [G, C]);
+    qg, aqk, kt, decay land in `out`'s buffers where it has them."""
     C = q.shape[1]
     kk = torch.bmm(k, k.mT)  # [G, C, C]
     if g is None:
-        qg = torch.mul(q, scale, out=out.qg)
-        aqk = torch.bmm(qg, k.mT, out=out.aqk).tril_()  # tril_ in place: bmm's backward keeps no output
-        kk_b = kk * b[..., None]
-        kw, kt, decay = k, k, None
+        qs = qg = torch.mul(q, scale, out=out.qg)
+        aqk = torch.bmm(qs, k.mT, out=out.aqk).tril_()
+        kkr, kw, kt, ratio, e, ekt, decay = kk, k, k, None, None, None, None
     else:
         gam = g.cumsum(-1)  # [G, C]
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # t >= s
         # -inf above the diagonal first, so exp never sees a large positive gap
         ratio = (gam[:, :, None] - gam[:, None, :]).masked_fill(~causal, float("-inf")).exp()
-        qg = torch.mul(q, (gam.exp() * scale)[..., None], out=out.qg)
-        aqk = torch.mul(torch.bmm(q * scale, k.mT), ratio, out=out.aqk)
-        kk_b = kk * ratio * b[..., None]
-        kw = k * gam.exp()[..., None]
-        kt = torch.mul(k, (gam[:, -1:] - gam).exp()[..., None], out=out.kt)
+        e, ekt = gam.exp(), (gam[:, -1:] - gam).exp()
+        qs = q * scale
+        qg = torch.mul(qs, e[..., None], out=out.qg)
+        aqk = torch.mul(torch.bmm(qs, k.mT), ratio, out=out.aqk)
+        kkr = kk * ratio
+        kw = k * e[..., None]
+        kt = torch.mul(k, ekt[..., None], out=out.kt)
         decay = torch.exp(gam[:, -1], out=out.decay)
-    # T = (I + strict_tril(kk_b))^-1 diag(b): unitriangular=True reads only the strict lower
-    # part of kk_b (and its backward only writes there), so no tril and no identity are added
-    t = torch.linalg.solve_triangular(kk_b, torch.diag_embed(b), upper=False,
-                                      unitriangular=True)  # [G, C, C]
-    w = torch.bmm(t, kw, out=out.w)
-    u = torch.bmm(t, v, out=out.u) if with_u else None
-    return Chunks(qg, aqk, w, u, kt, decay)
+    # unitriangular=True reads only the strict lower part of kkr * b: no tril, no identity
+    eye = torch.eye(C, dtype=q.dtype, device=q.device).expand(q.shape[0], C, C)
+    t0 = torch.linalg.solve_triangular(kkr * b[..., None], eye, upper=False, unitriangular=True)
+    t = t0 * b[:, None, :]
+    return _Scores(qs, qg, aqk, kkr, t0, t, kw, kt, ratio, e, ekt, decay)
+
+
+def _chunk_math(q, k, v, b, g, scale: float, out: Chunks | None = None, with_u: bool = True):
+    """The UT transform and the intra-chunk scores of G independent chunks, as 3-D batches.
+
+    q, k [G, C, Dk], v [G, C, Dv], b, g (log-decay or None) [G, C]. Returns the Chunks fields
+    as [G, ...] tensors (decay [G]) and the _Scores; with `out` (no autograd) the results land
+    in its buffers (a None field: allocate; kt is k itself without a gate). with_u=False
+    skips U = T V."""
+    out = out or Chunks(None, None, None, None, None, None)
+    sc = _scores(q, k, b, g, scale, out)
+    w = torch.bmm(sc.t, sc.kw, out=out.w)
+    u = torch.bmm(sc.t, v, out=out.u) if with_u else None
+    return Chunks(sc.qg, sc.aqk, w, u, sc.kt, sc.decay), sc
+
+
+def _chunk_grads(sc: _Scores, k, v, b, s, after, do, aqk_do, scale: float):
+    """Gradients (dq, dk, dv, db, dg or None) of G chunks, by hand (see README.md, Backward).
+
+    sc: the chunks' _Scores; k [G, C, Dk], v [G, C, Dv], b [G, C]; s: state at each chunk start
+    and after: gradient of the state after each chunk, [G, Dk, Dv]; do: dO [G, C, Dv];
+    aqk_do: Aqk^T dO (pass 1 has it). Products that add into one gradient are chained as
+    baddbmm_ so that no separate add passes run."""
+    r = torch.baddbmm(v, sc.kw, s, alpha=-1)  # [G, C, Dv] R = V - Kw S, so Delta = T R
+    delta = torch.bmm(sc.t, r)
+    d_delta = torch.baddbmm(aqk_do, sc.kt, after)  # [G, C, Dv]
+    d_aqk = torch.bmm(do, delta.mT)  # [G, C, C] (its upper part meets zeros below)
+    d_t = torch.bmm(d_delta, r.mT)  # [G, C, C]
+    dv = torch.bmm(sc.t.mT, d_delta)  # dR
+    # T = T0 diag(b), T0 = M^-1 with M = I + strict_tril(diag(b) kkr): dM = -T0^T dT0 T0^T
+    db = (d_t * sc.t0).sum(-2)
+    d_m = torch.bmm(sc.t0.mT, torch.bmm(d_t * b[:, None, :], sc.t0.mT)).tril_(-1).neg_()
+    db += (d_m * sc.kkr).sum(-1)
+    d_kkr = d_m * b[..., None]  # [G, C, C], strictly lower
+    if sc.ratio is None:
+        d_kk, d_qk = d_kkr, d_aqk.tril_()
+    else:
+        d_kk, d_qk = d_kkr * sc.ratio, d_aqk * sc.ratio
+    # qs: through qg = qs * e and through qk = qs k^T
+    d_qg = torch.bmm(do, s.mT)  # [G, C, Dk]
+    d_qs = (d_qg if sc.e is None else d_qg * sc.e[..., None]).baddbmm_(d_qk, k)
+    # k: through kk = k k^T, qk, kw = k * e (dKw = -dR S^T) and kt = k * ekt (dKt = Delta G^T)
+    d_kw = torch.bmm(dv, s.mT).neg_()
+    d_kt = torch.bmm(delta, after.mT)
+    if sc.e is None:
+        dk = d_kw.add_(d_kt)
+    else:
+        dk = torch.addcmul(d_kw * sc.e[..., None], d_kt, sc.ekt[..., None])
+    dk.baddbmm_(d_kk + d_kk.mT, k).baddbmm_(d_qk.mT, sc.qs)
+    dg = None
+    if sc.e is not None:  # the log-decay: every path through gam, then gam = cumsum(g)
+        d_end = (d_kt * k).sum(-1) * sc.ekt  # kt = k exp(gam_C - gam)
+        d_gam = ((d_qg * sc.qs).sum(-1) + (d_kw * k).sum(-1)) * sc.e - d_end
+        d_gam[:, -1] += d_end.sum(-1) + (s * after).sum((-2, -1)) * sc.decay
+        z = (d_kkr * sc.kkr).add_(d_aqk * sc.aqk)  # d ratio * ratio
+        d_gam += z.sum(-1) - z.sum(-2)
+        dg = d_gam.flip(-1).cumsum(-1).flip(-1)
+    return d_qs.mul_(scale), dk, dv, db, dg
 
 
 def prepare(q, k, v, beta, gate, scale: float, C: int) -> Chunks:
@@ -110,7 +181,7 @@ def prepare(q, k, v, beta, gate, scale: float, C: int) -> Chunks:
     q, k [B, H, N, Dk], v [B, H, N, Dv], beta, gate [B, H, N] -> Chunks of nc = ceil(N / C)."""
     B, H = q.shape[:2]
     parts = [flat(to_chunks(t, C)) if t is not None else None for t in (q, k, v, beta, gate)]
-    ch = _chunk_math(*parts, scale)
+    ch, _ = _chunk_math(*parts, scale)
     return Chunks(*(unflat(x, B, H) if x is not None else None for x in ch))
 
 
@@ -237,63 +308,32 @@ def _fwd(inputs, h0, schedule, scale, C):
     return from_chunks(unflat(o, B, H), N), final, states
 
 
-def _with_graph(parts, scale):
-    """The chunk math of a block with autograd: (its leaf inputs, its Chunks)."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in parts]
-    with torch.enable_grad():
-        return leaves, _chunk_math(*leaves, scale)
-
-
-def _pull(leaves, ch: Chunks, s, after, do, aqk_do):
-    """Gradients of a block's inputs (flat [g, C, ...] each) given its chunk math with graph,
-    the chunk-start states s, the gradient of the state after each chunk, dO and Aqk^T dO:
-    the chunk gradients pulled through the graph by one autograd call."""
-    w, u, kt = (x.detach() for x in ch[2:5])
-    delta = torch.baddbmm(u, w, s, alpha=-1)  # [g, C, Dv]
-    d_delta = torch.baddbmm(aqk_do, kt, after)
-    outs = [ch.qg, ch.aqk, ch.w, ch.u, ch.kt]
-    grads = [torch.bmm(do, s.mT), torch.bmm(do, delta.mT), torch.bmm(d_delta, s.mT).neg_(),
-             d_delta, torch.bmm(delta, after.mT)]
-    if ch.decay is not None:
-        outs.append(ch.decay)
-        grads.append((s * after).sum((-2, -1)))
-    return torch.autograd.grad(outs, [t for t in leaves if t is not None], grads)
-
-
 def _bwd(inputs, states, do, ds_final, schedule, scale, C):
     """Gradients of (q, k, v, beta, gate) and of the incoming state.
 
     Pass 1 computes what the state chain needs and runs the chain backward (so the
-    incoming-state gradient leaves for the previous rank early); pass 2 pulls every input's
-    gradient through the chunk math, block by block with autograd, so that only one block's
-    graph is ever alive. A shard that is one block keeps pass 1's graph for pass 2 instead of
-    recomputing it (same memory bound: one block's graph)."""
+    incoming-state gradient leaves for the previous rank early); pass 2 computes every input's
+    gradient by hand, block by block. A shard that is one block keeps pass 1's scores for pass
+    2 instead of recomputing them (the same memory bound: one block's C x C temporaries)."""
     B, H, N = inputs[0].shape[:3]
     parts, do_f = _flat_inputs(inputs, C), flat(to_chunks(do, C))
-    q, k, _, _, gate = parts
+    q, k, v, beta, gate = parts
     G = q.shape[0]
     blocks = _blocks(G, C)
-    kept = None
     # pass 1: W, Kt, decay and the outputs' pull on each S_j, Qg^T dO - W^T (Aqk^T dO)
     ds_states = _per_chunk(ds_final, G // (B * H))
-    ds_f = flat(ds_states)
-    if len(blocks) == 1:
-        leaves, ch = _with_graph(parts, scale)
-        w, kt, decay = (x.detach() if x is not None else None for x in (ch.w, ch.kt, ch.decay))
-        aqk_do = torch.bmm(ch.aqk.detach().mT, do_f)
-        torch.bmm(ch.qg.detach().mT, do_f, out=ds_f).baddbmm_(w.mT, aqk_do, alpha=-1)
-        kept = (leaves, ch, aqk_do)
-    else:
-        w = q.new_empty(G, C, k.shape[-1])
-        kt = q.new_empty(w.shape) if gate is not None else k
-        decay = q.new_empty(G) if gate is not None else None
-        for sl in blocks:
-            ch = _chunk_math(*(t[sl] if t is not None else None for t in parts), scale,
+    ds_f, w = flat(ds_states), q.new_empty(G, C, k.shape[-1])
+    kt = q.new_empty(w.shape) if gate is not None else k
+    decay = q.new_empty(G) if gate is not None else None
+    for sl in blocks:
+        ch, sc = _chunk_math(*(t[sl] if t is not None else None for t in parts), scale,
                              out=Chunks(None, None, w[sl], None, kt[sl] if gate is not None
                                         else None, decay[sl] if gate is not None else None),
                              with_u=False)
-            torch.bmm(ch.qg.mT, do_f[sl], out=ds_f[sl]).baddbmm_(
-                ch.w.mT, torch.bmm(ch.aqk.mT, do_f[sl]), alpha=-1)
+        aqk_do = torch.bmm(ch.aqk.mT, do_f[sl])  # [g, C, Dv]
+        torch.bmm(ch.qg.mT, do_f[sl], out=ds_f[sl]).baddbmm_(ch.w.mT, aqk_do, alpha=-1)
+    kept = (sc, aqk_do) if len(blocks) == 1 else None
+    del ch, sc, aqk_do
     ch = Chunks(None, None, *(unflat(x, B, H) if x is not None else None
                               for x in (w, None, kt, decay)))
     ds_end = schedule.grad_out(ds_final, ch, ds_states)
@@ -302,18 +342,22 @@ def _bwd(inputs, states, do, ds_final, schedule, scale, C):
     del ch, w, kt, decay, ds_states, ds_f
     # pass 2: every input's gradient
     states_f, after_f = flat(states), flat(after)
-    if kept is not None:
-        d_parts = iter(_pull(*kept[:2], states_f, after_f, do_f, kept[2]))
-        d_parts = [next(d_parts) if t is not None else None for t in parts]
-    else:
-        d_parts = [torch.empty_like(t) if t is not None else None for t in parts]
-        for sl in blocks:
-            leaves, ch = _with_graph([t[sl] if t is not None else None for t in parts], scale)
-            got = iter(_pull(leaves, ch, states_f[sl], after_f[sl], do_f[sl],
-                             torch.bmm(ch.aqk.detach().mT, do_f[sl])))
-            for d in d_parts:
-                if d is not None:
-                    d[sl] = next(got)
+    d_parts = [torch.empty_like(t) if t is not None else None for t in parts]
+    for sl in blocks:
+        if kept is not None:
+            sc, aqk_do = kept
+        else:
+            sc = _scores(q[sl], k[sl], beta[sl], gate[sl] if gate is not None else None, scale,
+                         Chunks(None, None, None, None, None, None))
+            aqk_do = torch.bmm(sc.aqk.mT, do_f[sl])
+        grads = _chunk_grads(sc, k[sl], v[sl], beta[sl], states_f[sl], after_f[sl], do_f[sl],
+                             aqk_do, scale)
+        if len(blocks) == 1:
+            d_parts = list(grads)  # no copy into the buffers
+            break
+        for d, g in zip(d_parts, grads):
+            if d is not None:
+                d[sl] = g
     return [from_chunks(unflat(d, B, H), N) if d is not None else None for d in d_parts], dh0
 
 
