@@ -6,9 +6,13 @@
 Every strategy runs on 2 gloo ranks (1 thread each); the baseline is torch SDPA on the full
 sequence in one process with 2 threads -- the same two cores either way. Everything is
 measured in the same run and reported as ratios to the SDPA baseline. Time: the slower
-rank's fwd+bwd wall time, best over interleaved rounds (the machine may be shared; the load
-average is printed). CPU: the ranks' summed process CPU time, which load disturbs less. Peak memory: the rise of the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) over its resident set before the inputs were made, max over ranks.
+rank's fwd+bwd wall time, best over interleaved rounds (the machine may be shared; the
+1-minute load average is printed with each N). CPU: the ranks' summed process CPU time,
+which load disturbs less. Peak memory: the rise of the process's peak resident set (VmHWM,
+reset through /proc/self/clear_refs) over its resident set before the inputs were made, max
+over ranks. It counts the inputs (q, k, v and the output gradient), the output and the three
+gradients: 1/P of the baseline's tensors, which at P = 2, N = 16K is 64 MiB or 0.44x of its
+146 MiB peak; what a strategy holds on top of that floor is what its design controls.
 """
 
 from __future__ import annotations
@@ -152,13 +156,14 @@ def main(argv=None) -> None:
           f"thread vs 1 process x 2 threads; best of {rounds} rounds x {args.reps} reps; "
           f"load avg {os.getloadavg()}")
     print(f"{'N':>6} {'strategy':>18} {'time s':>8} {'x sdpa':>7} {'cpu s':>8} {'x sdpa':>7} "
-          f"{'peak MiB':>9} {'x sdpa':>7}")
+          f"{'peak MiB':>9} {'x sdpa':>7} {'load':>5}")
     for n in sizes:
         best = _sweep_point(n, args, args.reps, rounds)
         t_ref, m_ref, c_ref = best["sdpa (1 process)"]
+        load = os.getloadavg()[0]  # 1-minute load when this N finished: read wall times by it
         for name, (t, peak, cpu) in best.items():
             print(f"{n:>6} {name:>18} {t:8.3f} {t / t_ref:7.2f} {cpu:8.3f} {cpu / c_ref:7.2f} "
-                  f"{peak / 2**20:9.1f} {peak / m_ref:7.2f}", flush=True)
+                  f"{peak / 2**20:9.1f} {peak / m_ref:7.2f} {load:5.1f}", flush=True)
     print(f"load avg at the end {os.getloadavg()}")
 
 
