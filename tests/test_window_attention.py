@@ -147,21 +147,20 @@ def test_deltanet_window_hybrid_matches_unsharded(world, cases):
 
 
 def test_local_blocks_are_o_n_times_window(monkeypatch):
-    """The local kernel never meets more than block + W - 1 keys per query block, so its
-    work is O(n W): count the (query, key) pairs handed to the fused kernel."""
+    """The local kernel hands the fused kernel query blocks of `block` rows, each against
+    block + W - 1 keys, ceil(n / block) blocks per batch row: O(n W) work, never O(n^2)."""
     import seqshard.ops.attention.window as window_mod
 
     calls = []
     sdpa = window_mod.F.scaled_dot_product_attention
 
     def counting(q, k, v, **kwargs):
-        calls.append((q.shape[2], k.shape[2]))
+        calls.append((q.shape[0], q.shape[2], k.shape[2]))
         return sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(window_mod.F, "scaled_dot_product_attention", counting)
-    n, window, block = 301, 10, 16
-    q = torch.randn(1, 2, n, 8)
+    batch, n, window, block = 2, 301, 10, 16
+    q = torch.randn(batch, 2, n, 8)
     window_mod.window_attention(q, q, q, None, window=window, block=block)
-    assert len(calls) == -(-n // block)
-    assert max(nk for _, nk in calls) <= block + window - 1
-    assert sum(nq * nk for nq, nk in calls) <= n * (block + window - 1)
+    assert {(nq, nk) for _, nq, nk in calls} == {(block, block + window - 1)}
+    assert sum(b for b, _, _ in calls) == batch * -(-n // block)
