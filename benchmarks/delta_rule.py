@@ -99,9 +99,9 @@ def chunk_vs_naive(cfg) -> dict:
     B, H, D, N = 1, cfg.heads, cfg.dim, cfg.naive_tokens
     ts = inputs(B, H, N, D)
     with torch.no_grad():
-        chunk_f = best_time(lambda: delta_rule(*ts), 5)
+        chunk_f = best_time(lambda: delta_rule(*ts, chunk_size=cfg.chunk), 5)
         naive_f = best_time(lambda: naive_delta_rule(*ts), 1)
-    chunk_fb = best_time(fwd_bwd(delta_rule, ts), 3)
+    chunk_fb = best_time(fwd_bwd(delta_rule, ts, chunk_size=cfg.chunk), 3)
     naive_fb = best_time(fwd_bwd(naive_delta_rule, ts), 1)
     print(f"\n[1] chunked vs naive recurrence, one process, 1 thread, B={B} H={H} D={D} N={N} "
           f"({load()})")
@@ -143,13 +143,13 @@ def _rank_main(rank, world, port, cfg, results):
     for schedule in ("scan", "pass"):
         full = inputs(B, H, cfg.compare_tokens, D, requires_grad=False)
         mine = [Contiguous().shard(t, 2, rank, world).requires_grad_() for t in full]
-        step = fwd_bwd(delta_rule, mine, mesh=mesh, schedule=schedule)
+        step = fwd_bwd(delta_rule, mine, mesh=mesh, schedule=schedule, chunk_size=cfg.chunk)
         out["compare"][schedule] = best_time(step, cfg.repeats, slowest)
     for n in cfg.sweep:
         full = inputs(B, H, n, D, requires_grad=False)
         mine = [Contiguous().shard(t, 2, rank, world).requires_grad_() for t in full]
         del full
-        step = fwd_bwd(delta_rule, mine, mesh=mesh, schedule="scan")
+        step = fwd_bwd(delta_rule, mine, mesh=mesh, schedule="scan", chunk_size=cfg.chunk)
         t = best_time(step, cfg.repeats if n <= 65536 else 2, slowest)
         rss = torch.tensor([peak_rss_mib()])
         dist.all_reduce(rss, op=dist.ReduceOp.MAX, group=mesh.group)
@@ -179,7 +179,7 @@ def single_process_baseline(cfg, threads: int) -> float:
 
     torch.set_num_threads(threads)
     ts = inputs(1, cfg.heads, cfg.compare_tokens, cfg.dim)
-    return best_time(fwd_bwd(delta_rule, ts), cfg.repeats)
+    return best_time(fwd_bwd(delta_rule, ts, chunk_size=cfg.chunk), cfg.repeats)
 
 
 def main() -> None:
@@ -188,6 +188,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--dim", type=int, default=64, help="head dim (Dk = Dv)")
     parser.add_argument("--sections", default="123", help="which of sections 1, 2, 3 to run")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="chunk size C (default: the op's choice for the CPU)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's allocator as it is (see keep_freed_memory)")
     cfg = parser.parse_args()
@@ -197,8 +199,12 @@ def main() -> None:
     top = 18 if cfg.quick else 20
     cfg.sweep = [2 ** e for e in range(12, top + 1, 2)]  # 4K, 16K, 64K, 256K (, 1M)
     cfg.repeats = 2 if cfg.quick else 3
+    from seqshard.ops.delta_rule.chunk import default_chunk_size
+
+    chunk = cfg.chunk or default_chunk_size(torch.device("cpu"))
     print(f"delta rule benchmarks: torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"chunk 64, fp32, freed memory kept: {cfg.tuned_malloc} ({load()})")
+          f"chunk {chunk}{'' if cfg.chunk else ' (default)'}, fp32, "
+          f"freed memory kept: {cfg.tuned_malloc} ({load()})")
 
     if "1" in cfg.sections:
         chunk_vs_naive(cfg)

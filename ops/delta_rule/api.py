@@ -39,7 +39,7 @@ def _shape_problems(q, k, v, beta, gate, initial_state, schedule, chunk_size) ->
         problems.append(f"the local sequence length is {N}; every rank needs >= 1 token")
     if schedule not in SCHEDULES:
         problems.append(f"schedule={schedule!r}: expected one of {sorted(SCHEDULES)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         problems.append(f"chunk_size={chunk_size!r} must be a positive integer")
     devices = {t.device for t in (q, k, v, beta, gate, initial_state) if t is not None}
     if len(devices) > 1:
@@ -86,7 +86,7 @@ def delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     schedule: str = "scan",
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     scale: float | None = None,
     gate: torch.Tensor | None = None,
     check: bool = True,
@@ -104,7 +104,8 @@ def delta_rule(
     mesh: None or Mesh.single() = one process; otherwise the sequence is sharded contiguously
     (rank r holds the r-th piece) and every rank of mesh.group must call this.
     schedule: "scan" (log2 P prefix scan of the shards' affine maps) or "pass" (state passed
-    rank to rank). chunk_size: chunk length C of the WY kernel (any N; padded inside).
+    rank to rank). chunk_size: chunk length C of the WY kernel (any N; padded inside);
+    None picks it per device (`chunk.default_chunk_size`: 32 on CPU, 64 on GPU).
     check: also reject NaN/inf inputs (one pass over them) and, with a mesh, check that all
     ranks agree (one small all-gather) so that bad input raises on every rank, never hangs.
 

@@ -89,7 +89,10 @@ class _Scores(NamedTuple):
     decay: torch.Tensor | None  # [G] exp(gam_C)
 
 
-def _scores(q, k, b, g, scale: float, out: Chunks) -> _Scores:
+_NO_OUT = Chunks(None, None, None, None, None, None)
+
+
+def _scores(q, k, b, g, scale: float, out: Chunks = _NO_OUT) -> _Scores:
     """The UT transform and the intra-chunk scores of G chunks (q, k [G, C, Dk], b, g [G, C]);
     qg, aqk, kt, decay land in `out`'s buffers where it has them."""
     C = q.shape[1]
@@ -125,7 +128,7 @@ def _chunk_math(q, k, v, b, g, scale: float, out: Chunks | None = None, with_u: 
     as [G, ...] tensors (decay [G]) and the _Scores; with `out` (no autograd) the results land
     in its buffers (a None field: allocate; kt is k itself without a gate). with_u=False
     skips U = T V."""
-    out = out or Chunks(None, None, None, None, None, None)
+    out = out or _NO_OUT
     sc = _scores(q, k, b, g, scale, out)
     w = torch.bmm(sc.t, sc.kw, out=out.w)
     u = torch.bmm(sc.t, v, out=out.u) if with_u else None
@@ -342,22 +345,17 @@ def _bwd(inputs, states, do, ds_final, schedule, scale, C):
     del ch, w, kt, decay, ds_states, ds_f
     # pass 2: every input's gradient
     states_f, after_f = flat(states), flat(after)
-    d_parts = [torch.empty_like(t) if t is not None else None for t in parts]
-    for sl in blocks:
-        if kept is not None:
-            sc, aqk_do = kept
-        else:
-            sc = _scores(q[sl], k[sl], beta[sl], gate[sl] if gate is not None else None, scale,
-                         Chunks(None, None, None, None, None, None))
-            aqk_do = torch.bmm(sc.aqk.mT, do_f[sl])
-        grads = _chunk_grads(sc, k[sl], v[sl], beta[sl], states_f[sl], after_f[sl], do_f[sl],
-                             aqk_do, scale)
-        if len(blocks) == 1:
-            d_parts = list(grads)  # no copy into the buffers
-            break
-        for d, g in zip(d_parts, grads):
-            if d is not None:
-                d[sl] = g
+    if kept is not None:  # one block: its gradients are the whole gradients, no copies
+        d_parts = _chunk_grads(kept[0], k, v, beta, states_f, after_f, do_f, kept[1], scale)
+    else:
+        d_parts = [torch.empty_like(t) if t is not None else None for t in parts]
+        for sl in blocks:
+            sc = _scores(q[sl], k[sl], beta[sl], gate[sl] if gate is not None else None, scale)
+            grads = _chunk_grads(sc, k[sl], v[sl], beta[sl], states_f[sl], after_f[sl],
+                                 do_f[sl], torch.bmm(sc.aqk.mT, do_f[sl]), scale)
+            for d, g in zip(d_parts, grads):
+                if d is not None:
+                    d[sl] = g
     return [from_chunks(unflat(d, B, H), N) if d is not None else None for d in d_parts], dh0
 
 
@@ -389,15 +387,30 @@ class _DeltaRule(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def run(q, k, v, beta, gate, initial_state, schedule, scale: float, chunk_size: int):
+def default_chunk_size(device: torch.device) -> int:
+    """The chunk length C when the caller gives none.
+
+    Per token the kernel does ~5 C*d multiply-adds in C x C products (the UT transform, the
+    intra-chunk scores) and ~3 d^2 in the state products (chain and reads), and the chain takes
+    N / C sequential steps. On a GPU the steps' latency dominates: 64, as the field's kernels
+    use. On a CPU a step costs only a few microseconds of call overhead, so the smaller C cuts
+    the C*d work: 32 was the fastest for d = 64 (forward and backward, README.md: measurements).
+    The saved chunk-start states grow as N / C * Dk * Dv."""
+    return 64 if device.type == "cuda" else 32
+
+
+def run(q, k, v, beta, gate, initial_state, schedule, scale: float, chunk_size: int | None):
     """Apply the chunked delta rule with `schedule`; inputs already validated.
+    chunk_size None: `default_chunk_size` of q's device.
     Returns (o [B, H, N, Dv], state after the last token [B, H, Dk, Dv])."""
+    if chunk_size is None:
+        chunk_size = default_chunk_size(q.device)
     C = min(chunk_size, q.shape[2])
     return _DeltaRule.apply(q, k, v, beta, gate, initial_state, schedule, scale, C)
 
 
 def chunk_delta_rule(q, k, v, beta, *, initial_state=None, scale=None, gate=None,
-                     chunk_size: int = 64):
+                     chunk_size: int | None = None):
     """Single-process chunked delta rule without argument checks (see `delta_rule`).
 
     q, k [B, H, N, Dk]; v [B, H, N, Dv]; beta, gate (log-decay) [B, H, N];

@@ -137,7 +137,7 @@ SCHEDULES = {"scan": ScanSchedule, "pass": PassSchedule}
 
 
 def sharded_delta_rule(q, k, v, beta, mesh: Mesh, *, initial_state=None, scale=None, gate=None,
-                       chunk_size: int = 64, schedule: str = "scan",
+                       chunk_size: int | None = None, schedule: str = "scan",
                        output_final_state: bool = False):
     """Sequence-sharded delta rule without argument checks (see `delta_rule`).
 
