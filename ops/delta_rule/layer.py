@@ -7,7 +7,12 @@
     y    = W_o [RMSNorm(delta_rule(q, k, v, beta, g)) (* SiLU(W_g x) with use_gate)]
 
 `conv` is a short depthwise causal convolution; on a sharded sequence it needs the previous
-rank's last conv_size - 1 tokens (the halo), which `ShortConv` fetches with `ring_shift`.
+rank's last conv_size - 1 tokens (the halo), fetched with `ring_shift` (`causal_halo`).
+
+The layer's math lives once, in `DeltaNet._mix` (rows with their conv context and an optional
+incoming state -> outputs and the state after them). `forward` runs it over the whole shard
+(the state crossing ranks inside `delta_rule`), or, when the shard is longer than
+`piece_tokens`, pieces.py runs it piece by piece so that the layer's memory is O(piece).
 """
 
 from __future__ import annotations
@@ -21,6 +26,22 @@ from torch import nn
 from seqshard.dist import Mesh, ring_shift
 
 from .api import delta_rule
+from .pieces import deltanet_in_pieces
+
+
+def causal_halo(x: torch.Tensor, rows: int, mesh: Mesh | None) -> torch.Tensor:
+    """The `rows` tokens before this rank's shard x [B, N_local, C]: rank r - 1's last rows,
+    zeros on rank 0 (and on one process). Returns [B, rows, C]; its gradient travels back."""
+    B, N, C = x.shape
+    if mesh is None or mesh.size == 1 or rows == 0:
+        return x.new_zeros(B, rows, C)
+    if N < rows:
+        raise ValueError(f"ShortConv: local length {N} is shorter than the halo "
+                         f"conv_size - 1 = {rows}; use fewer ranks or a longer sequence")
+    halo = ring_shift(x[:, N - rows:], mesh.group, 1, timeout=mesh.timeout)
+    # rank 0 received the last rank's tail (the ring wraps): the sequence starts here, so
+    # zero it, keeping the node in the graph so every rank joins ring_shift's backward
+    return halo * 0.0 if mesh.rank == 0 else halo
 
 
 class ShortConv(nn.Module):
@@ -42,25 +63,17 @@ class ShortConv(nn.Module):
         bound = 1.0 / math.sqrt(size)  # torch's Conv1d default for a depthwise kernel
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def _halo(self, x: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
-        B, N, C = x.shape
-        need = self.size - 1
-        if mesh is None or mesh.size == 1:
-            return x.new_zeros(B, need, C)
-        if N < need:
-            raise ValueError(f"ShortConv: local length {N} is shorter than the halo "
-                             f"conv_size - 1 = {need}; use fewer ranks or a longer sequence")
-        halo = ring_shift(x[:, N - need:], mesh.group, 1, timeout=mesh.timeout)
-        # rank 0 received the last rank's tail (the ring wraps): the sequence starts here, so
-        # zero it, keeping the node in the graph so every rank joins ring_shift's backward
-        return halo * 0.0 if mesh.rank == 0 else halo
+    def padded(self, x_ext: torch.Tensor) -> torch.Tensor:
+        """The convolution of rows that come with their context: x_ext [B, size - 1 + n, C]
+        (the `size - 1` tokens before the n tokens first) -> [B, n, C]."""
+        if self.size == 1:
+            return x_ext * self.weight[:, 0, 0]
+        out = F.conv1d(x_ext.transpose(1, 2), self.weight, groups=x_ext.shape[-1])  # [B, C, n]
+        return out.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, mesh: Mesh | None = None) -> torch.Tensor:
-        if self.size == 1:
-            return x * self.weight[:, 0, 0]
-        padded = torch.cat([self._halo(x, mesh), x], dim=1)  # [B, N + size - 1, C]
-        out = F.conv1d(padded.transpose(1, 2), self.weight, groups=x.shape[-1])  # [B, C, N]
-        return out.transpose(1, 2)
+        halo = causal_halo(x, self.size - 1, mesh)  # [B, size - 1, C]
+        return self.padded(torch.cat([halo, x], dim=1) if self.size > 1 else x)
 
 
 class DeltaNet(nn.Module):
@@ -69,18 +82,28 @@ class DeltaNet(nn.Module):
     Pass the same `mesh` on every rank (sequence sharded contiguously); None = one process.
     chunk_size and schedule go to `delta_rule`.
 
+    piece_tokens: when the local shard is longer, the layer runs over it in pieces of this
+    many tokens (pieces.py: one autograd.Function, recomputed piece by piece in backward), so
+    its activations are O(piece) instead of O(N_local): ~16 KB per token of the shard drop to
+    the input, output and their gradients (see README.md). None: never. Every rank must hold
+    the same N_local (the contiguous layout does), so all take the same path.
+
     >>> layer = DeltaNet(hidden_size=32, num_heads=2)
     >>> layer(torch.randn(1, 50, 32)).shape
+    torch.Size([1, 50, 32])
+    >>> DeltaNet(32, 2, piece_tokens=16)(torch.randn(1, 50, 32)).shape  # 4 pieces
     torch.Size([1, 50, 32])
     """
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int | None = None,
                  use_short_conv: bool = True, conv_size: int = 4, allow_neg_eigval: bool = False,
                  use_gate: bool = False, *, chunk_size: int = 64, schedule: str = "scan",
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, piece_tokens: int | None = 65536):
         super().__init__()
         if num_heads < 1 or hidden_size < 1:
             raise ValueError(f"hidden_size={hidden_size}, num_heads={num_heads} must be >= 1")
+        if piece_tokens is not None and (not isinstance(piece_tokens, int) or piece_tokens < 1):
+            raise ValueError(f"piece_tokens={piece_tokens!r} must be a positive integer or None")
         if head_dim is None:
             if hidden_size % num_heads:
                 raise ValueError(f"hidden_size={hidden_size} is not divisible by "
@@ -89,6 +112,8 @@ class DeltaNet(nn.Module):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.allow_neg_eigval, self.use_gate = allow_neg_eigval, use_gate
         self.chunk_size, self.schedule, self.norm_eps = chunk_size, schedule, norm_eps
+        self.piece_tokens = piece_tokens
+        self.halo = conv_size - 1 if use_short_conv else 0  # context rows the conv reads
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(hidden_size, inner, bias=False)
         self.k_proj = nn.Linear(hidden_size, inner, bias=False)
@@ -110,25 +135,52 @@ class DeltaNet(nn.Module):
         """[B, N, H * D] -> [B, H, N, D]"""
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mesh: Mesh | None = None) -> torch.Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"DeltaNet expects x [B, N_local, hidden], got {tuple(x.shape)}")
-        qkv = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]  # each [B, N, H * D]
-        if self.convs:
-            qkv = [conv(t, mesh) for conv, t in zip(self.convs, qkv)]
-        q, k, v = (self._heads(F.silu(t)) for t in qkv)  # [B, H, N, D]
+    def _features(self, x: torch.Tensor, context: torch.Tensor):
+        """The delta-rule inputs of n tokens x [B, n, hidden], given the `self.halo` tokens
+        before them, context [B, halo, hidden], that the conv reads.
+        Returns q, k [B, H, n, Dk], v [B, H, n, Dv], beta and gate (or None) [B, H, n]."""
+        if self.convs:  # no bias: the halo's zero rows on rank 0 project to zero
+            qkv = [conv.padded(torch.cat([proj(context), proj(x)], dim=1))  # [B, n, H * D]
+                   for conv, proj in zip(self.convs, (self.q_proj, self.k_proj, self.v_proj))]
+        else:
+            qkv = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]  # each [B, n, H * D]
+        q, k, v = (self._heads(F.silu(t)) for t in qkv)  # [B, H, n, D]
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)  # [B, H, N]
+        beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)  # [B, H, n]
         if self.allow_neg_eigval:
             beta = beta * 2.0
         gate = None
         if self.use_gate:
-            rate = F.softplus(self.a_proj(x) + self.dt_bias)  # [B, N, H]
-            gate = (-self.A_log.exp() * rate).transpose(1, 2)  # [B, H, N] log-decay
-        o, _ = delta_rule(q, k, v, beta, mesh=mesh, gate=gate, chunk_size=self.chunk_size,
-                          schedule=self.schedule)
-        o = F.rms_norm(o, (self.head_dim,), self.o_norm, self.norm_eps)  # [B, H, N, D]
-        o = o.transpose(1, 2).flatten(2)  # [B, N, H * D]
+            rate = F.softplus(self.a_proj(x) + self.dt_bias)  # [B, n, H]
+            gate = (-self.A_log.exp() * rate).transpose(1, 2)  # [B, H, n] log-decay
+        return q, k, v, beta, gate
+
+    def _readout(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Delta-rule outputs o [B, H, n, Dv] of the tokens x [B, n, hidden] -> y [B, n, hidden]."""
+        o = F.rms_norm(o, (self.head_dim,), self.o_norm, self.norm_eps)  # [B, H, n, D]
+        o = o.transpose(1, 2).flatten(2)  # [B, n, H * D]
         if self.use_gate:
             o = o * F.silu(self.g_proj(x))
         return self.o_proj(o)
+
+    def _mix(self, x: torch.Tensor, context: torch.Tensor, state: torch.Tensor | None = None,
+             mesh: Mesh | None = None, check: bool = True):
+        """The layer on n tokens x [B, n, hidden] with their conv context [B, halo, hidden].
+
+        state: the delta-rule state before the n tokens [B, H, Dk, Dv] (None: zeros, or the
+        state across ranks with a mesh). Returns (y [B, n, hidden], the state after the n
+        tokens [B, H, Dk, Dv], or None with a mesh)."""
+        q, k, v, beta, gate = self._features(x, context)
+        alone = mesh is None or mesh.size == 1
+        o, state = delta_rule(q, k, v, beta, mesh=mesh, gate=gate, initial_state=state,
+                              output_final_state=alone, chunk_size=self.chunk_size,
+                              schedule=self.schedule, check=check)
+        return self._readout(o, x), state
+
+    def forward(self, x: torch.Tensor, mesh: Mesh | None = None) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"DeltaNet expects x [B, N_local, hidden], got {tuple(x.shape)}")
+        halo = causal_halo(x, self.halo, mesh)  # [B, halo, hidden]
+        if self.piece_tokens is not None and x.shape[1] > self.piece_tokens:
+            return deltanet_in_pieces(self, x, halo, mesh, self.piece_tokens)
+        return self._mix(x, halo, mesh=mesh)[0]

@@ -1,0 +1,220 @@
+"""The DeltaNet layer over its local shard in sequence pieces: same math, memory O(piece).
+
+Run over the whole shard at once, the layer keeps for backward every whole-shard intermediate
+(projections, conv inputs and outputs, normalised q / k, the chunk kernel's tensors: ~16 KB per
+token at width 256). Here one autograd.Function holds the whole layer for one shard and keeps
+only its input, the (conv_size - 1)-token halo before it and one delta-rule state per piece.
+
+The delta rule is a recurrence, so a shard cut into pieces p = 0, 1, ... of `piece_tokens`
+tokens is the layer run piece after piece with the state S_p carried over (and the conv reading
+the tokens before each piece). Across ranks the shard's incoming state comes from the same
+log-depth scan of affine maps S -> A S + B as sharded.py's "scan" schedule:
+
+forward (no autograd)
+  1. ranks other than the first and the last: per piece, the projections + conv and the
+     piece's map (`prepare_blocked` + `shard_map`), composed into the shard's (A, B);
+  2. `exclusive_scan` of (A, B) -> this shard's incoming state S_0 (rank 0 starts from zeros
+     and joins the scan after step 3 with the constant map S -> S_end, as ScanSchedule does);
+  3. per piece, the single-process layer `DeltaNet._mix` from S_p -> y_p and S_{p+1}.
+backward: the piece's vector-Jacobian product is linear in (dy, dS_end), so
+  a. ranks other than the first: every piece in reverse with the shard's dS_end = 0,
+     recomputing the piece with autograd -> dx, parameter gradients and L = the gradient on
+     the incoming state (the last rank is done after this: nothing reads its final state);
+  b. the reverse scan of the gradient maps G -> A^T G + L -> this shard's dS_end;
+  c. ranks other than the last: every piece in reverse again with (dy = 0 on ranks that ran
+     (a), dS_end); rank 0 skipped (a), nobody needs its L, so it runs (dy, dS_end) at once.
+At P = 2 every rank runs one backward sweep; in the middle of a longer ring two. Only one
+piece's graph is ever alive.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqshard.dist import Mesh, exclusive_scan
+
+from .api import _agree, _nonfinite
+from .chunk import prepare_blocked, shard_map
+from .sharded import compose
+
+
+def _spans(n: int, piece: int) -> list[tuple[int, int]]:
+    """Token ranges [a, b) of the pieces; the last one may be short."""
+    return [(a, min(a + piece, n)) for a in range(0, n, piece)]
+
+
+def _context(x: torch.Tensor, halo: torch.Tensor, a: int) -> torch.Tensor:
+    """The halo-many tokens before token a of the shard x [B, N, C]: [B, halo, C]."""
+    h = halo.shape[1]
+    if a >= h:
+        return x[:, a - h:a]
+    return torch.cat([halo[:, a:], x[:, :a]], dim=1)
+
+
+def _add_context_grad(dx: torch.Tensor, dhalo: torch.Tensor, g: torch.Tensor, a: int) -> None:
+    """Scatter the gradient g [B, halo, C] of `_context(x, halo, a)` into dx and dhalo."""
+    h = dhalo.shape[1]
+    if g is None:  # no context (no conv)
+        return
+    if a >= h:
+        dx[:, a - h:a] += g
+    else:
+        dhalo[:, a:] += g[:, :h - a]
+        dx[:, :a] += g[:, h - a:]
+
+
+class _Shard:
+    """One shard's pieces, how one piece is computed, and the scan over the ranks."""
+
+    def __init__(self, layer, mesh: Mesh | None, piece_tokens: int, x: torch.Tensor):
+        self.layer, self.spans = layer, _spans(x.shape[1], piece_tokens)
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        self.first = self.mesh is None or self.mesh.rank == 0
+        self.last = self.mesh is None or self.mesh.rank == self.mesh.size - 1
+        self.work = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 chain
+        dv = layer.o_proj.in_features // layer.num_heads
+        self.state_shape = (x.shape[0], layer.num_heads, layer.head_dim, dv)  # [B, H, Dk, Dv]
+
+    def zeros(self, x: torch.Tensor):
+        """(A, B) = (0 [B, H, Dk, Dk], 0 [B, H, Dk, Dv]): the map nobody reads."""
+        state = x.new_zeros(self.state_shape, dtype=self.work)
+        return state.new_zeros(self.state_shape[:3] + (self.state_shape[2],)), state
+
+    def piece_map(self, x_part: torch.Tensor, context: torch.Tensor):
+        """The piece's affine state map S -> A S + Bm: (A [B, H, Dk, Dk], Bm [B, H, Dk, Dv])."""
+        inputs = [t.to(self.work) if t is not None else None
+                  for t in self.layer._features(x_part, context)]  # q, k, v, beta, gate
+        C = min(self.layer.chunk_size, x_part.shape[1])
+        return shard_map(prepare_blocked(inputs, inputs[0].shape[-1] ** -0.5, C))
+
+    def scan(self, pair, reverse: bool) -> torch.Tensor:
+        """The B part of this rank's exclusive prefix: its incoming state (forward) or the
+        gradient of its last state (reverse); None on the rank that starts the scan."""
+        prefix = exclusive_scan(pair, compose, self.mesh.group, reverse=reverse,
+                                timeout=self.mesh.timeout)
+        return None if prefix is None else prefix[1]
+
+
+def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor):
+    """Returns y [B, N, hidden], the state before each piece [pieces, B, H, Dk, Dv] and the
+    shard's transition A [B, H, Dk, Dk] (None where backward does not need it)."""
+    layer, a_map = shard.layer, None
+    state = x.new_zeros(shard.state_shape, dtype=shard.work)
+    if not shard.first:
+        if shard.last:
+            pair = shard.zeros(x)  # nobody reads the last rank's map
+        else:
+            pair = None
+            for a, b in shard.spans:
+                step = shard.piece_map(x[:, a:b], _context(x, halo, a))
+                pair = step if pair is None else compose(pair, step)
+            a_map = pair[0]
+        state = shard.scan(pair, reverse=False)
+    y = x.new_empty(x.shape[:2] + (layer.o_proj.out_features,))  # [B, N, hidden]
+    starts = x.new_empty((len(shard.spans),) + shard.state_shape, dtype=shard.work)
+    for i, (a, b) in enumerate(shard.spans):
+        starts[i] = state
+        y[:, a:b], state = layer._mix(x[:, a:b], _context(x, halo, a), state, check=False)
+    if shard.mesh is not None and shard.first:
+        shard.scan((shard.zeros(x)[0], state.to(shard.work)), reverse=False)  # S -> S_end
+    return y, starts, a_map
+
+
+def _sweep(shard: _Shard, x, halo, starts, params, dy, ds_end, grads):
+    """Backward through the pieces in reverse, adding into grads = [dx, dhalo, *dparams].
+    dy [B, N, hidden] or None (zero), ds_end: gradient of the shard's last state or None.
+    Returns the gradient on the shard's incoming state."""
+    layer, g = shard.layer, ds_end
+    for i in range(len(shard.spans) - 1, -1, -1):
+        a, b = shard.spans[i]
+        x_part = x[:, a:b].detach().requires_grad_()
+        context = _context(x, halo, a).detach().requires_grad_()
+        state = starts[i].detach().requires_grad_()
+        with torch.enable_grad():
+            y, s_end = layer._mix(x_part, context, state, check=False)
+        outs, pulls = [], []
+        if dy is not None:
+            outs.append(y), pulls.append(dy[:, a:b])
+        if g is not None:
+            outs.append(s_end), pulls.append(g.to(s_end.dtype))
+        got = torch.autograd.grad(outs, [x_part, context, state] + params, pulls,
+                                  allow_unused=True)
+        grads[0][:, a:b] += got[0]
+        _add_context_grad(grads[0], grads[1], got[1], a)
+        for acc, d in zip(grads[2:], got[3:]):
+            if d is not None:
+                acc += d
+        g = got[2]
+    return g
+
+
+def _bwd(shard: _Shard, x, halo, starts, a_map, params, dy):
+    """Gradients of x [B, N, hidden], halo [B, halo, hidden] and every parameter."""
+    grads = [torch.zeros_like(x), torch.zeros_like(halo)] + [torch.zeros_like(p) for p in params]
+    if shard.mesh is None:
+        _sweep(shard, x, halo, starts, params, dy, None, grads)
+        return grads
+    if shard.first:  # nobody needs rank 0's incoming-state gradient: one sweep, after the scan
+        ds_end = shard.scan(shard.zeros(x), reverse=True)
+        _sweep(shard, x, halo, starts, params, dy, ds_end, grads)
+        return grads
+    own = _sweep(shard, x, halo, starts, params, dy, None, grads)  # L: with dS_end = 0
+    # the shard's gradient map G -> A^T G + L; the last rank's A^T is never read
+    pair = (shard.zeros(x)[0] if shard.last else a_map.mT, own.to(shard.work))
+    ds_end = shard.scan(pair, reverse=True)
+    if not shard.last:  # linear in (dy, dS_end): add the dS_end part
+        _sweep(shard, x, halo, starts, params, None, ds_end, grads)
+    return grads
+
+
+class _LayerInPieces(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, halo, layer, mesh, piece_tokens, *params):
+        shard = _Shard(layer, mesh, piece_tokens, x)
+        y, starts, a_map = _fwd(shard, x, halo)
+        ctx.save_for_backward(x, halo, starts, a_map)
+        ctx.shard, ctx.n_params = shard, len(params)
+        device = x.device.type  # backward recomputes under the forward's autocast
+        ctx.autocast = (device, torch.is_autocast_enabled(device),
+                        torch.get_autocast_dtype(device))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, halo, starts, a_map = ctx.saved_tensors
+        # the pieces are recomputed with the layer's parameters (as torch's checkpoint does);
+        # only those that want a gradient are differentiated
+        wanted = ctx.needs_input_grad[5:]
+        params = [p for p, want in zip(ctx.shard.layer.parameters(), wanted) if want]
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            grads = _bwd(ctx.shard, x, halo, starts, a_map, params, dy)
+        dparams = iter(grads[2:])
+        return (grads[0], grads[1], None, None, None,
+                *(next(dparams) if want else None for want in wanted))
+
+
+def deltanet_in_pieces(layer, x: torch.Tensor, halo: torch.Tensor, mesh: Mesh | None,
+                       piece_tokens: int) -> torch.Tensor:
+    """`layer` (a `DeltaNet`) over its shard in pieces of `piece_tokens` tokens, exactly.
+
+    x [B, N_local, hidden]: this rank's contiguous shard; halo [B, conv_size - 1, hidden]: the
+    tokens before it (`layer.causal_halo`: rank r - 1's last ones, zeros on rank 0), through
+    which the conv's gradient reaches rank r - 1. Returns y [B, N_local, hidden]. Every rank
+    of mesh calls this (mesh None or of size 1: one process). `DeltaNet.forward` calls it when
+    N_local > its piece_tokens.
+
+    >>> from seqshard.ops.delta_rule import DeltaNet
+    >>> layer, x = DeltaNet(32, 2, piece_tokens=None), torch.randn(1, 50, 32)
+    >>> y = deltanet_in_pieces(layer, x, torch.zeros(1, layer.halo, 32), None, 16)
+    >>> torch.allclose(y, layer(x), atol=1e-6)
+    True
+    """
+    problems = _nonfinite([("x", x), ("halo", halo)])
+    if mesh is not None and mesh.size > 1:
+        _agree(problems, list(x.shape[:1]) + [layer.num_heads, layer.head_dim, x.shape[2]],
+               mesh)
+    elif problems:
+        raise ValueError("DeltaNet: " + "; ".join(problems))
+    params = list(layer.parameters())
+    return _LayerInPieces.apply(x, halo, layer, mesh, piece_tokens, *params)
