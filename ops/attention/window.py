@@ -143,7 +143,9 @@ def local_window_attention(q, k, v, window: int, scale: float, q_start: int = 0,
     q_start-(W-1)+b*block .. +span, span = block+W-1: k is padded with W-1-halo zero rows in
     front (masked) and up to the next block at the end (seen only by padding queries, whose
     rows are dropped), so query row a of any block reads span key c iff a <= c <= a+W-1.
-    All blocks go to the fused kernel as one batch: time and memory O(n (block + W)).
+    The blocks go to the fused kernel batched (one call for the blocks that share the band
+    mask, one for the first blocks whose spans reach into the front padding): time and
+    memory O(n (block + W)). With documents every block has its own mask (O(n span) bytes).
     """
     (b, hq, n, d), halo = q.shape, k.shape[2] - q.shape[2]
     block = max(window // 2, MIN_BLOCK) if block is None else block
