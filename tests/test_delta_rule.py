@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from seqshard.dist import Contiguous, all_reduce
 from seqshard.ops.delta_rule import DeltaNet, ShortConv, chunk, chunk_delta_rule, delta_rule
+from seqshard.ops.delta_rule.api import _nonfinite
 from seqshard.ops.delta_rule.naive import naive_delta_rule
 from tests.common import assert_close
 from tests.harness import mesh, run_ranks
@@ -88,6 +89,29 @@ def test_gradcheck_float64(gate):
         return chunk_delta_rule(q, k, v, beta, gate=g, initial_state=h0, chunk_size=4)
 
     assert torch.autograd.gradcheck(f, tuple(t.values()))
+
+
+def test_default_chunk_size_matches_naive():
+    """chunk_size=None: the per-device choice (32 on CPU), on a length it does not divide."""
+    t = make_inputs(1, 2, 70, 16, 24, gate=True, h0=True, seed=11)
+    o_ref, s_ref, g_ref, wo, ws = reference(t, 11)
+    o, s = delta_rule(**t, output_final_state=True)
+    assert chunk.default_chunk_size(torch.device("cpu")) == 32
+    assert_close("o", o_ref, o, TOL["o"])
+    assert_close("final state", s_ref, s, TOL["state"])
+    grads = torch.autograd.grad((o * wo).sum() + (s * ws).sum(), list(t.values()))
+    for name, g in zip(t, grads):
+        assert_close(f"d{name}", g_ref[name], g, TOL["grad"])
+
+
+def test_nonfinite_check_fast_path():
+    """The check sums each input first; a sum that overflows on finite values is no error."""
+    big = torch.full((3, 4), 3e38)
+    assert not torch.isfinite(big.sum())
+    assert _nonfinite([("v", big)]) == []
+    big[1, 2] = float("inf")
+    big[0, 0] = float("nan")
+    assert _nonfinite([("v", big), ("q", torch.zeros(2))]) == ["v has 2 NaN/inf values"]
 
 
 def test_public_op_half_precision_runs_in_fp32():
