@@ -194,8 +194,9 @@ def _ulysses_bwd(do, q, k, v, out, lses, plans, scale, group, timeout, a2a, grou
                  for t in (do, q, k, v, out)]
         g = list(_ring_bwd(*parts, lses[j], plans, scale, group, timeout))
         del parts
-        for i, dst in enumerate(grads):  # fp32 head shards -> this rank's rows, one at a time
-            _heads(dst, j, groups).copy_(heads_to_seq(g[i], a2a, timeout=timeout))
+        for i, dst in enumerate(grads):  # head shards -> this rank's rows, one at a time
+            # cast before the all-to-all: bf16 gradients travel at half the bytes
+            _heads(dst, j, groups).copy_(heads_to_seq(g[i].to(dst.dtype), a2a, timeout=timeout))
             g[i] = None
     return grads
 
