@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 FAMILIES = ("attention", "delta_rule", "fit")
 CANDIDATE_IMPLS = {"attention": ("ring", "ulysses", "hybrid", "allgather"),
@@ -49,6 +49,12 @@ class Hardware:
     inter_bw: float              # bytes/s one device sends across nodes
     inter_latency: float         # s per message across nodes
     dtype_bytes: int = 2         # element size of activations
+    mem_bw: float = 2e12         # bytes/s of elementwise passes (LSE merges, gradient sums,
+                                 # all-to-all packing): memory-bound work beside the kernels
+    gather_slowdown: float = 1.0  # time per byte of all-gather / reduce-scatter relative to
+                                  # point-to-point and all-to-all (gloo: measured ~2-4x)
+    causal_tile: int = 128       # keys per tile of the fused kernel: a causal block computes
+                                 # its diagonal tiles whole (ATen's CPU flash kernel: 512)
     shared_cores: float = 0      # > 0: ranks are 1-thread processes on a host with this many cores
     overlap: bool = True         # ring traffic overlaps compute
     step_overhead: float = 20e-6
@@ -63,22 +69,26 @@ class Hardware:
 H100_NODE = Hardware(
     name="h100-nvlink-ib", flops=989e12, memory_bytes=80e9, devices_per_node=8,
     intra_bw=350e9, intra_latency=10e-6, inter_bw=45e9, inter_latency=25e-6, dtype_bytes=2,
+    mem_bw=2.3e12,
     note="8 x H100 SXM per node, NVLink4 (900 GB/s bidirectional, ~350 GB/s achieved per "
          "direction), one 400 Gb/s NDR InfiniBand NIC per GPU (~45 GB/s achieved); bf16 dense "
-         "989 TFLOP/s; efficiencies are assumptions, not measured here")
+         "989 TFLOP/s, HBM3 3.35 TB/s (~2.3 TB/s achieved by elementwise kernels); "
+         "efficiencies are assumptions, not measured here")
 H200_NODE = dataclasses.replace(
-    H100_NODE, name="h200-nvlink-ib", memory_bytes=141e9,
+    H100_NODE, name="h200-nvlink-ib", memory_bytes=141e9, mem_bw=3.3e12,
     note="8 x H200 SXM per node: H100 compute and links, 141 GB HBM3e per GPU; efficiencies "
          "are assumptions, not measured here")
 A100_NODE = Hardware(
     name="a100-nvlink-ib", flops=312e12, memory_bytes=80e9, devices_per_node=8,
     intra_bw=250e9, intra_latency=10e-6, inter_bw=22e9, inter_latency=25e-6, dtype_bytes=2,
+    mem_bw=1.4e12,
     note="8 x A100 80GB SXM per node, NVLink3 (600 GB/s bidirectional, ~250 GB/s achieved), "
          "one 200 Gb/s HDR InfiniBand NIC per GPU (~22 GB/s achieved); bf16 dense 312 TFLOP/s; "
          "efficiencies are assumptions, not measured here")
 CPU_DEFAULT = Hardware(
     name="cpu", flops=25e9, memory_bytes=8e9, devices_per_node=1 << 30, intra_bw=2e9,
-    intra_latency=50e-6, inter_bw=2e9, inter_latency=50e-6, dtype_bytes=4, shared_cores=2,
+    intra_latency=50e-6, inter_bw=2e9, inter_latency=50e-6, dtype_bytes=4, mem_bw=5e9,
+    causal_tile=512, shared_cores=2,
     overlap=False, step_overhead=1e-3, call_overhead=1e-3,
     efficiency={"attention": 1.0, "delta_rule": 1.0, "fit": 1.0},
     note="uncalibrated placeholder; run `seqshard bench` and calibrate from its records")
@@ -116,7 +126,10 @@ class Terms:
     msgs_intra: float = 0.0
     msgs_inter: float = 0.0
     overlappable_bytes: float = 0.0   # part of the bytes that travel during compute (ring)
-    steps: float = 0.0
+    gather_bytes: float = 0.0         # part of the bytes sent by all-gather / reduce-scatter
+    steps: float = 0.0                # kernel calls and ring steps, in parallel with the others
+    steps_seq: float = 0.0            # ... and on a chain across ranks (delta rule "pass")
+    copy_bytes: float = 0.0           # elementwise memory traffic beside the kernels
     mem_bytes: float = 0.0
 
 
@@ -126,7 +139,7 @@ def _check(cond: bool, message: str) -> None:
 
 
 def _send(t: Terms, nbytes: float, msgs: float, group_span: int, hw: Hardware,
-          overlappable: bool = False) -> None:
+          overlappable: bool = False, gather: bool = False) -> None:
     inside = group_span <= hw.devices_per_node
     if inside:
         t.bytes_intra += nbytes
@@ -136,73 +149,154 @@ def _send(t: Terms, nbytes: float, msgs: float, group_span: int, hw: Hardware,
         t.msgs_inter += msgs
     if overlappable:
         t.overlappable_bytes += nbytes
+    if gather:
+        t.gather_bytes += nbytes
 
 
 # --- per-family counts -------------------------------------------------------------------------
+def attention_pieces(impl: str, p: int, u: int, r: int) -> tuple[int, float, float]:
+    """(kernel calls, query rows merged, key rows accumulated) of the busiest rank's forward,
+    rows in units of the rank's local length after any all-to-all (u * N / P).
+
+    The layouts are the ones the strategies run (zigzag for ring, hybrid and all-gather,
+    contiguous for Ulysses) and the counts are those of ops/attention/plan.py's plans;
+    tests/test_planner.py checks them against the real plans for P <= 8. Ulysses (and one
+    process) is one causal block covering every row: nothing to merge. A zigzag ring rank
+    meets its own two chunks in 3 blocks and every other rank's in one coalesced block; the
+    all-gather's last rank, whose chunks P-1 and P sit in the middle of the gathered keys,
+    gets 2P+1 blocks; a hybrid step meets u members' 2 chunks each, which coalesce poorly.
+    """
+    if impl in ("sdpa", "seqshard", "ulysses", "ds_ulysses") or p == 1:
+        return 1, 0.0, 0.0
+    if impl == "ring":
+        return p + 2, (p + 2) / 2, p + 0.5
+    if impl == "allgather":
+        return (2 * p + 1, p + 0.5, p + 0.5) if p > 2 else (4, 2.5, 2.0)
+    if impl == "hybrid":  # the last ring index is the busiest
+        k_rows = p + 0.5 - 1 / (2 * u)
+        return 2 * u * u * r - (u - 1) * (u - 2), k_rows - (u - 2) / 2, k_rows
+    raise ValueError(f"attention impl={impl!r}: expected ring, ulysses, hybrid, allgather, "
+                     f"sdpa, seqshard or ds_ulysses")
+
+
+BWD_SLICES = 4  # ops/attention/ring.py: remote K/V stream through the backward in ~4 head groups
+
+
+def _bwd_slices(batch: int, kv_heads: int) -> int:
+    """Head groups of the ring backward (ring.py `_head_slices`: never across a batch element)."""
+    per = min(kv_heads, -(-batch * kv_heads // BWD_SLICES))
+    return batch * -(-kv_heads // per)
+
+
+def _a2a_groups(kv_heads: int, u: int) -> int:
+    """Head groups of the Ulysses stage (ring.py `_head_groups`)."""
+    per_rank = kv_heads // u
+    return max(g for g in range(1, min(per_rank, BWD_SLICES) + 1) if per_rank % g == 0)
+
+
 def attention_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -> Terms:
-    """ring / ulysses / hybrid / allgather (and the peers sdpa, seqshard, ds_ulysses)."""
+    """ring / ulysses / hybrid / allgather (and the peers sdpa, seqshard, ds_ulysses), as
+    ops/attention runs them: the ring forward passes whole K/V blocks; its backward fetches
+    each remote block head group by head group and returns that group's fp32 dK/dV share
+    straight to its owner (one blocking exchange per group and step); the Ulysses stage
+    all-to-alls head group by head group (forward q, k, v, out; backward dO, q, k, v, out and
+    the fp32 dq, dk, dv); all-gather gathers K/V once and reduce-scatters dK/dV."""
     p = u * r
     b, h, hkv, d, e = s["batch"], s["heads"], s["kv_heads"], s["head_dim"], hw.dtype_bytes
     _check(n % p == 0, f"attention: N={n} is not divisible by P={p}")
     if impl in ("ulysses", "ds_ulysses", "hybrid"):
         _check(h % u == 0, f"{impl}: heads={h} do not divide by the Ulysses degree {u}")
     fwd = 4.0 * b * h * n * n * d * (0.5 if s["causal"] else 1.0) / p
+    if s["causal"]:
+        # every query row sits on one causal diagonal block, whose last tile of keys is
+        # computed whole: the whole sequence for Ulysses (and one process), a zigzag chunk of
+        # N / 2P tokens for the others
+        whole = impl in ("sdpa", "seqshard", "ulysses", "ds_ulysses") or p == 1
+        diagonal = n if whole else n // (2 * p)
+        fwd += 4.0 * b * h * (n // p) * d * min(diagonal, hw.causal_tile) / 2
     t = Terms(flops_par=fwd * 3.5)  # backward: 5 N^2 D products against forward's 2
     q_b = b * h * (n // p) * d * e
     kv_b = b * hkv * (n // p) * d * e
+    g4 = 4 / e  # gradients travel and add up in fp32
     t.mem_bytes = 2 * (q_b + 2 * kv_b) + q_b  # inputs, their gradients, the output
-    if u > 1:  # four all-to-alls forward (q, k, v, out), four backward; kv heads replicated to u
-        kv_rep = kv_b * (u // math.gcd(hkv, u))
-        _send(t, 2 * (2 * q_b + 2 * kv_rep) * (u - 1) / u, 8 * (u - 1), u, hw)
-        t.mem_bytes += 2 * (2 * q_b + 2 * kv_rep)
-        t.steps += 8
+    calls, q_rows, k_rows = attention_pieces(impl, p, u, r)
+    ours = impl in ("ring", "ulysses", "hybrid")
+    a2a = u if impl in ("ulysses", "ds_ulysses", "hybrid") else 1
+    rep = a2a // math.gcd(hkv, a2a) if impl != "ds_ulysses" else 1  # kv heads copied to u
+    kv_rep = kv_b * rep
+    groups = _a2a_groups(hkv * rep, u) if ours and u > 1 else 1
+    slices = _bwd_slices(b, hkv * rep // (groups * u)) if ours and r > 1 else 1
+    t.steps = groups * calls * (1 + slices) + 2  # kernel calls both ways; the op both ways
+    # LSE merges (forward) and dq, dk, dv sums (backward) run in fp32 over the rows the
+    # blocks cover; one local length of all local heads is q_b (kv_rep) in fp32
+    t.copy_bytes = 2 * q_rows * q_b * g4 + 2 * k_rows * kv_rep * g4
+    if u > 1:
+        if impl == "ds_ulysses":  # DeepSpeed: q, k, v, out and their gradients, whole
+            moved = 2 * (2 * q_b + 2 * kv_b)
+        else:  # forward q, k, v, out; backward dO, q, k, v, out and fp32 dq, dk, dv
+            moved = (2 * q_b + 2 * kv_rep) + (3 * q_b + 2 * kv_rep) + (q_b + 2 * kv_rep) * g4
+        a2a_calls = 8 if impl == "ds_ulysses" else 12 * groups
+        _send(t, moved * (u - 1) / u, a2a_calls * (u - 1), u, hw)
+        t.mem_bytes += 2 * (2 * q_b + 2 * kv_rep) / groups
+        t.copy_bytes += 2 * moved  # packed before each all-to-all, unpacked after
+        t.steps += a2a_calls
     if impl in ("ring", "hybrid") and r > 1:
-        # forward: K, V travel r-1 hops; backward: K, V again and dK, dV all the way home
-        _send(t, ((r - 1) + (2 * r - 1)) * 2 * kv_b, (r - 1) + r, p, hw, overlappable=True)
-        t.mem_bytes += 4 * kv_b
-    if impl in ("ring", "hybrid"):
-        t.steps += 2 * r
+        # forward: whole K, V blocks, r - 1 hops (posted before the step's compute); backward:
+        # per remote step and head group, fetch K, V and return the fp32 dK, dV share
+        _send(t, (r - 1) * 2 * kv_rep * (1 + 1 + g4), groups * (r - 1) * (1 + 2 * slices), p,
+              hw, overlappable=True)
+        t.mem_bytes += 4 * kv_rep / slices
+        t.steps += groups * (r - 1) * (1 + 2 * slices)
+        t.copy_bytes += max(0, r - 2) * 2 * kv_rep * g4  # shares added in (all but step 1)
     if impl == "allgather" and p > 1:
-        _send(t, 2 * 2 * kv_b * (p - 1), 4 * (p - 1), p, hw)
+        _send(t, 2 * 2 * kv_b * (p - 1), 4 * (p - 1), p, hw, gather=True)
         t.mem_bytes += 4 * kv_b * p
-        t.steps += 2
-    if impl in ("sdpa", "seqshard", "ulysses", "ds_ulysses", "allgather"):
-        t.steps += 2
+        # the gathered K, V written out, the fp32 dK, dV over the whole sequence summed back
+        t.copy_bytes += 2 * p * kv_b + 2 * p * kv_b * g4
+        t.steps += 4
     return t
 
 
 def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -> Terms:
-    """chunk (one process), pass (state handed rank to rank), scan (log2 P prefix scan)."""
+    """chunk (one process), pass (state handed rank to rank), scan (log2 P prefix scan).
+
+    A shard's work splits in two: the state-free part (UT transform, W, U, the chunk-local
+    attention: parallel on every rank) and the state chain (S -> P S + H chunk after chunk,
+    and the outputs' Q S term: call-bound small products). "pass" runs the chains one rank
+    after the other (forward, then backward the other way); "scan" runs them in parallel
+    after composing the shard's affine map (two more products per chunk, each way) and a
+    log2(P)-round scan of the maps (forward; backward scans A^T with the chain's gradient).
+    """
     p = u * r
     b, h, dk, dv, c, e = s["batch"], s["heads"], s["dk"], s["dv"], s["chunk"], 4
     _check(n % p == 0, f"delta_rule: N={n} is not divisible by P={p}")
     n_local = n // p
-    per_token = c * (6 * dk + 4 * dv) + c * c / 3 + 6 * dk * dv  # WY chunk form, forward
-    shard = 3.0 * b * h * n_local * per_token  # forward + backward (~2x forward)
+    chunks = math.ceil(n_local / c)
+    free = 3.0 * b * h * n_local * (c * (6 * dk + 4 * dv) + c * c / 3)  # fwd + bwd (~2x fwd)
+    chain = 3.0 * b * h * n_local * 6 * dk * dv
     state_b = b * h * dk * dv * e
-    t = Terms(steps=2 * math.ceil(n_local / c))
     inputs = b * h * n_local * (2 * dk + dv + 1) * e
-    t.mem_bytes = 2 * inputs + b * h * n_local * dv * e + math.ceil(n_local / c) * state_b
-    if impl in ("naive", "chunk") or p == 1:
-        t.flops_par = shard if impl != "naive" else 3.0 * b * h * n * 4 * dk * dv
-        if impl == "naive":
-            t.steps = 2 * n
-        return t
+    t = Terms(mem_bytes=2 * inputs + b * h * n_local * dv * e + chunks * state_b)
+    if impl == "naive":
+        _check(p == 1, f"delta_rule naive runs on one process, got P={p}")
+        return replace(t, flops_par=3.0 * b * h * n * 4 * dk * dv, steps=2 * n)
+    if impl == "chunk" or p == 1:
+        return replace(t, flops_par=free + chain, steps=2 * 2 * chunks)
     if impl == "pass":
-        # the chain is serial: rank r starts when rank r-1 is done, forward and backward;
         # a middle rank sends one state forward and one gradient back
-        t.flops_seq = shard * p
         _send(t, min(2, p - 1) * state_b, 2 * (p - 1), p, hw)
-        return t
+        return replace(t, flops_par=free, steps=2 * chunks, flops_seq=chain * p,
+                       steps_seq=2 * chunks * p)
     _check(impl == "scan", f"delta_rule impl={impl!r}: expected naive, chunk, pass or scan")
     rounds = math.ceil(math.log2(p))
-    compose = 3.0 * b * h * n_local * 2 * dk * dk * (dk + dv) / c  # the shard's affine map
-    t.flops_par = 2 * shard + compose  # map first, then the chunks with the true state
+    # the map [A | B] through every chunk: two [C, Dk] x [Dk, Dk+Dv] products per chunk, in
+    # the forward only (backward reuses A and the chain's own gradient)
+    compose = 4.0 * b * h * n_local * dk * (dk + dv)
     pair_b = b * h * dk * (dk + dv) * e
     _send(t, scan_sends(p) * pair_b, 2 * rounds, p, hw)
-    t.steps += 2 * rounds
     t.mem_bytes += 2 * pair_b
-    return t
+    return replace(t, flops_par=free + chain + compose,
+                   steps=2 * 2 * chunks + 2 * chunks + 2 * 2 * rounds)
 
 
 def scan_sends(p: int) -> int:
@@ -235,7 +329,7 @@ def fit_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -> Terms
         # backward reduce-scatters each. Plus a 9 x int64 shape check per block and per stack.
         gathers = depth * (s.get("global_layers", 1) + (1 if s["causal"] else 0))
         _send(t, 2 * gathers * lat_b * (p - 1) + (depth + 1) * 72 * (p - 1),
-              2 * gathers * (p - 1), p, hw)
+              2 * gathers * (p - 1), p, hw, gather=True)
     return t
 
 
@@ -252,13 +346,23 @@ def terms(family: str, impl: str, shape: dict, n: int, ulysses: int, ring: int,
 
 # --- time --------------------------------------------------------------------------------------
 def features(t: Terms, p: int, hw: Hardware) -> dict:
-    """The quantities time is linear in (flops already divided by the rank's share of a host)."""
-    if hw.shared_cores:
-        flop_units = t.flops_par / min(1.0, hw.shared_cores / p) + t.flops_seq
-    else:
-        flop_units = t.flops_par + t.flops_seq
-    return {"flops": flop_units, "bytes_intra": t.bytes_intra, "bytes_inter": t.bytes_inter,
-            "msgs": t.msgs_intra + t.msgs_inter, "steps": t.steps}
+    """The quantities time is linear in. On a shared CPU host every kind of work a rank does
+    itself (flops, kernel calls, memory passes, copying bytes through gloo) runs at its share
+    of a core, min(1, C / P); work on a chain across ranks (the others wait) at a whole core."""
+    share = min(1.0, hw.shared_cores / p) if hw.shared_cores else 1.0
+    return {"flops": t.flops_par / share + t.flops_seq,
+            "bytes_intra": t.bytes_intra / share, "bytes_inter": t.bytes_inter / share,
+            "gather_bytes": t.gather_bytes / share,
+            "copy_bytes": t.copy_bytes / share, "msgs": t.msgs_intra + t.msgs_inter,
+            "steps": t.steps / share + t.steps_seq, "call": 1.0 / share}
+
+
+def work_features(t: Terms, p: int) -> dict:
+    """What one rank itself computes (its CPU time, whatever it waits for): its own share
+    of a chain across ranks, everything else whole; no messages (waiting costs no CPU)."""
+    return {"flops": t.flops_par + t.flops_seq / p, "bytes": t.bytes_intra + t.bytes_inter,
+            "gather_bytes": t.gather_bytes, "copy_bytes": t.copy_bytes,
+            "steps": t.steps + t.steps_seq / p, "call": 1.0}
 
 
 @dataclass
@@ -278,12 +382,10 @@ class Prediction:
 
 
 def efficiency(hw: Hardware, family: str, impl: str, world: int = 2) -> float:
-    """Fraction of `flops` an implementation reaches: 'family/impl' if calibrated, else the
-    family's (how a kernel path performs, e.g. fused vs masked pieces, is a property of the
-    machine and the code, so a calibration may give each implementation its own). A sharded
-    implementation run on one process takes its local path: 'family/impl@1' when calibrated."""
-    if world == 1 and f"{family}/{impl}@1" in hw.efficiency:
-        return hw.efficiency[f"{family}/{impl}@1"]
+    """Fraction of `flops` a kernel reaches: the family's (every strategy of a family runs the
+    same local kernel; what differs between strategies is counted, not fitted), or
+    'family/impl' for a peer that is a different algorithm (the token-loop delta rule, the
+    unsharded FIT oracle)."""
     return hw.efficiency.get(f"{family}/{impl}", hw.efficiency[family])
 
 
@@ -293,11 +395,13 @@ def predict(family: str, impl: str, shape: dict, n: int, ulysses: int, ring: int
     p = ulysses * ring
     t = terms(family, impl, shape, n, ulysses, ring, hw)
     f = features(t, p, hw)
-    compute = f["flops"] / (hw.flops * efficiency(hw, family, impl, p))
-    lat_intra = t.msgs_intra * hw.intra_latency
-    lat_inter = t.msgs_inter * hw.inter_latency
-    comm = t.bytes_intra / hw.intra_bw + t.bytes_inter / hw.inter_bw + lat_intra + lat_inter
-    overhead = t.steps * hw.step_overhead + hw.call_overhead
+    compute = (f["flops"] / (hw.flops * efficiency(hw, family, impl, p))
+               + f["copy_bytes"] / hw.mem_bw)
+    lat = t.msgs_intra * hw.intra_latency + t.msgs_inter * hw.inter_latency
+    extra = (hw.gather_slowdown - 1) * f["gather_bytes"]  # collectives slower per byte
+    extra_bw = hw.intra_bw if t.bytes_inter == 0 else hw.inter_bw
+    comm = f["bytes_intra"] / hw.intra_bw + f["bytes_inter"] / hw.inter_bw + lat + extra / extra_bw
+    overhead = f["steps"] * hw.step_overhead + f["call"] * hw.call_overhead
     if hw.overlap and t.overlappable_bytes:
         bw = hw.intra_bw if t.bytes_inter == 0 else hw.inter_bw
         hidden = t.overlappable_bytes / bw
@@ -329,7 +433,7 @@ def plan(family: str, shape: dict, n: int, world: int, hw: Hardware) -> list[Pre
     >>> llama = {"batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128, "causal": True}
     >>> best = plan("attention", llama, 1 << 20, 64, H100_NODE)[0]
     >>> best.impl, (best.ulysses, best.ring), best.fits, round(best.time_s, 2)
-    ('hybrid', (8, 8), True, 1.11)
+    ('ring', (1, 64), True, 1.15)
     """
     preds = [predict(family, impl, shape, n, u, r, hw)
              for impl, u, r in candidates(family, shape, world)]

@@ -49,6 +49,10 @@ def test_records_roundtrip_and_rejections(tmp_path):
         (lambda r: r["points"][0]["fwd"].update(comm_bytes=[1]), "has 1 entries for world=2"),
         (lambda r: r["points"][0].update(family="conv"), "family='conv'"),
         (lambda r: r["points"][0]["fwd"].update(time_s=0.0), "time_s=0.0"),
+        (lambda r: r["points"][0]["fwd"].update(cpu_times_s=[[0.1] * 3]),
+         "cpu_times_s should be 2 lists of 3 repeats"),
+        (lambda r: r["points"][0]["fwd"].update(host_cpu_s=[0.1]),
+         "host_cpu_s has 1 entries for 3 repeats"),
     ]
     for mutate, message in bad_cases:
         broken = records.read_results(path)
@@ -129,6 +133,11 @@ def test_sweep_records_every_point_with_its_status(sweep):
             m = p[mode]
             assert m["time_s"] > 0 and m["tokens_per_s"] == pytest.approx(p["n"] / m["time_s"])
             assert len(m["mem_peak_bytes"]) == p["world"]
+            # every rank's CPU seconds and the host's busy seconds, per repeat
+            assert [len(c) for c in m["cpu_times_s"]] == [len(m["times_s"])] * p["world"]
+            assert len(m["host_cpu_s"]) == len(m["times_s"])
+            assert all(c >= 0 for rank in m["cpu_times_s"] for c in rank)
+            assert records.cpu_seconds(m) > 0
 
 
 def test_counted_bytes_match_the_planner_model(sweep):
@@ -171,6 +180,7 @@ def test_report_writes_table_and_valid_pngs(sweep):
     path = write_report(res, out, log=lambda s: None)
     text = path.read_text()
     assert "| attention | ring | 1x2 | 192 | 2 |" in text
+    assert "fwd+bwd min ms | fwd+bwd CPU ms, all ranks" in text
     assert "skipped: " in text and "Fitted exponents" in text
     pngs = sorted(out.glob("*.png"))
     assert {p.name for p in pngs} >= {"attention_time.png", "attention_memory.png",

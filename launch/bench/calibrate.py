@@ -24,27 +24,31 @@ from dataclasses import replace
 import numpy as np
 
 from seqshard.launch.planner import (
-    CANDIDATE_IMPLS, CPU_DEFAULT, FAMILIES, Hardware, features, predict, terms)
+    CANDIDATE_IMPLS, CPU_DEFAULT, FAMILIES, Hardware, features, predict, terms, work_features)
 
 from .records import ok_points
 
-_SHARED = ["bytes", "msgs", "steps", "call"]
+_SHARED = ["bytes", "gather_bytes", "copy_bytes", "msgs", "steps", "call"]
+# peers that run a different algorithm, not the family's kernel: their own compute rate
+OWN_KERNEL = {("delta_rule", "naive"), ("fit", "naive")}
 
 
 def _usable(results: dict, mode: str) -> list[dict]:
     return [p for p in ok_points(results, mode) if p["family"] in FAMILIES]
 
 
-_ONE_PROCESS_NAMES = {"sdpa", "seqshard", "naive", "chunk"}  # already their own kinds
+def measured(point: dict, mode: str = "fwdbwd") -> float:
+    """The time a point is scored by: the fastest repeat. On a shared host other work only
+    ever adds time, so the least disturbed repeat is the best estimate of the op's own cost
+    (the median is kept in the records and tables too)."""
+    return min(point[mode]["times_s"])
 
 
 def _kind(point: dict) -> str:
-    """The compute rate a point shares: one per implementation, and a sharded op run on one
-    process (mesh None: local kernels, no masks across shards) separately as 'impl@1'."""
-    kind = f"{point['family']}/{point['impl']}"
-    if point["world"] == 1 and point["impl"] not in _ONE_PROCESS_NAMES:
-        kind += "@1"
-    return kind
+    """The compute rate a point shares: its family's kernel, or its own for OWN_KERNEL."""
+    if (point["family"], point["impl"]) in OWN_KERNEL:
+        return f"{point['family']}/{point['impl']}"
+    return point["family"]
 
 
 def _row(point: dict, hw: Hardware, kinds: list[str]) -> list[float]:
@@ -52,7 +56,8 @@ def _row(point: dict, hw: Hardware, kinds: list[str]) -> list[float]:
               point["ring"], hw)
     f = features(t, point["world"], hw)
     row = [f["flops"] if _kind(point) == kind else 0.0 for kind in kinds]
-    return row + [f["bytes_intra"] + f["bytes_inter"], f["msgs"], f["steps"], 1.0]
+    return row + [f["bytes_intra"] + f["bytes_inter"], f["gather_bytes"], f["copy_bytes"],
+                  f["msgs"], f["steps"], f["call"]]
 
 
 def _lawson_hanson(a: np.ndarray, y: np.ndarray, max_iter: int) -> np.ndarray:
@@ -98,50 +103,88 @@ def calibrate(results: dict, base: Hardware | None = None, mode: str = "fwdbwd",
               exclude=None) -> Hardware:
     """A Hardware whose rates reproduce the measured times of `results` (see module doc).
 
-    On a shared host the number of cores the ranks really got is fitted too (a grid from 1 to
-    the core count, the best median relative error wins): other work on the machine leaves the
-    ranks fewer cores than `nproc` says, which shows as P = 2 running slower than the ideal.
+    Records with every rank's CPU time are fitted in two stages: the *work* coefficients
+    (kernel rates, memory passes, gloo's CPU per byte, per-call overheads) from the busiest
+    rank's CPU time, which other work on a shared host hardly moves; then, from wall time,
+    only what waiting adds: message latency and the cores the ranks really got (a grid from
+    1 to the host's count, the best median relative error wins: other work leaves the ranks
+    fewer cores than `nproc` says). Older records fit everything to wall time at once.
     """
     base = base or base_profile(results)
-    if not base.shared_cores:
-        return _calibrate(results, base, mode, exclude)
+    points = [p for p in _usable(results, mode) if not (exclude and exclude(p))]
+    kinds = sorted({_kind(p) for p in points})
+    if len(points) < len(kinds) + len(_SHARED):
+        raise ValueError(f"calibrate: {len(points)} usable points for "
+                         f"{len(kinds) + len(_SHARED)} coefficients (run a bigger suite)")
+    work = _fit_work(points, base, mode, kinds) if all(
+        busiest_cpu(p, mode) for p in points) else None
+    grid = np.arange(1.0, base.shared_cores + 1e-9, 0.1) if base.shared_cores else [0.0]
     best = None
-    for cores in np.arange(1.0, base.shared_cores + 1e-9, 0.1):
-        hw = _calibrate(results, replace(base, shared_cores=float(cores)), mode, exclude)
-        err = _fit_error(results, hw, mode, exclude)
+    for cores in grid:
+        hw0 = replace(base, shared_cores=float(cores))
+        hw = (_fit_wall(points, hw0, mode, kinds, work) if work else
+              _calibrate(points, hw0, mode, kinds))
+        err = float(np.median([abs(_prediction(p, hw).time_s / measured(p, mode) - 1)
+                               for p in points]))
         if best is None or err < best[0]:
             best = (err, hw)
     return best[1]
 
 
-def _fit_error(results, hw, mode, exclude) -> float:
-    errs = [abs(_prediction(p, hw).time_s / p[mode]["time_s"] - 1)
-            for p in _usable(results, mode) if not (exclude and exclude(p))]
-    return float(np.median(errs))
+def busiest_cpu(point: dict, mode: str = "fwdbwd") -> float | None:
+    """The busiest rank's CPU seconds in its median repeat (None for records without)."""
+    cpu = point[mode].get("cpu_times_s")
+    return max(float(np.median(c)) for c in cpu) if cpu else None
 
 
-def _calibrate(results: dict, base: Hardware, mode: str, exclude) -> Hardware:
-    points = [p for p in _usable(results, mode) if not (exclude and exclude(p))]
-    kinds = sorted({_kind(p) for p in points})
-    columns = kinds + _SHARED
-    if len(points) < len(columns):
-        raise ValueError(f"calibrate: {len(points)} usable points for {len(columns)} "
-                         f"coefficients (run a bigger suite)")
+_WORK = ["bytes", "gather_bytes", "copy_bytes", "steps", "call"]
+
+
+def _fit_work(points, base, mode, kinds) -> dict:
+    """Stage 1: CPU seconds = sum of work features x coefficients (relative NNLS)."""
+    rows = []
+    for p in points:
+        f = work_features(terms(p["family"], p["impl"], p["shape"], p["n"], p["ulysses"],
+                                p["ring"], base), p["world"])
+        rows.append([f["flops"] if _kind(p) == kind else 0.0 for kind in kinds]
+                    + [f[k] for k in _WORK])
+    a, y = np.array(rows), np.array([busiest_cpu(p, mode) for p in points])
+    return dict(zip(kinds + _WORK, _nnls(a / y[:, None], np.ones(len(points)))))
+
+
+def _fit_wall(points, base, mode, kinds, c) -> Hardware:
+    """Stage 2: with the work fixed, the latency per message that best explains wall time."""
+    hw = _profile(points, base, mode, kinds, dict(c, msgs=0.0))
+    pred = np.array([_prediction(p, hw).time_s for p in points])
+    msgs = np.array([(lambda t: t.msgs_intra + t.msgs_inter)(
+        terms(p["family"], p["impl"], p["shape"], p["n"], p["ulysses"], p["ring"], base))
+        for p in points])
+    y = np.array([measured(p, mode) for p in points])
+    a, b = pred / y, msgs / y  # relative error a + b * latency - 1, least squares
+    latency = max(0.0, float(b @ (1 - a) / (b @ b))) if b @ b > 0 else 0.0
+    return _profile(points, base, mode, kinds, dict(c, msgs=latency))
+
+
+def _calibrate(points, base: Hardware, mode: str, kinds) -> Hardware:
+    """Everything from wall time at once (records without CPU times)."""
     a = np.array([_row(p, base, kinds) for p in points])
-    y = np.array([p[mode]["time_s"] for p in points])
+    y = np.array([measured(p, mode) for p in points])
     coef = _nnls(a / y[:, None], np.ones(len(points)))
-    c = dict(zip(columns, coef))
+    return _profile(points, base, mode, kinds, dict(zip(kinds + _SHARED, coef)))
+
+
+def _profile(points, base: Hardware, mode: str, kinds, c: dict) -> Hardware:
+    """The Hardware with coefficients `c` (seconds per unit of each feature)."""
     rates = {k: 1.0 / c[k] for k in kinds if c[k] > 0}
     if not rates:
         raise ValueError("calibrate: no compute coefficient came out positive")
-    # the reference rate: single-process attention (torch's fused kernel) when measured
-    ref = next((rates[k] for k in ("attention/sdpa", "attention/seqshard") if k in rates),
-               max(rates.values()))
+    # the reference rate: the attention kernel (torch's fused one) when measured
+    ref = rates.get("attention", max(rates.values()))
     efficiency = {k: r / ref for k, r in rates.items()}
-    for fam in FAMILIES:  # a family's default: its fastest measured sharded implementation
-        mine = [e for k, e in efficiency.items() if k.startswith(fam + "/") and "@" not in k]
-        efficiency[fam] = max(mine) if mine else 1.0
+    for fam in FAMILIES:
+        efficiency.setdefault(fam, 1.0)
     bw = 1.0 / c["bytes"] if c["bytes"] > 0 else 1e15  # traffic too cheap to resolve here
+    slowdown = 1.0 + c["gather_bytes"] * bw
     scale = {}
     for fam in FAMILIES:
         logs = [math.log(max(p[mode]["mem_peak_bytes"]) /
@@ -149,7 +192,9 @@ def _calibrate(results: dict, base: Hardware, mode: str, exclude) -> Hardware:
                                base).mem_bytes)
                 for p in points if p["family"] == fam and max(p[mode]["mem_peak_bytes"]) > 0]
         scale[fam] = math.exp(sum(logs) / len(logs)) if logs else 1.0
+    mem_bw = 1.0 / c["copy_bytes"] if c["copy_bytes"] > 0 else 1e15
     return replace(base, flops=ref, efficiency=efficiency, intra_bw=bw, inter_bw=bw,
+                   mem_bw=mem_bw, gather_slowdown=slowdown,
                    intra_latency=c["msgs"], inter_latency=c["msgs"], step_overhead=c["steps"],
                    call_overhead=c["call"], memory_scale=scale,
                    note=f"calibrated on {len(points)} measured points ({mode}); the ranks "
@@ -168,10 +213,11 @@ def evaluate(results: dict, hw: Hardware, mode: str = "fwdbwd", tie: float = 0.1
         if only and not only(p):
             continue
         pred = _prediction(p, hw)
-        meas_t, meas_m = p[mode]["time_s"], max(p[mode]["mem_peak_bytes"])
+        meas_t, meas_m = measured(p, mode), max(p[mode]["mem_peak_bytes"])
         rows.append({"family": p["family"], "impl": p["impl"], "n": p["n"],
                      "world": p["world"], "split": f"{p['ulysses']}x{p['ring']}",
-                     "time_s": meas_t, "pred_time_s": pred.time_s,
+                     "time_s": meas_t, "median_s": p[mode]["time_s"],
+                     "pred_time_s": pred.time_s,
                      "spread": (min(p[mode]["times_s"]), max(p[mode]["times_s"])),
                      "time_err": pred.time_s / meas_t - 1,
                      "mem_bytes": meas_m, "pred_mem_bytes": pred.mem_bytes,
@@ -184,20 +230,33 @@ def evaluate(results: dict, hw: Hardware, mode: str = "fwdbwd", tie: float = 0.1
 
 
 def _apart(a: dict, b: dict, tie: float) -> bool:
-    """Measurably different: medians more than `tie` apart."""
+    """Measurably different: measured times more than `tie` apart."""
     lo, hi = sorted((a["time_s"], b["time_s"]))
     return hi > lo * (1 + tie)
 
 
-def ranking(rows: list[dict], tie: float = 0.10) -> dict:
-    """Pairwise order agreement among seqshard's strategies for each (family, N, P)."""
+def _groups(rows: list[dict]) -> dict:
+    """seqshard's own strategies of each (family, N, P > 1): the choices the planner makes."""
     groups = defaultdict(list)
     for r in rows:
         if r["impl"] in CANDIDATE_IMPLS.get(r["family"], ()) and r["world"] > 1:
             groups[(r["family"], r["n"], r["world"])].append(r)
+    return groups
+
+
+def _label(r: dict) -> str:
+    return f"{r['impl']} {r['split']}"
+
+
+def ranking(rows: list[dict], tie: float = 0.10) -> dict:
+    """Pairwise order agreement among seqshard's strategies for each (family, N, P).
+
+    A pair counts ("decisive") when its measured times differ by more than `tie`; closer
+    pairs are within run-to-run noise (see `noise_tie`) and count neither way. `pairs` lists
+    every decisive pair with both times, so a disagreement can be read off."""
     agree = decisive = top_agree = top_total = 0
-    details = []
-    for key, rs in sorted(groups.items()):
+    details, pairs = [], []
+    for key, rs in sorted(_groups(rows).items()):
         if len(rs) < 2:
             continue
         for i in range(len(rs)):
@@ -206,7 +265,12 @@ def ranking(rows: list[dict], tie: float = 0.10) -> dict:
                 if not _apart(a, b, tie):
                     continue
                 decisive += 1
-                agree += (a["time_s"] < b["time_s"]) == (a["pred_time_s"] < b["pred_time_s"])
+                ok = (a["time_s"] < b["time_s"]) == (a["pred_time_s"] < b["pred_time_s"])
+                agree += ok
+                pairs.append({"family": key[0], "n": key[1], "world": key[2],
+                              "a": _label(a), "b": _label(b), "ok": ok,
+                              "measured": (a["time_s"], b["time_s"]),
+                              "predicted": (a["pred_time_s"], b["pred_time_s"])})
         best_meas = min(rs, key=lambda r: r["time_s"])
         best_pred = min(rs, key=lambda r: r["pred_time_s"])
         # the top pick is right when it is the measured best or within `tie` of it
@@ -214,14 +278,56 @@ def ranking(rows: list[dict], tie: float = 0.10) -> dict:
         top_total += 1
         top_agree += ok
         details.append({"family": key[0], "n": key[1], "world": key[2],
-                        "measured_best": f"{best_meas['impl']} {best_meas['split']}",
-                        "predicted_best": f"{best_pred['impl']} {best_pred['split']}",
+                        "measured_best": _label(best_meas), "predicted_best": _label(best_pred),
                         "ok": ok})
     return {"pairs_agree": agree, "pairs_decisive": decisive, "top_agree": top_agree,
-            "top_total": top_total, "groups": details}
+            "top_total": top_total, "groups": details, "pairs": pairs, "tie": tie}
 
 
-def holdout(results: dict, mode: str = "fwdbwd") -> dict | None:
+TIE_GRID = tuple(round(0.05 * i, 2) for i in range(1, 11))  # 5% .. 50%
+
+
+def noise_tie(results: dict, earlier: dict, mode: str = "fwdbwd", grid=TIE_GRID) -> dict:
+    """The tie rule from two runs of the same points: the smallest margin t (from `grid`)
+    such that no pair of strategies that either run measured more than t apart is ordered
+    the other way by the other run. Pairs closer than t cannot be told apart on this
+    machine, so the ranking check leaves them out. Returns the margin, and per margin how
+    many pairs were decisive and how many of them flipped (the justification)."""
+    def times(res):
+        return {(r["family"], r["n"], r["world"], _label(r)): r["time_s"]
+                for r in evaluate_rows(res, mode)}
+
+    now, before = times(results), times(earlier)
+    pairs = []
+    for (fam, n, world), rs in _groups([{"family": k[0], "n": k[1], "world": k[2],
+                                         "impl": k[3].split()[0], "label": k[3]}
+                                        for k in now]).items():
+        labels = sorted(r["label"] for r in rs)
+        for i in range(len(labels)):
+            for j in range(i + 1, len(labels)):
+                ka, kb = (fam, n, world, labels[i]), (fam, n, world, labels[j])
+                if ka in before and kb in before:
+                    pairs.append((math.log(now[ka] / now[kb]),
+                                  math.log(before[ka] / before[kb])))
+    table = []
+    for t in grid:
+        cut = math.log(1 + t)
+        decisive = [(x, y) for x, y in pairs if abs(x) > cut or abs(y) > cut]
+        flipped = sum(x * y < 0 for x, y in decisive)
+        table.append({"tie": t, "decisive": len(decisive), "flipped": flipped})
+    tie = next((row["tie"] for row in table if row["flipped"] == 0), grid[-1])
+    return {"tie": tie, "table": table, "pairs": len(pairs),
+            "earlier_started": earlier["started"]}
+
+
+def evaluate_rows(results: dict, mode: str = "fwdbwd") -> list[dict]:
+    """The measured side of `evaluate`'s rows (no model needed)."""
+    return [{"family": p["family"], "impl": p["impl"], "n": p["n"], "world": p["world"],
+             "split": f"{p['ulysses']}x{p['ring']}", "time_s": measured(p, mode)}
+            for p in _usable(results, mode)]
+
+
+def holdout(results: dict, mode: str = "fwdbwd", tie: float = 0.10) -> dict | None:
     """Calibrate without each series' largest N, then score only those largest-N points."""
     largest = defaultdict(int)
     for p in _usable(results, mode):
@@ -235,7 +341,7 @@ def holdout(results: dict, mode: str = "fwdbwd") -> dict | None:
         hw = calibrate(results, mode=mode, exclude=is_top)
     except ValueError:
         return None
-    return evaluate(results, hw, mode, only=is_top)
+    return evaluate(results, hw, mode, tie=tie, only=is_top)
 
 
 def reproducibility(results: dict, earlier: dict, mode: str = "fwdbwd") -> dict:
@@ -245,7 +351,7 @@ def reproducibility(results: dict, earlier: dict, mode: str = "fwdbwd") -> dict:
         return p["family"], p["impl"], p["n"], p["world"], p["ulysses"]
 
     before = {key(p): p for p in ok_points(earlier, mode)}
-    ratios = [p[mode]["time_s"] / before[key(p)][mode]["time_s"]
+    ratios = [measured(p, mode) / measured(before[key(p)], mode)
               for p in ok_points(results, mode) if key(p) in before]
     diffs = [abs(r - 1) for r in ratios]
     return {"count": len(diffs), "within_30": sum(d <= 0.30 for d in diffs),

@@ -46,11 +46,14 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-maxctx", action="store_true", help="skip the max-context searches")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per point")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs per point")
+    p.add_argument("--previous", default=None,
+                   help="records.msgpack of an earlier run of the same suite: its run-to-run "
+                        "noise sets the planner ranking's tie margin")
 
 
 def run_bench(suite_name: str, out: str | Path, *, families=None, maxctx: bool = True,
               repeats: int | None = None, warmup: int | None = None, command: str = "",
-              log=print) -> dict:
+              log=print, earlier: dict | None = None) -> dict:
     """Measure a suite and write records, table and plots into `out`; returns the results."""
     from . import maxctx as maxctx_mod
     from .records import new_results, write_results
@@ -84,12 +87,12 @@ def run_bench(suite_name: str, out: str | Path, *, families=None, maxctx: bool =
     results["elapsed_s"] = time.monotonic() - started
     results["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
     write_results(out / "records.msgpack", results)
-    write_report(results, out, log=log)
+    write_report(results, out, log=log, earlier=earlier)
     log(f"seqshard bench: done in {results['elapsed_s']:.0f} s; see {out / 'results.md'}")
     return results
 
 
-def write_report(results: dict, out: str | Path, log=print) -> Path:
+def write_report(results: dict, out: str | Path, log=print, earlier: dict | None = None) -> Path:
     """results.md and the PNG plots from a results map (also used on saved records)."""
     from . import report
 
@@ -107,7 +110,7 @@ def write_report(results: dict, out: str | Path, log=print) -> Path:
     for r in ratios:
         log(f"  ratio {r['family']}/{r['impl']} {r['split']} P={r['world']} N={r['n']}: "
             f"{r['peer']} time / ours = {r['time_ratio']:.2f}, memory = {r['mem_ratio']:.2f}")
-    lines += planner_section(results, log)
+    lines += planner_section(results, log, earlier)
     if results["maxctx"]:
         lines += ["## Max context (largest N whose fwd+bwd fits the budgets)", "",
                   "| op | P | memory budget MiB/rank | time budget s | max N | probes |",
@@ -131,44 +134,73 @@ def machine_line(m: dict) -> str:
             f"start" + ("" if end is None else f", {end:.1f} at the end"))
 
 
-def planner_section(results: dict, log=print) -> list[str]:
+def planner_section(results: dict, log=print, earlier: dict | None = None) -> list[str]:
+    """The calibrated CPU profile, its time error and its ranking of strategies. With an
+    earlier run of the same points, pairs closer than that run-to-run noise are ties."""
     from . import calibrate
 
     try:
         hw = calibrate.calibrate(results)
     except ValueError as err:
         return ["## Planner", "", f"not calibrated: {err}", ""]
-    ev = calibrate.evaluate(results, hw)
+    noise = calibrate.noise_tie(results, earlier) if earlier else None
+    tie = noise["tie"] if noise else 0.10
+    ev = calibrate.evaluate(results, hw, tie=tie)
     rk = ev["ranking"]
     log(f"  planner: {ev['within_30']}/{ev['count']} calibrated points within 30% "
         f"(median |err| {ev['median_abs_time_err']:.0%}); strategy pairs ordered right "
-        f"{rk['pairs_agree']}/{rk['pairs_decisive']}, best pick {rk['top_agree']}/{rk['top_total']}")
+        f"{rk['pairs_agree']}/{rk['pairs_decisive']} (tie {tie:.0%}), best pick "
+        f"{rk['top_agree']}/{rk['top_total']}")
+    rates = ", ".join(f"{k} {hw.flops * v / 1e9:.1f}" for k, v in sorted(hw.efficiency.items()))
     lines = ["## Planner: calibrated CPU profile and its error on these runs", "",
-             f"Fitted: {hw.flops / 1e9:.1f} GFLOP/s per core (single-process attention), "
-             "relative efficiency " + ", ".join(f"{k} {v:.2f}" for k, v in
-                                                sorted(hw.efficiency.items()) if "/" in k)
-             + f"; {hw.intra_bw / 1e9:.2f} GB/s, {hw.intra_latency * 1e6:.0f} us/message, "
-             f"{hw.step_overhead * 1e3:.2f} ms/step, {hw.call_overhead * 1e3:.2f} ms/call; "
+             "Scored against each point's fastest repeat (other work on the host only adds "
+             "time). Fitted: kernel rates in GFLOP/s per core " + rates
+             + f"; causal diagonal tile {hw.causal_tile} keys (ATen's CPU flash kernel); "
+             f"memory passes {hw.mem_bw / 1e9:.2f} GB/s; gloo {hw.intra_bw / 1e9:.2f} GB/s "
+             f"(all-gather / reduce-scatter {hw.gather_slowdown:.1f}x slower per byte), "
+             f"{hw.intra_latency * 1e6:.0f} us/message; {hw.step_overhead * 1e3:.3f} ms per "
+             f"kernel call or ring step, {hw.call_overhead * 1e3:.2f} ms per op call; "
              "memory x " + ", ".join(f"{k} {v:.2f}" for k, v in hw.memory_scale.items())
              + f"; the ranks got {hw.shared_cores:.1f} cores of the host.", "",
              f"Time within 30%: **{ev['within_30']}/{ev['count']}** points, median |error| "
-             f"{ev['median_abs_time_err']:.1%}, max {ev['max_abs_time_err']:.1%}.", "",
-             f"Ranking: **{rk['pairs_agree']}/{rk['pairs_decisive']}** pairs of strategies "
-             f"ordered as measured (pairs whose measured medians differ by more than 10%); "
-             f"the planner's pick is the measured best or within 10% of it in "
-             f"**{rk['top_agree']}/{rk['top_total']}** (family, N, P) groups.", ""]
-    held = calibrate.holdout(results)
+             f"{ev['median_abs_time_err']:.1%}, max {ev['max_abs_time_err']:.1%}.", ""]
+    if noise:
+        lines += [f"Tie rule from two runs (this one and the run started "
+                  f"{noise['earlier_started']}): a pair of strategies counts when its times "
+                  f"differ by more than **{tie:.0%}**, the smallest margin at which no pair "
+                  "that either run measured further apart is ordered the other way by the "
+                  "other run:", "",
+                  "| margin | pairs apart by more (either run) | ordered differently by the "
+                  "two runs |", "|---|---|---|"]
+        lines += [f"| {row['tie']:.0%} | {row['decisive']} | {row['flipped']} |"
+                  for row in noise["table"]] + [""]
+    lines += [f"Ranking: **{rk['pairs_agree']}/{rk['pairs_decisive']}** pairs of strategies "
+              f"ordered as measured (pairs more than {tie:.0%} apart); the planner's pick is "
+              f"the measured best or within {tie:.0%} of it in "
+              f"**{rk['top_agree']}/{rk['top_total']}** (family, N, P) groups.", ""]
+    wrong = [q for q in rk["pairs"] if not q["ok"]]
+    if wrong:
+        lines += ["Pairs ordered differently from the measurement:", "",
+                  "| family | N | P | a | b | measured ms (a, b) | predicted ms (a, b) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {q['family']} | {q['n']} | {q['world']} | {q['a']} | {q['b']} | "
+                  f"{q['measured'][0] * 1e3:.1f}, {q['measured'][1] * 1e3:.1f} | "
+                  f"{q['predicted'][0] * 1e3:.1f}, {q['predicted'][1] * 1e3:.1f} |"
+                  for q in wrong] + [""]
+    held = calibrate.holdout(results, tie=tie)
     if held:
-        lines += [f"Extrapolation check (calibrated without each series' largest N, then "
-                  f"predicting it): {held['within_30']}/{held['count']} within 30%, median "
-                  f"|error| {held['median_abs_time_err']:.1%}.", ""]
-    lines += ["| op | mesh | N | P | measured ms | predicted ms | error | measured MiB | "
-              "predicted MiB |", "|---|---|---|---|---|---|---|---|---|"]
+        hr = held["ranking"]
+        lines += [f"Held-out check (calibrated without each series' largest N, then "
+                  f"predicting those points): {held['within_30']}/{held['count']} within 30%, "
+                  f"median |error| {held['median_abs_time_err']:.1%}; ranking "
+                  f"{hr['pairs_agree']}/{hr['pairs_decisive']} pairs.", ""]
+    lines += ["| op | mesh | N | P | fastest ms | median ms | predicted ms | error | "
+              "measured MiB | predicted MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in ev["rows"]:
         lines.append(f"| {r['family']}/{r['impl']} | {r['split']} | {r['n']} | {r['world']} | "
-                     f"{r['time_s'] * 1e3:.1f} | {r['pred_time_s'] * 1e3:.1f} | "
-                     f"{r['time_err']:+.0%} | {r['mem_bytes'] / MiB:.1f} | "
-                     f"{r['pred_mem_bytes'] / MiB:.1f} |")
+                     f"{r['time_s'] * 1e3:.1f} | {r['median_s'] * 1e3:.1f} | "
+                     f"{r['pred_time_s'] * 1e3:.1f} | {r['time_err']:+.0%} | "
+                     f"{r['mem_bytes'] / MiB:.1f} | {r['pred_mem_bytes'] / MiB:.1f} |")
     lines += ["", "| family | N | P | measured best | planner's pick | ok |", "|---|---|---|---|---|---|"]
     for g in rk["groups"]:
         lines.append(f"| {g['family']} | {g['n']} | {g['world']} | {g['measured_best']} | "
@@ -179,8 +211,11 @@ def planner_section(results: dict, log=print) -> list[str]:
 def cmd_bench(args) -> int:
     out = args.out or f"bench-out/{args.suite}"
     command = "seqshard " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    from .records import read_results
+
+    earlier = read_results(args.previous) if args.previous else None
     run_bench(args.suite, out, families=args.family, maxctx=not args.no_maxctx,
-              repeats=args.repeats, warmup=args.warmup, command=command)
+              repeats=args.repeats, warmup=args.warmup, command=command, earlier=earlier)
     return 0
 
 

@@ -2,8 +2,10 @@
 
 - Time: `warmup` untimed runs (first-call allocations, kernel selection, gloo buffers), then
   at least `repeats` timed runs (more for short ones), each bracketed by barriers so the time
-  is the slowest rank's wall time; the median is kept and every repeat is recorded. The
-  runner interleaves the timed runs of many points (runner._measure_points).
+  is the slowest rank's wall time; the median is kept and every repeat is recorded. Each
+  rank's CPU time over the same window is kept beside it (process time: the rank's own
+  threads, gloo's included). The runner interleaves the timed runs of many points
+  (runner._measure_points).
 - Peak memory (CPU): the peak of bytes live in torch's CPU allocator during the run, from the
   profiler's memory events (every allocation and free through c10's CPU allocator, kernel
   workspaces and received buffers included), relative to what was live at entry. tracemalloc
@@ -24,6 +26,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -185,16 +188,45 @@ def _slowest(seconds: float, group) -> float:
     return float(t)
 
 
+_PROC_STAT = Path("/proc/stat")
+
+
+def host_busy_s() -> float | None:
+    """CPU seconds all of the host's cores have been busy since boot (None off Linux): the
+    difference over a window, less our own ranks' CPU time, is what other work took."""
+    try:
+        ticks = [int(x) for x in _PROC_STAT.read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def time_one(run: Callable[[], None], group=None,
-             device: torch.device = torch.device("cpu")) -> float:
-    """One run between barriers; the slowest rank's seconds, known to every rank."""
+             device: torch.device = torch.device("cpu"), cpu_times: list | None = None,
+             host_times: list | None = None) -> float:
+    """One run between barriers; the slowest rank's seconds, known to every rank.
+
+    cpu_times: if given, this rank's CPU seconds for the run are appended (wall time alone
+    cannot tell computing from waiting for a peer or for a core on a busy host).
+    host_times: if given, the busy CPU seconds of the whole host in the same window (0 where
+    the host does not say)."""
     barrier(group)
     _sync(device)
+    host_start = host_busy_s() if host_times is not None else None
+    cpu_start = time.process_time()
     start = time.perf_counter()
     run()
     _sync(device)
     barrier(group)
-    return _slowest(time.perf_counter() - start, group)
+    wall = time.perf_counter() - start
+    if cpu_times is not None:
+        cpu_times.append(time.process_time() - cpu_start)
+    if host_times is not None:
+        host_end = host_busy_s()
+        host_times.append(0.0 if host_start is None or host_end is None
+                          else host_end - host_start)
+    return _slowest(wall, group)
 
 
 def wants_more(times: list[float], repeats: int, max_repeats: int, min_total_s: float) -> bool:

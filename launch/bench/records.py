@@ -22,6 +22,10 @@ and each POINT describes one measured configuration:
         rss_peak_bytes   per rank: resident-set high-water mark above that state (coarse)
         comm_bytes       per rank: bytes this rank sent in collectives (see measure.CommCounter)
         comm_calls       per rank: collective calls made
+        cpu_times_s      (optional) per rank, that rank's CPU seconds in every timed repeat
+                         (process time over the same window as times_s)
+        host_cpu_s       (optional) busy CPU seconds of the whole host in every repeat
+                         (/proc/stat): less the ranks' own, what other work took meanwhile
 
 and each SEARCH is a max-context search (maxctx.py): family, impl, world, ulysses, the
 budgets, max_n (None when even the first N failed) and every probe (n, ok, reason, time_s,
@@ -147,6 +151,15 @@ def validate_point(point: dict, where: str = "point") -> None:
             if len(measure[name]) != point["world"]:
                 raise ValueError(f"{where}.{mode}.{name} has {len(measure[name])} entries for "
                                  f"world={point['world']} ranks")
+        cpu = measure.get("cpu_times_s")
+        if cpu is not None and (len(cpu) != point["world"] or
+                                any(len(c) != len(measure["times_s"]) for c in cpu)):
+            raise ValueError(f"{where}.{mode}.cpu_times_s should be {point['world']} lists of "
+                             f"{len(measure['times_s'])} repeats, got {cpu!r}")
+        host = measure.get("host_cpu_s")
+        if host is not None and len(host) != len(measure["times_s"]):
+            raise ValueError(f"{where}.{mode}.host_cpu_s has {len(host)} entries for "
+                             f"{len(measure['times_s'])} repeats")
         if measure["time_s"] <= 0:
             raise ValueError(f"{where}.{mode}.time_s={measure['time_s']} must be > 0")
     if point["status"] == "ok" and point["fwd"] is None and point["fwdbwd"] is None:
@@ -192,3 +205,25 @@ def read_results(path: str | os.PathLike) -> dict:
 def ok_points(results: dict, mode: str = "fwdbwd") -> list[dict]:
     """Points that ran and measured `mode`."""
     return [p for p in results["points"] if p["status"] == "ok" and p.get(mode)]
+
+
+def cpu_seconds(measure: dict) -> float | None:
+    """CPU seconds of all ranks together in a median repeat (None for older records):
+    compare with time_s x world to see how much of the wall time the ranks computed."""
+    cpu = measure.get("cpu_times_s")
+    if not cpu:
+        return None
+    import statistics
+
+    return float(statistics.median(sum(rep) for rep in zip(*cpu)))
+
+
+def interference(measure: dict, cores: int) -> float | None:
+    """Share of the host's cores that other work used during the fastest repeat (None for
+    records without host_cpu_s): 0 = the run had the machine to itself."""
+    host, cpu = measure.get("host_cpu_s"), measure.get("cpu_times_s")
+    if not host or not cpu or not any(host):
+        return None
+    i = min(range(len(measure["times_s"])), key=measure["times_s"].__getitem__)
+    others = host[i] - sum(rank[i] for rank in cpu)
+    return max(0.0, others) / (measure["times_s"][i] * max(1, cores))

@@ -11,7 +11,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .records import ok_points
+from .records import cpu_seconds, ok_points
 
 MiB = 2**20
 # (family, ours, peer): ratios are peer time / our time at the same N (and P where the peer
@@ -60,17 +60,21 @@ def _fmt_ms(measure: dict | None) -> str:
 
 def markdown_table(results: dict) -> str:
     """One row per point, in the order measured; failed points show their status."""
-    head = ("| family | impl | mesh u x r | N | P | fwd ms | fwd+bwd ms | tokens/s | "
-            "peak MiB/rank | sent MiB/rank | status |")
-    rows = [head, "|" + "---|" * 11]
+    head = ("| family | impl | mesh u x r | N | P | fwd ms | fwd+bwd ms | fwd+bwd min ms | "
+            "fwd+bwd CPU ms, all ranks | tokens/s | peak MiB/rank | sent MiB/rank | status |")
+    rows = [head, "|" + "---|" * 13]
     for p in results["points"]:
         m = p.get("fwdbwd") or p.get("fwd")
         tok = f"{m['tokens_per_s']:.0f}" if m else "-"
         mem = f"{max(m['mem_peak_bytes']) / MiB:.1f}" if m else "-"
         sent = f"{max(m['comm_bytes']) / MiB:.2f}" if m else "-"
         status = p["status"] if p["status"] == "ok" else f"{p['status']}: {(p['error'] or '').splitlines()[0][:60]}"
+        fb = p.get("fwdbwd")
+        low = f"{min(fb['times_s']) * 1e3:.1f}" if fb else "-"
+        cpu = cpu_seconds(fb) if fb else None
+        cpu = "-" if cpu is None else f"{cpu * 1e3:.1f}"
         rows.append(f"| {p['family']} | {p['impl']} | {p['ulysses']}x{p['ring']} | {p['n']} | "
-                    f"{p['world']} | {_fmt_ms(p.get('fwd'))} | {_fmt_ms(p.get('fwdbwd'))} | "
+                    f"{p['world']} | {_fmt_ms(p.get('fwd'))} | {_fmt_ms(fb)} | {low} | {cpu} | "
                     f"{tok} | {mem} | {sent} | {status} |")
     return "\n".join(rows) + "\n"
 

@@ -90,13 +90,13 @@ def _measure_points(items: list[tuple[int, dict]], mesh_of, modes, warmup: int,
             run = functools.partial(workload.run, workload.make_inputs(), backward)
             for _ in range(warmup):
                 run()
-            live.append((i, mesh, run, []))
+            live.append((i, mesh, run, [], [], []))
         for _ in range(repeats[1]):
-            for i, mesh, run, times in live:
+            for i, mesh, run, times, cpu, host in live:
                 if wants_more(times, *repeats):
-                    times.append(time_one(run, mesh.group, mesh.device))
-        for i, _, _, times in live:
-            out[i][mode] = {"times": times}
+                    times.append(time_one(run, mesh.group, mesh.device, cpu, host))
+        for i, _, _, times, cpu, host in live:
+            out[i][mode] = {"times": times, "cpu": cpu, "host": host}
         del live, run  # free the timing inputs before the memory runs
         for i, mesh, workload in built:
             # a separate run for memory and bytes, with fresh inputs inside the measured window
@@ -224,6 +224,10 @@ def merge(spec: dict, per_rank: list[dict], modes) -> dict:
         times = [max(t) for t in zip(*(r["times"] for r in runs))]
         time_s = median(times)
         measures[mode] = {"time_s": time_s, "times_s": times,
+                          # every rank's CPU seconds in each repeat (lists of equal length)
+                          "cpu_times_s": [list(r["cpu"]) for r in runs],
+                          # the whole host's busy CPU seconds in each repeat (rank 0's view)
+                          "host_cpu_s": list(runs[0]["host"]),
                           "tokens_per_s": spec["n"] / time_s,
                           "mem_peak_bytes": [int(r["mem"]) for r in runs],
                           "rss_peak_bytes": [int(r["rss"]) for r in runs],
