@@ -5,8 +5,10 @@ growing global sequence length N, sharded over 2 gloo ranks on this CPU (or one 
     python benchmarks/models.py --models deltanet,fit --sizes 65536,1048576
     python benchmarks/models.py --models transformer --sizes 4096,16384,32768 --budget-s 600
 
-Prints per row: seconds of the step, tokens/s, peak memory per rank (resident set on CPU,
-allocated on CUDA) and time per token relative to the model's first row. A model stops growing
+Prints per row: seconds of the step (wall, and the most CPU seconds one rank used: on a
+shared machine wall time moves with the load, CPU time much less), tokens/s, peak memory per
+rank (resident set on CPU, allocated on CUDA), time per token relative to the model's first
+row, and the 1-minute load average when the row finished. A model stops growing
 N at the first step over --budget-s or that fails (e.g. out of memory). Activation
 checkpointing is on, batch 1, random tokens (loss on every token), small width by default
 (4 layers x 256).
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,8 +57,11 @@ def _one_step(rank, world, kind: str, config: dict, seq_len: int, steps: int, st
     if kind != "fit":
         train["strategy"] = strategy
     trainer = Trainer(kind, config, train, mesh())
-    metrics = [trainer.step() for _ in range(steps)]
-    return metrics[-1]  # the last step: the first also pays one-time allocations
+    for _ in range(steps):  # report the last step: the first also pays one-time allocations
+        cpu = time.process_time()  # every thread of this rank's process
+        metrics = trainer.step()
+        metrics["cpu_seconds"] = time.process_time() - cpu
+    return metrics
 
 
 def main() -> None:
@@ -75,8 +81,8 @@ def main() -> None:
     if args.mmap_threshold:  # before the first run_ranks starts the rank processes
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
 
-    print(f"{'model':<12}{'N':>10}{'seconds':>10}{'tokens/s':>12}{'peak MiB/rank':>15}"
-          f"{'s/token vs first':>18}")
+    print(f"{'model':<12}{'N':>10}{'seconds':>10}{'cpu s/rank':>12}{'tokens/s':>12}"
+          f"{'peak MiB/rank':>15}{'s/token vs first':>18}{'load':>7}")
     for kind in args.models.split(","):
         sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes
                  else DEFAULT_SIZES[kind])
@@ -91,11 +97,13 @@ def main() -> None:
                 print(f"{kind:<12}{seq_len:>10}  failed: {str(err).splitlines()[0][:100]}")
                 break
             seconds = max(r["seconds"] for r in results)
+            cpu = max(r["cpu_seconds"] for r in results)
             peak = max(r["peak_mem_bytes"] for r in results) / 2**20
             per_token = seconds / seq_len
             first = first or per_token
-            print(f"{kind:<12}{seq_len:>10}{seconds:>10.2f}{seq_len / seconds:>12.0f}"
-                  f"{peak:>15.0f}{per_token / first:>18.2f}", flush=True)
+            print(f"{kind:<12}{seq_len:>10}{seconds:>10.2f}{cpu:>12.1f}{seq_len / seconds:>12.0f}"
+                  f"{peak:>15.0f}{per_token / first:>18.2f}{os.getloadavg()[0]:>7.1f}",
+                  flush=True)
             if seconds > args.budget_s:
                 break
 

@@ -98,7 +98,7 @@ class DeltaNet(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int | None = None,
                  use_short_conv: bool = True, conv_size: int = 4, allow_neg_eigval: bool = False,
                  use_gate: bool = False, *, chunk_size: int = 64, schedule: str = "scan",
-                 norm_eps: float = 1e-5, piece_tokens: int | None = 65536):
+                 norm_eps: float = 1e-5, piece_tokens: int | None = 16384):
         super().__init__()
         if num_heads < 1 or hidden_size < 1:
             raise ValueError(f"hidden_size={hidden_size}, num_heads={num_heads} must be >= 1")
