@@ -137,6 +137,8 @@ def _hybrid(rank, world, cases):
     # shards of 9: a window of 5 stays within one earlier rank, 13 needs more than a shard
     (2, [(dict(HYBRID, window=5), 18),
          (dict(HYBRID, window=13, activation_checkpointing=True), 18)]),
+    # shards of 5: the window's halo comes from three earlier ranks, recomputed in backward
+    (4, [(dict(HYBRID, window=13, activation_checkpointing=True), 20)]),
 ])
 def test_deltanet_window_hybrid_matches_unsharded(world, cases):
     from seqshard.models import build_model
