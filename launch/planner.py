@@ -51,6 +51,8 @@ class Hardware:
     dtype_bytes: int = 2         # element size of activations
     mem_bw: float = 2e12         # bytes/s of elementwise passes (LSE merges, gradient sums,
                                  # all-to-all packing): memory-bound work beside the kernels
+    msg_cpu: float = 0.0         # host CPU seconds a rank spends per message (gloo: its
+                                 # syscalls and wake-ups; GPUs: in the latency)
     gather_slowdown: float = 1.0  # time per byte of all-gather / reduce-scatter relative to
                                   # point-to-point and all-to-all (gloo: measured ~2-4x)
     causal_tile: int = 128       # keys per tile of the fused kernel: a causal block computes
@@ -350,11 +352,13 @@ def features(t: Terms, p: int, hw: Hardware) -> dict:
     itself (flops, kernel calls, memory passes, copying bytes through gloo) runs at its share
     of a core, min(1, C / P); work on a chain across ranks (the others wait) at a whole core."""
     share = min(1.0, hw.shared_cores / p) if hw.shared_cores else 1.0
+    msgs = t.msgs_intra + t.msgs_inter
     return {"flops": t.flops_par / share + t.flops_seq,
             "bytes_intra": t.bytes_intra / share, "bytes_inter": t.bytes_inter / share,
             "gather_bytes": t.gather_bytes / share,
             "copy_bytes": t.copy_bytes / share, "msgs": t.msgs_intra + t.msgs_inter,
-            "steps": t.steps / share + t.steps_seq, "call": 1.0 / share}
+            "steps": t.steps / share + t.steps_seq, "call": 1.0 / share,
+            "msg_cpu": msgs / share}
 
 
 def work_features(t: Terms, p: int) -> dict:
@@ -362,7 +366,8 @@ def work_features(t: Terms, p: int) -> dict:
     of a chain across ranks, everything else whole; no messages (waiting costs no CPU)."""
     return {"flops": t.flops_par + t.flops_seq / p, "bytes": t.bytes_intra + t.bytes_inter,
             "gather_bytes": t.gather_bytes, "copy_bytes": t.copy_bytes,
-            "steps": t.steps + t.steps_seq / p, "call": 1.0}
+            "steps": t.steps + t.steps_seq / p, "msgs": t.msgs_intra + t.msgs_inter,
+            "call": 1.0}
 
 
 @dataclass
@@ -397,7 +402,8 @@ def predict(family: str, impl: str, shape: dict, n: int, ulysses: int, ring: int
     f = features(t, p, hw)
     compute = (f["flops"] / (hw.flops * efficiency(hw, family, impl, p))
                + f["copy_bytes"] / hw.mem_bw)
-    lat = t.msgs_intra * hw.intra_latency + t.msgs_inter * hw.inter_latency
+    lat = (t.msgs_intra * hw.intra_latency + t.msgs_inter * hw.inter_latency
+           + f["msg_cpu"] * hw.msg_cpu)
     extra = (hw.gather_slowdown - 1) * f["gather_bytes"]  # collectives slower per byte
     extra_bw = hw.intra_bw if t.bytes_inter == 0 else hw.inter_bw
     comm = f["bytes_intra"] / hw.intra_bw + f["bytes_inter"] / hw.inter_bw + lat + extra / extra_bw
@@ -412,6 +418,21 @@ def predict(family: str, impl: str, shape: dict, n: int, ulysses: int, ring: int
     need = mem * p if hw.shared_cores else mem  # ranks on one host share its memory
     return Prediction(family, impl, n, p, ulysses, ring, total, compute, comm, mem,
                       t.bytes_intra + t.bytes_inter, need <= hw.memory_bytes)
+
+
+def work_time(family: str, impl: str, shape: dict, n: int, ulysses: int, ring: int,
+              hw: Hardware) -> float:
+    """Seconds one rank computes itself (its CPU time on a CPU host), waiting excluded: what
+    `calibrate` fits first, from the ranks' measured CPU time."""
+    p = ulysses * ring
+    t = terms(family, impl, shape, n, ulysses, ring, hw)
+    w = work_features(t, p)
+    bw = hw.intra_bw if t.bytes_inter == 0 else hw.inter_bw
+    return (w["flops"] / (hw.flops * efficiency(hw, family, impl, p))
+            + w["copy_bytes"] / hw.mem_bw + (w["bytes"] + (hw.gather_slowdown - 1)
+                                             * w["gather_bytes"]) / bw
+            + w["steps"] * hw.step_overhead + w["msgs"] * hw.msg_cpu
+            + w["call"] * hw.call_overhead)
 
 
 def candidates(family: str, shape: dict, world: int) -> list[tuple[str, int, int]]:

@@ -70,8 +70,9 @@ def test_scan_sends_match_the_exclusive_scan_pattern():
     assert [planner.scan_sends(p) for p in (1, 2, 3, 4, 8)] == [0, 1, 2, 3, 5]
 
 
-def _synthetic(hw) -> dict:
-    """Records whose times are exactly what `hw` predicts (the fit must recover them)."""
+def _synthetic(hw, cpu: bool = False) -> dict:
+    """Records whose times are exactly what `hw` predicts (the fit must recover them); with
+    `cpu`, every rank's CPU time is what the model says it computes itself."""
     res = records.new_results("synthetic", machine_info={"cpu_count": hw.shared_cores,
                                                          "mem_total_bytes": 24 << 30})
     for family, shape, impls, ns in (
@@ -88,6 +89,9 @@ def _synthetic(hw) -> dict:
                      "tokens_per_s": n / pred.time_s, "mem_peak_bytes": [int(pred.mem_bytes)] * (u * r),
                      "rss_peak_bytes": [0] * (u * r), "comm_bytes": [0] * (u * r),
                      "comm_calls": [0] * (u * r)}
+                if cpu:
+                    work = planner.work_time(family, impl, shape, n, u, r, hw)
+                    m["cpu_times_s"] = [[work]] * (u * r)
                 res["points"].append(records.make_point(family, impl, n, u * r, u, r, shape,
                                                         fwd=m, fwdbwd=m))
     return res
@@ -121,6 +125,27 @@ def test_calibration_recovers_a_known_machine_and_ranks_like_it():
     assert len(flipped["pairs"]) == flipped["pairs_decisive"]
     assert sum(not q["ok"] for q in flipped["pairs"]) == (flipped["pairs_decisive"]
                                                           - flipped["pairs_agree"])
+
+
+def test_two_stage_calibration_separates_work_from_waiting():
+    """With every rank's CPU time recorded, the work coefficients come from CPU time and only
+    latency and cores from wall time: a machine with CPU cost per message *and* waiting per
+    message on 1.5 effective cores is recovered term by term."""
+    truth = replace(planner.CPU_DEFAULT, shared_cores=1.5, flops=40e9, intra_bw=1.5e9,
+                    inter_bw=1.5e9, intra_latency=300e-6, inter_latency=300e-6,
+                    msg_cpu=100e-6, step_overhead=0.4e-3, call_overhead=2e-3, mem_bw=3e9,
+                    gather_slowdown=2.5,
+                    efficiency={"attention": 1.0, "delta_rule": 0.3, "fit": 0.6},
+                    memory_scale={"attention": 1.3, "delta_rule": 0.8, "fit": 2.0})
+    base = replace(planner.CPU_DEFAULT, shared_cores=2)
+    hw = calibrate.calibrate(_synthetic(truth, cpu=True), base=base)
+    assert hw.shared_cores == pytest.approx(1.5)
+    assert hw.intra_latency == pytest.approx(300e-6, rel=0.05)
+    assert hw.msg_cpu == pytest.approx(100e-6, rel=0.05)
+    assert hw.gather_slowdown == pytest.approx(2.5, rel=0.05)
+    assert hw.efficiency["delta_rule"] == pytest.approx(0.3, rel=0.05)
+    ev = calibrate.evaluate(_synthetic(truth, cpu=True), hw)
+    assert ev["max_abs_time_err"] < 0.01
 
 
 def test_attention_pieces_equal_the_real_plans():

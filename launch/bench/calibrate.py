@@ -137,7 +137,7 @@ def busiest_cpu(point: dict, mode: str = "fwdbwd") -> float | None:
     return max(float(np.median(c)) for c in cpu) if cpu else None
 
 
-_WORK = ["bytes", "gather_bytes", "copy_bytes", "steps", "call"]
+_WORK = ["bytes", "gather_bytes", "copy_bytes", "steps", "msgs", "call"]
 
 
 def _fit_work(points, base, mode, kinds) -> dict:
@@ -154,7 +154,7 @@ def _fit_work(points, base, mode, kinds) -> dict:
 
 def _fit_wall(points, base, mode, kinds, c) -> Hardware:
     """Stage 2: with the work fixed, the latency per message that best explains wall time."""
-    hw = _profile(points, base, mode, kinds, dict(c, msgs=0.0))
+    hw = _profile(points, base, mode, kinds, dict(c, latency=0.0))
     pred = np.array([_prediction(p, hw).time_s for p in points])
     msgs = np.array([(lambda t: t.msgs_intra + t.msgs_inter)(
         terms(p["family"], p["impl"], p["shape"], p["n"], p["ulysses"], p["ring"], base))
@@ -162,7 +162,7 @@ def _fit_wall(points, base, mode, kinds, c) -> Hardware:
     y = np.array([measured(p, mode) for p in points])
     a, b = pred / y, msgs / y  # relative error a + b * latency - 1, least squares
     latency = max(0.0, float(b @ (1 - a) / (b @ b))) if b @ b > 0 else 0.0
-    return _profile(points, base, mode, kinds, dict(c, msgs=latency))
+    return _profile(points, base, mode, kinds, dict(c, latency=latency))
 
 
 def _calibrate(points, base: Hardware, mode: str, kinds) -> Hardware:
@@ -170,7 +170,8 @@ def _calibrate(points, base: Hardware, mode: str, kinds) -> Hardware:
     a = np.array([_row(p, base, kinds) for p in points])
     y = np.array([measured(p, mode) for p in points])
     coef = _nnls(a / y[:, None], np.ones(len(points)))
-    return _profile(points, base, mode, kinds, dict(zip(kinds + _SHARED, coef)))
+    c = dict(zip(kinds + _SHARED, coef))
+    return _profile(points, base, mode, kinds, dict(c, latency=c["msgs"], msgs=0.0))
 
 
 def _profile(points, base: Hardware, mode: str, kinds, c: dict) -> Hardware:
@@ -195,7 +196,8 @@ def _profile(points, base: Hardware, mode: str, kinds, c: dict) -> Hardware:
     mem_bw = 1.0 / c["copy_bytes"] if c["copy_bytes"] > 0 else 1e15
     return replace(base, flops=ref, efficiency=efficiency, intra_bw=bw, inter_bw=bw,
                    mem_bw=mem_bw, gather_slowdown=slowdown,
-                   intra_latency=c["msgs"], inter_latency=c["msgs"], step_overhead=c["steps"],
+                   intra_latency=c["latency"], inter_latency=c["latency"], msg_cpu=c["msgs"],
+                   step_overhead=c["steps"],
                    call_overhead=c["call"], memory_scale=scale,
                    note=f"calibrated on {len(points)} measured points ({mode}); the ranks "
                         f"got {base.shared_cores:.1f} of the host's cores")

@@ -158,7 +158,8 @@ def planner_section(results: dict, log=print, earlier: dict | None = None) -> li
              + f"; causal diagonal tile {hw.causal_tile} keys (ATen's CPU flash kernel); "
              f"memory passes {hw.mem_bw / 1e9:.2f} GB/s; gloo {hw.intra_bw / 1e9:.2f} GB/s "
              f"(all-gather / reduce-scatter {hw.gather_slowdown:.1f}x slower per byte), "
-             f"{hw.intra_latency * 1e6:.0f} us/message; {hw.step_overhead * 1e3:.3f} ms per "
+             f"{hw.msg_cpu * 1e6:.0f} us of CPU and {hw.intra_latency * 1e6:.0f} us of "
+             f"waiting per message; {hw.step_overhead * 1e3:.3f} ms per "
              f"kernel call or ring step, {hw.call_overhead * 1e3:.2f} ms per op call; "
              "memory x " + ", ".join(f"{k} {v:.2f}" for k, v in hw.memory_scale.items())
              + f"; the ranks got {hw.shared_cores:.1f} cores of the host.", "",
