@@ -8,7 +8,8 @@
 
 Registration goes through transformers' public `AttentionInterface.register(name, fn)`, so every
 model whose attention layers dispatch through that registry (Llama, Qwen2/3, Mistral, ...)
-computes exact attention over the whole sequence while each rank holds only its shard. The
+computes exact attention over the whole sequence while each rank holds only its shard
+(sliding-window layers too, on the contiguous layout). The
 rotary embeddings stay right because `position_ids` carry the layout's global positions. The
 name is deliberately NOT registered with the attention-mask registry, so transformers builds no
 (local, hence wrong) mask and passes attention_mask=None; causality comes from the layer.
@@ -25,7 +26,7 @@ from seqshard.ops.attention import sharded_attention
 
 
 def _unsupported(kwargs: dict) -> None:
-    for key in ("sliding_window", "softcap"):
+    for key in ("softcap",):
         if kwargs.get(key) is not None:
             raise ValueError(f"seqshard sharded attention does not support {key}="
                              f"{kwargs[key]!r}; use a config without it")
@@ -52,8 +53,12 @@ def register_sharded_attention(mesh: Mesh | None, *, layout: str | Layout = "con
             raise ValueError(f"{name}: attention dropout={dropout} is not supported (exact op)")
         _unsupported(kwargs)
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        # sliding-window layers (Mistral, Qwen's layer_types): transformers passes the window
+        # per call; key t-W+1 .. t, its convention, is the op's; needs the contiguous layout
+        window = kwargs.get("sliding_window")
         out = sharded_attention(query, key, value, mesh, causal=causal, scale=scaling,
-                                layout=layout, strategy=strategy)  # [B, Hq, N_local, D]
+                                layout=layout, strategy="auto" if window else strategy,
+                                window=window)  # [B, Hq, N_local, D]
         return out.transpose(1, 2).contiguous(), None  # transformers wants [B, N_local, H, D]
 
     AttentionInterface.register(name, attention)

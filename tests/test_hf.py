@@ -16,13 +16,15 @@ TOL = 5e-5
 
 
 def _tiny_config(style: str):
-    from transformers import LlamaConfig, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen3Config
 
     common = dict(vocab_size=61, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, head_dim=48,
                   max_position_embeddings=256, tie_word_embeddings=False)
     if style == "llama":
         return LlamaConfig(**common)
+    if style == "mistral":  # every layer a sliding window of 7 keys, shorter than a shard
+        return MistralConfig(**common, sliding_window=7)
     return Qwen3Config(**common, use_sliding_window=False)
 
 
@@ -75,6 +77,7 @@ def _hf_case(rank, world, style: str, layout: str, strategy: str, seq_len: int, 
     ("llama", "zigzag", "ring", 2, {}),
     ("qwen", "contiguous", "ulysses", 2, {"ulysses": 2}),
     ("llama", "striped", "allgather", 1, {}),
+    ("mistral", "contiguous", "auto", 2, {}),
 ])
 def test_hf_sharded_equals_unsharded(style, layout, strategy, world, degrees):
     results = run_ranks(_hf_case, world, style, layout, strategy, 20, degrees)
@@ -94,8 +97,8 @@ def _mask_rejected(rank, world):
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="attention_mask of shape"):
         fn(torch.nn.Module(), q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="sliding_window"):
-        fn(torch.nn.Module(), q, q, q, None, sliding_window=3)
+    with pytest.raises(ValueError, match="softcap"):
+        fn(torch.nn.Module(), q, q, q, None, softcap=30.0)
     return True
 
 
