@@ -4,6 +4,11 @@ growing global sequence length N, sharded over 2 gloo ranks on this CPU (or one 
     python benchmarks/models.py                                # all three models, default sizes
     python benchmarks/models.py --models deltanet,fit --sizes 65536,1048576
     python benchmarks/models.py --models transformer --sizes 4096,16384,32768 --budget-s 600
+    python benchmarks/models.py --layer --world 1 --sizes 131072 --pieces none,65536,16384
+
+--layer measures one DeltaNet layer alone instead (forward + backward, no checkpointing) for
+each --pieces value of its piece_tokens: seconds, CPU seconds and peak memory per rank above
+the inputs, per local token.
 
 Prints per row: seconds of the step (wall, and the most CPU seconds one rank used: on a
 shared machine wall time moves with the load, CPU time much less), tokens/s, peak memory per
@@ -64,6 +69,40 @@ def _one_step(rank, world, kind: str, config: dict, seq_len: int, steps: int, st
     return metrics
 
 
+def _layer_step(rank, world, dim: int, heads: int, seq_len: int, piece_tokens):
+    import torch
+
+    from seqshard.ops.delta_rule import DeltaNet
+    from seqshard.models.trainer import peak_memory_bytes, reset_peak_memory
+
+    m = mesh()
+    torch.manual_seed(0)
+    layer = DeltaNet(dim, heads, chunk_size=64, piece_tokens=piece_tokens)
+    x = torch.randn(1, seq_len // world, dim, requires_grad=True)  # this rank's shard
+    dy = torch.randn(x.shape)
+    reset_peak_memory(m.device)
+    base = peak_memory_bytes(m.device)
+    start, cpu = time.perf_counter(), time.process_time()
+    layer(x, mesh=m).backward(dy)
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "peak_mem_bytes": peak_memory_bytes(m.device) - base}
+
+
+def layer_table(args) -> None:
+    print(f"{'piece_tokens':>12}{'N':>10}{'seconds':>10}{'cpu s/rank':>12}"
+          f"{'MiB/rank':>10}{'KB/local token':>16}{'load':>7}")
+    for seq_len in [int(s) for s in args.sizes.split(",")]:
+        for piece in args.pieces.split(","):
+            piece_tokens = None if piece == "none" else int(piece)
+            results = run_ranks(_layer_step, args.world, args.dim, args.heads, seq_len,
+                                piece_tokens, timeout=args.budget_s + 120)
+            peak = max(r["peak_mem_bytes"] for r in results)
+            print(f"{piece:>12}{seq_len:>10}{max(r['seconds'] for r in results):>10.1f}"
+                  f"{max(r['cpu_seconds'] for r in results):>12.1f}{peak / 2**20:>10.0f}"
+                  f"{peak / 1024 / (seq_len // args.world):>16.2f}{os.getloadavg()[0]:>7.1f}",
+                  flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="transformer,deltanet,fit")
@@ -77,9 +116,15 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=600.0)
     parser.add_argument("--mmap-threshold", type=int, default=0,
                         help="MALLOC_MMAP_THRESHOLD_ for the ranks in bytes (0: glibc default)")
+    parser.add_argument("--layer", action="store_true",
+                        help="one DeltaNet layer alone, for each --pieces value")
+    parser.add_argument("--pieces", default="none,65536,16384",
+                        help="with --layer: comma-separated piece_tokens ('none': whole shard)")
     args = parser.parse_args()
     if args.mmap_threshold:  # before the first run_ranks starts the rank processes
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    if args.layer:
+        return layer_table(args)
 
     print(f"{'model':<12}{'N':>10}{'seconds':>10}{'cpu s/rank':>12}{'tokens/s':>12}"
           f"{'peak MiB/rank':>15}{'s/token vs first':>18}{'load':>7}")
