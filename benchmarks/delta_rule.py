@@ -212,6 +212,8 @@ def main() -> None:
         return
     if "2" not in cfg.sections:
         cfg.compare_tokens = 4096  # the ranks still run it; not reported
+    if "3" not in cfg.sections:
+        cfg.sweep = []
     single = {t: single_process_baseline(cfg, t) for t in (2, 1)} if "2" in cfg.sections else {}
     ranks = two_ranks(cfg)
     if "2" in cfg.sections:
