@@ -16,7 +16,10 @@ accumulator travelling one hop behind (the textbook ring backward) is ever held:
 N = 16K that cut the per-rank peak from 0.72x to about 0.51x of single-process SDPA.
 
 Ring, Ulysses (R = 1 after the all-to-all), the 2-D hybrid and all-gather-KV (R = 1 after the
-gather) all run through `ring_attention`; only their plans differ.
+gather) all run through `ring_attention`; only their plans differ. For Ulysses and the hybrid
+the all-to-all to head shards happens inside it, per head group (`a2a_group`), so neither
+pass ever holds every head's full-sequence tensors: the backward redoes a group's
+all-to-all instead of saving all of them (at P = 2, N = 16K: 0.77x -> 0.58x of SDPA).
 """
 
 from __future__ import annotations
@@ -71,9 +74,9 @@ def _ring_fwd(q, k, v, plans, scale, group, timeout):
     return out.to(q.dtype), lse
 
 
-# Backward slices: K/V heads are independent, so the backward streams every remote block in
-# about this many head groups; only one group's K/V and dK/dV contributions are in flight.
-BWD_SLICES = 4
+# K/V heads are independent, so the memory-heavy stages -- the backward's remote blocks and
+# the Ulysses all-to-all -- stream about this many head groups, holding one group at a time.
+HEAD_GROUPS = 4
 
 
 def _head_slices(batch: int, kv_heads: int, parts: int) -> list[tuple[int, int, int]]:
@@ -115,7 +118,7 @@ def _ring_bwd(do, q, k, v, out, lse, plans, scale, group, timeout):
                 zeros(v) if dv is None else dv)
     group_q = q.shape[1] // k.shape[1]  # query heads per K/V head
     ticks = [(s, sl) for s in list(range(1, size)) + [0]
-             for sl in _head_slices(k.shape[0], k.shape[1], BWD_SLICES)]
+             for sl in _head_slices(k.shape[0], k.shape[1], HEAD_GROUPS)]
     kv_part = lambda t, sl: t[sl[0]:sl[0] + 1, sl[1]:sl[2]]  # noqa: E731  [1, h, nk, D]
     q_part = lambda t, sl: t[sl[0]:sl[0] + 1, sl[1] * group_q:sl[2] * group_q]  # noqa: E731
     peer = lambda s: ((rank + s) % size, (rank - s) % size)  # noqa: E731 (to, from)
@@ -159,10 +162,10 @@ def _ring_bwd(do, q, k, v, out, lse, plans, scale, group, timeout):
 
 # --- the Ulysses stage: all-to-all to head shards around the loop, one head group at a time --
 def _head_groups(kv_heads: int, degree: int) -> int:
-    """How many head groups stream through the Ulysses stage: the largest divisor of the K/V
-    heads each rank gets (kv_heads / degree) up to BWD_SLICES, so groups hold whole GQA groups."""
+    """How many head groups stream through the Ulysses stage: the largest divisor of the
+    K/V heads each rank gets (kv_heads / degree) up to HEAD_GROUPS (whole GQA groups)."""
     per_rank = kv_heads // degree
-    return max(d for d in range(1, min(per_rank, BWD_SLICES) + 1) if per_rank % d == 0)
+    return max(d for d in range(1, min(per_rank, HEAD_GROUPS) + 1) if per_rank % d == 0)
 
 
 def _heads(t, j: int, groups: int):
