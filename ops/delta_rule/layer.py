@@ -171,10 +171,14 @@ class DeltaNet(nn.Module):
         state across ranks with a mesh). Returns (y [B, n, hidden], the state after the n
         tokens [B, H, Dk, Dv], or None with a mesh)."""
         q, k, v, beta, gate = self._features(x, context)
+        if state is not None:  # the state leaves in v's dtype: keep it fp32 under autocast
+            v = v.to(state.dtype)
         alone = mesh is None or mesh.size == 1
-        o, state = delta_rule(q, k, v, beta, mesh=mesh, gate=gate, initial_state=state,
-                              output_final_state=alone, chunk_size=self.chunk_size,
-                              schedule=self.schedule, check=check)
+        # the kernel computes in fp32 itself; autocast would lower its matmuls to bf16
+        with torch.autocast(x.device.type, enabled=False):
+            o, state = delta_rule(q, k, v, beta, mesh=mesh, gate=gate, initial_state=state,
+                                  output_final_state=alone, chunk_size=self.chunk_size,
+                                  schedule=self.schedule, check=check)
         return self._readout(o, x), state
 
     def forward(self, x: torch.Tensor, mesh: Mesh | None = None) -> torch.Tensor:

@@ -72,8 +72,11 @@ class _Shard:
         self.first = self.mesh is None or self.mesh.rank == 0
         self.last = self.mesh is None or self.mesh.rank == self.mesh.size - 1
         self.work = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 chain
-        dv = layer.o_proj.in_features // layer.num_heads
-        self.state_shape = (x.shape[0], layer.num_heads, layer.head_dim, dv)  # [B, H, Dk, Dv]
+        d = layer.head_dim
+        self.state_shape = (x.shape[0], layer.num_heads, d, d)  # [B, H, Dk, Dv]
+        device = x.device.type  # backward recomputes the pieces under the forward's autocast
+        self.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
+                             dtype=torch.get_autocast_dtype(device))
 
     def zeros(self, x: torch.Tensor):
         """(A, B) = (0 [B, H, Dk, Dk], 0 [B, H, Dk, Dv]): the map nobody reads."""
@@ -110,11 +113,14 @@ def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor):
                 pair = step if pair is None else compose(pair, step)
             a_map = pair[0]
         state = shard.scan(pair, reverse=False)
-    y = x.new_empty(x.shape[:2] + (layer.o_proj.out_features,))  # [B, N, hidden]
+    y = None  # [B, N, hidden], in the dtype of the layer's output (autocast may lower it)
     starts = x.new_empty((len(shard.spans),) + shard.state_shape, dtype=shard.work)
     for i, (a, b) in enumerate(shard.spans):
         starts[i] = state
-        y[:, a:b], state = layer._mix(x[:, a:b], _context(x, halo, a), state, check=False)
+        y_part, state = layer._mix(x[:, a:b], _context(x, halo, a), state, check=False)
+        if y is None:
+            y = y_part.new_empty(x.shape[:2] + y_part.shape[2:])
+        y[:, a:b] = y_part
     if shard.mesh is not None and shard.first:
         shard.scan((shard.zeros(x)[0], state.to(shard.work)), reverse=False)  # S -> S_end
     return y, starts, a_map
@@ -130,11 +136,11 @@ def _sweep(shard: _Shard, x, halo, starts, params, dy, ds_end, grads):
         x_part = x[:, a:b].detach().requires_grad_()
         context = _context(x, halo, a).detach().requires_grad_()
         state = starts[i].detach().requires_grad_()
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(**shard.autocast):
             y, s_end = layer._mix(x_part, context, state, check=False)
         outs, pulls = [], []
         if dy is not None:
-            outs.append(y), pulls.append(dy[:, a:b])
+            outs.append(y), pulls.append(dy[:, a:b].to(y.dtype))
         if g is not None:
             outs.append(s_end), pulls.append(g.to(s_end.dtype))
         got = torch.autograd.grad(outs, [x_part, context, state] + params, pulls,
@@ -173,10 +179,7 @@ class _LayerInPieces(torch.autograd.Function):
         shard = _Shard(layer, mesh, piece_tokens, x)
         y, starts, a_map = _fwd(shard, x, halo)
         ctx.save_for_backward(x, halo, starts, a_map)
-        ctx.shard, ctx.n_params = shard, len(params)
-        device = x.device.type  # backward recomputes under the forward's autocast
-        ctx.autocast = (device, torch.is_autocast_enabled(device),
-                        torch.get_autocast_dtype(device))
+        ctx.shard = shard
         return y
 
     @staticmethod
@@ -186,9 +189,7 @@ class _LayerInPieces(torch.autograd.Function):
         # only those that want a gradient are differentiated
         wanted = ctx.needs_input_grad[5:]
         params = [p for p, want in zip(ctx.shard.layer.parameters(), wanted) if want]
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            grads = _bwd(ctx.shard, x, halo, starts, a_map, params, dy)
+        grads = _bwd(ctx.shard, x, halo, starts, a_map, params, dy)
         dparams = iter(grads[2:])
         return (grads[0], grads[1], None, None, None,
                 *(next(dparams) if want else None for want in wanted))
