@@ -63,6 +63,31 @@ METHOD = """## How the numbers are taken
 """
 
 
+PLANNER_NOTES = """## What the planner counts, and why the earlier ranking disagreed
+
+The run of 11:08 (previous session) ordered 16/22 strategy pairs like the measurement. The six
+misses, read from its records: two involved one disturbed point (Ulysses at N=4096, P=2: repeats
+783..4046 ms, median 1173 ms; scored on its fastest repeat it is within 10% of ring and
+all-gather), one pair had repeats spread over 4x (N=512, P=4, all-gather 68..267 ms, hybrid
+66..791 ms), and three (N=1024: ring against all-gather and hybrid) came from the model
+itself: it fitted one compute rate *per strategy* (ring's came out 1.65x the fused kernel's,
+which is no physical rate, only the fit absorbing ring's costs) and counted ring steps but not
+the kernel calls and memory passes each strategy's plan makes. Two runs of the same points
+also showed that a fixed 10% margin is far inside this machine's run-to-run noise.
+
+The model now has one kernel rate per op family and counts, per rank, what the code does:
+flops (plus the causal diagonal tiles the fused kernel computes whole: 512 keys on the CPU),
+the kernel calls of the busiest rank's plan (ring P+2 blocks, all-gather 2P+1 on the last rank,
+hybrid 2u^2 r - (u-1)(u-2) blocks per step set, times the backward's head groups), the fp32
+memory passes of LSE merges, gradient sums and all-to-all packing, bytes by point-to-point /
+all-to-all and by all-gather / reduce-scatter (gloo's are slower per byte: measured 2-4x),
+messages, and the delta rule's serial chain for "pass". Calibration fits the work from every
+rank's CPU time (other work on the host hardly moves it) and only latency and the cores the
+ranks got from wall time. The tie margin of the ranking check comes from two runs of the
+same points (table below).
+"""
+
+
 def gpu_section() -> list[str]:
     lines = ["## Planner predictions: 8 x H100 (NVLink) nodes joined by InfiniBand", "",
              f"Profile `h100`: {H100_NODE.note}. One layer, forward + backward, batch 1; "
@@ -87,7 +112,7 @@ def _shown(path: Path) -> str:
 
 
 def render(out: Path, command: str, previous: str | None = None,
-           kept: Path | None = None) -> str:
+           kept: Path | None = None, note: str | None = None) -> str:
     results = read_results(out / "records.msgpack")
     m = results["machine"]
     repro = []
@@ -119,8 +144,9 @@ def render(out: Path, command: str, previous: str | None = None,
              f"python {m.get('python')}; one thread per rank",
              f"- 1-minute load average: {m.get('load_avg_1m', 0):.1f} at the start, "
              f"{m.get('load_avg_1m_end', float('nan')):.1f} at the end (other work on this "
-             "2-core machine inflates and scatters the times)"] + repro + ["",
-             METHOD, body, ""]
+             "2-core machine inflates and scatters the times)"] + repro
+             + ([f"- {note}"] if note else []) + ["",
+             METHOD, PLANNER_NOTES, body, ""]
     return "\n".join(lines + gpu_section())
 
 
@@ -134,6 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(HERE / "RESULTS.md"))
     p.add_argument("--previous", default=None,
                    help="records.msgpack of an earlier run of the same suite (run-to-run check)")
+    p.add_argument("--note", default=None,
+                   help="one more line for the run's header (e.g. which commit was measured)")
     p.add_argument("--keep", default=None,
                    help="copy the records and plots into this folder (e.g. benchmarks/results) "
                         "and link RESULTS.md's plots there")
@@ -159,7 +187,8 @@ def main(argv=None) -> int:
         for f in [out / "records.msgpack", *sorted(out.glob("*.png"))]:
             if f.resolve() != (kept / f.name).resolve():
                 shutil.copyfile(f, kept / f.name)
-    Path(args.results).write_text(render(out, command.strip(), args.previous, kept))
+    Path(args.results).write_text(render(out, command.strip(), args.previous, kept,
+                                         args.note))
     print(f"wrote {args.results}")
     return 0
 

@@ -58,6 +58,8 @@ class Hardware:
     causal_tile: int = 128       # keys per tile of the fused kernel: a causal block computes
                                  # its diagonal tiles whole (ATen's CPU flash kernel: 512)
     shared_cores: float = 0      # > 0: ranks are 1-thread processes on a host with this many cores
+    cores_by_world: dict = field(default_factory=dict)  # P -> cores the ranks of a P-rank run
+                                 # really got (a calibration's measured condition, per window)
     overlap: bool = True         # ring traffic overlaps compute
     step_overhead: float = 20e-6
     call_overhead: float = 50e-6
@@ -351,7 +353,7 @@ def features(t: Terms, p: int, hw: Hardware) -> dict:
     """The quantities time is linear in. On a shared CPU host every kind of work a rank does
     itself (flops, kernel calls, memory passes, copying bytes through gloo) runs at its share
     of a core, min(1, C / P); work on a chain across ranks (the others wait) at a whole core."""
-    share = min(1.0, hw.shared_cores / p) if hw.shared_cores else 1.0
+    share = min(1.0, hw.cores_by_world.get(p, hw.shared_cores) / p) if hw.shared_cores else 1.0
     msgs = t.msgs_intra + t.msgs_inter
     return {"flops": t.flops_par / share + t.flops_seq,
             "bytes_intra": t.bytes_intra / share, "bytes_inter": t.bytes_inter / share,

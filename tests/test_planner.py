@@ -130,8 +130,9 @@ def test_calibration_recovers_a_known_machine_and_ranks_like_it():
 def test_two_stage_calibration_separates_work_from_waiting():
     """With every rank's CPU time recorded, the work coefficients come from CPU time and only
     latency and cores from wall time: a machine with CPU cost per message *and* waiting per
-    message on 1.5 effective cores is recovered term by term."""
-    truth = replace(planner.CPU_DEFAULT, shared_cores=1.5, flops=40e9, intra_bw=1.5e9,
+    message, whose P=2 window got 1.2 cores and P=4 window 1.5, is recovered term by term."""
+    truth = replace(planner.CPU_DEFAULT, shared_cores=1.5, cores_by_world={2: 1.2},
+                    flops=40e9, intra_bw=1.5e9,
                     inter_bw=1.5e9, intra_latency=300e-6, inter_latency=300e-6,
                     msg_cpu=100e-6, step_overhead=0.4e-3, call_overhead=2e-3, mem_bw=3e9,
                     gather_slowdown=2.5,
@@ -140,6 +141,7 @@ def test_two_stage_calibration_separates_work_from_waiting():
     base = replace(planner.CPU_DEFAULT, shared_cores=2)
     hw = calibrate.calibrate(_synthetic(truth, cpu=True), base=base)
     assert hw.shared_cores == pytest.approx(1.5)
+    assert hw.cores_by_world[2] == pytest.approx(1.2) and hw.cores_by_world[4] == pytest.approx(1.5)
     assert hw.intra_latency == pytest.approx(300e-6, rel=0.05)
     assert hw.msg_cpu == pytest.approx(100e-6, rel=0.05)
     assert hw.gather_slowdown == pytest.approx(2.5, rel=0.05)

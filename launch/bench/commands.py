@@ -145,7 +145,12 @@ def planner_section(results: dict, log=print, earlier: dict | None = None) -> li
         return ["## Planner", "", f"not calibrated: {err}", ""]
     noise = calibrate.noise_tie(results, earlier) if earlier else None
     tie = noise["tie"] if noise else 0.10
-    ev = calibrate.evaluate(results, hw, tie=tie)
+    try:
+        work_noise = calibrate.noise_tie(results, earlier, cpu=True) if earlier else None
+    except (KeyError, TypeError, ZeroDivisionError):  # an earlier run without CPU times
+        work_noise = None
+    work_tie = work_noise["tie"] if work_noise else tie
+    ev = calibrate.evaluate(results, hw, tie=tie, work_tie=work_tie)
     rk = ev["ranking"]
     log(f"  planner: {ev['within_30']}/{ev['count']} calibrated points within 30% "
         f"(median |err| {ev['median_abs_time_err']:.0%}); strategy pairs ordered right "
@@ -162,7 +167,11 @@ def planner_section(results: dict, log=print, earlier: dict | None = None) -> li
              f"waiting per message; {hw.step_overhead * 1e3:.3f} ms per "
              f"kernel call or ring step, {hw.call_overhead * 1e3:.2f} ms per op call; "
              "memory x " + ", ".join(f"{k} {v:.2f}" for k, v in hw.memory_scale.items())
-             + f"; the ranks got {hw.shared_cores:.1f} cores of the host.", "",
+             + "; the ranks got " + (", ".join(f"{c:.1f} cores at P={w}" for w, c in
+                                              sorted(hw.cores_by_world.items()))
+                                    or f"{hw.shared_cores:.1f} cores")
+             + " of the host (each P is timed in its own window; other work changes between "
+             "them).", "",
              f"Time within 30%: **{ev['within_30']}/{ev['count']}** points, median |error| "
              f"{ev['median_abs_time_err']:.1%}, max {ev['max_abs_time_err']:.1%}.", ""]
     if noise:
@@ -179,6 +188,16 @@ def planner_section(results: dict, log=print, earlier: dict | None = None) -> li
               f"ordered as measured (pairs more than {tie:.0%} apart); the planner's pick is "
               f"the measured best or within {tie:.0%} of it in "
               f"**{rk['top_agree']}/{rk['top_total']}** (family, N, P) groups.", ""]
+    wk = ev["work_ranking"]
+    if wk:
+        lines += [f"The same check on work alone (the busiest rank's measured CPU time, which "
+                  f"other work on the host hardly moves, against the model's work terms): "
+                  f"**{wk['pairs_agree']}/{wk['pairs_decisive']}** pairs more than "
+                  f"{work_tie:.0%} apart ordered as measured"
+                  + ("" if not work_noise else
+                     f" (that margin from the same two runs' CPU times: "
+                     + ", ".join(f"{row['tie']:.0%}: {row['flipped']}/{row['decisive']} flipped"
+                                 for row in work_noise["table"][:6]) + ")") + ".", ""]
     wrong = [q for q in rk["pairs"] if not q["ok"]]
     if wrong:
         lines += ["Pairs ordered differently from the measurement:", "",
@@ -196,11 +215,14 @@ def planner_section(results: dict, log=print, earlier: dict | None = None) -> li
                   f"median |error| {held['median_abs_time_err']:.1%}; ranking "
                   f"{hr['pairs_agree']}/{hr['pairs_decisive']} pairs.", ""]
     lines += ["| op | mesh | N | P | fastest ms | median ms | predicted ms | error | "
-              "measured MiB | predicted MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "busiest rank CPU ms | predicted work ms | measured MiB | predicted MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ev["rows"]:
+        cpu = "-" if r["cpu_s"] is None else f"{r['cpu_s'] * 1e3:.1f}"
         lines.append(f"| {r['family']}/{r['impl']} | {r['split']} | {r['n']} | {r['world']} | "
                      f"{r['time_s'] * 1e3:.1f} | {r['median_s'] * 1e3:.1f} | "
-                     f"{r['pred_time_s'] * 1e3:.1f} | {r['time_err']:+.0%} | "
+                     f"{r['pred_time_s'] * 1e3:.1f} | {r['time_err']:+.0%} | {cpu} | "
+                     f"{r['pred_cpu_s'] * 1e3:.1f} | "
                      f"{r['mem_bytes'] / MiB:.1f} | {r['pred_mem_bytes'] / MiB:.1f} |")
     lines += ["", "| family | N | P | measured best | planner's pick | ok |", "|---|---|---|---|---|---|"]
     for g in rk["groups"]:
