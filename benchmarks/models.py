@@ -24,18 +24,22 @@ the live tensors. By default glibc raises its threshold up to 32 MiB and serves 
 many piece-sized tensors (a few MiB) from its heap, whose fragmentation roughly doubled the
 resident set at 128K tokens (FIT: 1953 vs 1033 MiB/rank) and got the 1M step OOM-killed; the
 price is page faults on every fresh tensor (that run took 2.3x as long).
+
+Each row runs in fresh rank processes started by torchrun (`torch.distributed.run`), whose
+process group and mesh wait --collective-timeout seconds in a collective. It must exceed the
+longest time one rank waits for another: with the DeltaNet layer in pieces, a whole layer's
+pass over the other rank's shard (minutes at 512K tokens per rank on a loaded CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tests.harness import mesh, run_ranks  # noqa: E402  (the rank pool works for benchmarks too)
 
 DEFAULT_SIZES = {
     "transformer": [4096, 16384, 32768, 65536],
@@ -54,28 +58,65 @@ def model_config(kind: str, dim: int, layers: int, heads: int, group_size: int) 
     return config
 
 
-def _one_step(rank, world, kind: str, config: dict, seq_len: int, steps: int, strategy: str):
+def run_ranks(fn, world: int, *args, timeout: float, collective_timeout: float) -> list:
+    """fn(rank, world, mesh, *args) on `world` fresh torchrun ranks; the list of their
+    JSON-able results by rank. AssertionError naming the failure if a rank fails or the
+    whole run takes longer than `timeout` seconds."""
+    with tempfile.TemporaryDirectory() as out:
+        task = json.dumps({"fn": fn.__name__, "args": args, "out": out,
+                           "collective_timeout": collective_timeout})
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={world}", os.path.abspath(__file__), "--rank-task", task]
+        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(
+            max(1, (os.cpu_count() or 1) // world)))
+        try:
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{fn.__name__}: no result within {timeout:.0f} s") from None
+        if done.returncode != 0:
+            errors = [line for line in done.stderr.splitlines() if "Error" in line]
+            raise AssertionError(f"{fn.__name__} failed: {(errors or ['?'])[-1].strip()}\n"
+                                 f"{done.stderr[-3000:]}")
+        results = []
+        for rank in range(world):
+            with open(os.path.join(out, f"rank{rank}.json")) as f:
+                results.append(json.load(f))
+        return results
+
+
+def _rank_task(task: str) -> None:
+    """Inside one torchrun rank: join the group, run the task, write its result."""
+    task = json.loads(task)
+    from seqshard.dist import Mesh
+
+    m = Mesh.from_env(timeout_s=task["collective_timeout"])
+    result = globals()[task["fn"]](m.rank, m.size, m, *task["args"])
+    with open(os.path.join(task["out"], f"rank{m.rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def _one_step(rank, world, mesh, kind: str, config: dict, seq_len: int, steps: int,
+              strategy: str):
     from seqshard.models import Trainer
 
     train = {"seq_len": seq_len, "steps": steps, "task": "random", "vocab_size": 256,
              "activation_checkpointing": True, "warmup_steps": 0}
     if kind != "fit":
         train["strategy"] = strategy
-    trainer = Trainer(kind, config, train, mesh())
+    trainer = Trainer(kind, config, train, mesh)
     for _ in range(steps):  # report the last step: the first also pays one-time allocations
         cpu = time.process_time()  # every thread of this rank's process
         metrics = trainer.step()
         metrics["cpu_seconds"] = time.process_time() - cpu
-    return metrics
+    return {k: metrics[k] for k in ("seconds", "cpu_seconds", "peak_mem_bytes")}
 
 
-def _layer_step(rank, world, dim: int, heads: int, seq_len: int, piece_tokens):
+def _layer_step(rank, world, m, dim: int, heads: int, seq_len: int, piece_tokens):
     import torch
 
-    from seqshard.ops.delta_rule import DeltaNet
     from seqshard.models.trainer import peak_memory_bytes, reset_peak_memory
+    from seqshard.ops.delta_rule import DeltaNet
 
-    m = mesh()
     torch.manual_seed(0)
     layer = DeltaNet(dim, heads, chunk_size=64, piece_tokens=piece_tokens)
     x = torch.randn(1, seq_len // world, dim, requires_grad=True)  # this rank's shard
@@ -95,7 +136,8 @@ def layer_table(args) -> None:
         for piece in args.pieces.split(","):
             piece_tokens = None if piece == "none" else int(piece)
             results = run_ranks(_layer_step, args.world, args.dim, args.heads, seq_len,
-                                piece_tokens, timeout=args.budget_s + 120)
+                                piece_tokens, timeout=args.budget_s + 120,
+                                collective_timeout=args.collective_timeout)
             peak = max(r["peak_mem_bytes"] for r in results)
             print(f"{piece:>12}{seq_len:>10}{max(r['seconds'] for r in results):>10.1f}"
                   f"{max(r['cpu_seconds'] for r in results):>12.1f}{peak / 2**20:>10.0f}"
@@ -120,7 +162,12 @@ def main() -> None:
                         help="one DeltaNet layer alone, for each --pieces value")
     parser.add_argument("--pieces", default="none,65536,16384",
                         help="with --layer: comma-separated piece_tokens ('none': whole shard)")
+    parser.add_argument("--collective-timeout", type=float, default=3600.0,
+                        help="seconds a rank waits in a collective before failing")
+    parser.add_argument("--rank-task", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rank_task:  # inside a rank started by run_ranks
+        return _rank_task(args.rank_task)
     if args.mmap_threshold:  # before the first run_ranks starts the rank processes
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     if args.layer:
@@ -137,7 +184,8 @@ def main() -> None:
             steps = 2 if seq_len <= 8192 else 1
             try:
                 results = run_ranks(_one_step, args.world, kind, config, seq_len, steps,
-                                    args.strategy, timeout=args.budget_s * steps + 120)
+                                    args.strategy, timeout=args.budget_s * steps + 120,
+                                    collective_timeout=args.collective_timeout)
             except AssertionError as err:  # a rank failed or timed out: stop growing N
                 print(f"{kind:<12}{seq_len:>10}  failed: {str(err).splitlines()[0][:100]}")
                 break
