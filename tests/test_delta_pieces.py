@@ -143,20 +143,26 @@ def test_bad_piece_tokens():
             DeltaNet(16, 2, piece_tokens=bad)
 
 
-def _nan_on_one_rank(rank, world):
+def _bad_on_one_rank(rank, world):
     torch.manual_seed(5)
-    layer = DeltaNet(16, 2, chunk_size=4, piece_tokens=3)
-    x = torch.randn(1, 8, 16)
-    if rank == 1:
-        x[0, 2, 1] = float("nan")
-    try:
-        layer(x, mesh=mesh())
-    except ValueError as err:
-        return str(err)
-    return "no ValueError"
+    layer = DeltaNet(16, 2, chunk_size=4, piece_tokens=6)
+    messages = []
+    # NaN on rank 1; then rank 1's shard (5 tokens) too short for pieces, rank 0's (8) not
+    for x in (torch.randn(1, 8, 16), torch.randn(1, 8 - 3 * rank, 16)):
+        if rank == 1 and not messages:
+            x[0, 2, 1] = float("nan")
+        try:
+            layer(x, mesh=mesh())
+        except ValueError as err:
+            messages.append(str(err))
+        else:
+            messages.append("no ValueError")
+    return messages
 
 
-def test_nan_on_one_rank_raises_on_every_rank():
-    m0, m1 = run_ranks(_nan_on_one_rank, 2)
-    assert "bad input on rank(s) [1]" in m0
-    assert "rank 1: x has 1 NaN/inf values" in m1
+def test_bad_input_on_one_rank_raises_on_every_rank():
+    (nan0, paths0), (nan1, paths1) = run_ranks(_bad_on_one_rank, 2)
+    assert "bad input on rank(s) [1]" in nan0
+    assert "rank 1: x has 1 NaN/inf values" in nan1
+    assert "ranks disagree on (B, H, Dk, Dv): [(1, 2, 8, -8), (1, 2, 8, 8)]" in paths0
+    assert "ranks disagree" in paths1

@@ -213,8 +213,10 @@ def deltanet_in_pieces(layer, x: torch.Tensor, halo: torch.Tensor, mesh: Mesh | 
     """
     problems = _nonfinite([("x", x), ("halo", halo)])
     if mesh is not None and mesh.size > 1:
-        _agree(problems, list(x.shape[:1]) + [layer.num_heads, layer.head_dim, x.shape[2]],
-               mesh)
+        # the same all-gather as delta_rule's check on the whole-shard path; Dv < 0 marks
+        # this path, so ranks that took different paths raise instead of mixing scans
+        d = layer.head_dim
+        _agree(problems, [x.shape[0], layer.num_heads, d, -d], mesh)
     elif problems:
         raise ValueError("DeltaNet: " + "; ".join(problems))
     params = list(layer.parameters())
