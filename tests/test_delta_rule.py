@@ -135,10 +135,11 @@ SHARD_CASES = [  # B, H, N_local, Dk, Dv, chunk, gate, h0
 def _sharded_op(rank, world):
     m = mesh()
     layout = Contiguous()
-    checked = 0
+    checked, default_block = 0, chunk.BLOCK_TOKENS  # the rank pool outlives this test
     for ci, (B, H, n, Dk, Dv, C, gate, h0) in enumerate(SHARD_CASES):
         for schedule in ("scan", "pass"):
-            chunk.BLOCK_TOKENS = 4096 if schedule == "scan" else 2 * C  # one and several blocks
+            # one block, and several (the last one partial)
+            chunk.BLOCK_TOKENS = default_block if schedule == "scan" else 2 * C
             seed = 100 + ci
             t = make_inputs(B, H, n * world, Dk, Dv, gate=gate, h0=h0, seed=seed)
             o_ref, s_ref, g_ref, wo, ws = reference(t, seed)
@@ -161,7 +162,7 @@ def _sharded_op(rank, world):
                     ref = layout.shard(g_ref[name], 2, rank, world)
                 assert_close(f"{where} d{name}", ref, g, TOL["grad"])
             checked += 1
-    chunk.BLOCK_TOKENS = 4096
+    chunk.BLOCK_TOKENS = default_block
     # without output_final_state: no state returned, outputs unchanged
     t = make_inputs(1, 2, 9 * world, 8, 8, gate=False, h0=False, seed=9)
     o_ref = naive_delta_rule(*(t[n] for n in NAMES[:4]))[0]

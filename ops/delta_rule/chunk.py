@@ -275,7 +275,10 @@ class LocalSchedule:
         return ds_in
 
 
-BLOCK_TOKENS = 16384  # tokens (over all heads) whose C x C temporaries are live together
+# Tokens (over all heads) whose C x C temporaries are live together: bounds the kernel's
+# temporaries to about 1.5 KB per token of the block (~100 MB), whatever the length. A shard
+# that fits one block also skips recomputing the chunk math in backward (7% faster at 64K).
+BLOCK_TOKENS = 65536
 
 
 def _blocks(G: int, C: int) -> list[slice]:
