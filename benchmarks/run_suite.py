@@ -144,9 +144,8 @@ def render(out: Path, command: str, previous: str | None = None,
              f"python {m.get('python')}; one thread per rank",
              f"- 1-minute load average: {m.get('load_avg_1m', 0):.1f} at the start, "
              f"{m.get('load_avg_1m_end', float('nan')):.1f} at the end (other work on this "
-             "2-core machine inflates and scatters the times)"] + repro
-             + ([f"- {note}"] if note else []) + ["",
-             METHOD, PLANNER_NOTES, body, ""]
+             "2-core machine inflates and scatters the times)"]
+    lines += repro + ([f"- {note}"] if note else []) + ["", METHOD, PLANNER_NOTES, body, ""]
     return "\n".join(lines + gpu_section())
 
 

@@ -353,6 +353,32 @@ def noise_tie(results: dict, earlier: dict, mode: str = "fwdbwd", grid=TIE_GRID,
             "earlier_started": earlier["started"]}
 
 
+def agreement_by_margin(results: dict, earlier: dict, hw: Hardware, mode: str = "fwdbwd",
+                        grid=TIE_GRID) -> list[dict]:
+    """For each margin: the pairs of strategies `results` measured further apart than it, how
+    many the planner orders the same way, and how many a second run of the same points
+    (`earlier`) orders the same way -- the planner cannot be expected to agree with a
+    measurement more often than the measurement agrees with itself. Wall time and work
+    (the busiest rank's CPU time) each."""
+    before = {(r["family"], r["n"], r["world"], _label(r)): r for r in evaluate_rows(earlier, mode)}
+    table = []
+    for tie in grid:
+        ev = evaluate(results, hw, mode, tie=tie, work_tie=tie)
+        row = {"tie": tie}
+        for name, key, field in (("wall", "ranking", "time_s"), ("work", "work_ranking", "cpu_s")):
+            rk = ev[key]
+            if rk is None:
+                continue
+            rerun = 0
+            for q in rk["pairs"]:
+                a, b = (before.get((q["family"], q["n"], q["world"], x)) for x in (q["a"], q["b"]))
+                if a and b and a[field] and b[field]:
+                    rerun += (a[field] < b[field]) == (q["measured"][0] < q["measured"][1])
+            row[name] = (rk["pairs_decisive"], rk["pairs_agree"], rerun)
+        table.append(row)
+    return table
+
+
 def evaluate_rows(results: dict, mode: str = "fwdbwd") -> list[dict]:
     """The measured side of `evaluate`'s rows (no model needed)."""
     return [{"family": p["family"], "impl": p["impl"], "n": p["n"], "world": p["world"],

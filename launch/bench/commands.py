@@ -176,14 +176,22 @@ def planner_section(results: dict, log=print, earlier: dict | None = None) -> li
              f"{ev['median_abs_time_err']:.1%}, max {ev['max_abs_time_err']:.1%}.", ""]
     if noise:
         lines += [f"Tie rule from two runs (this one and the run started "
-                  f"{noise['earlier_started']}): a pair of strategies counts when its times "
-                  f"differ by more than **{tie:.0%}**, the smallest margin at which no pair "
-                  "that either run measured further apart is ordered the other way by the "
-                  "other run:", "",
-                  "| margin | pairs apart by more (either run) | ordered differently by the "
-                  "two runs |", "|---|---|---|"]
-        lines += [f"| {row['tie']:.0%} | {row['decisive']} | {row['flipped']} |"
-                  for row in noise["table"]] + [""]
+                  f"{noise['earlier_started']}, same code): a pair of strategies counts when "
+                  f"its times differ by more than **{tie:.0%}**, the smallest margin at which "
+                  "no pair that either run measured further apart is ordered the other way by "
+                  f"the other run (work: **{work_tie:.0%}**, the same rule on CPU time). At "
+                  "every margin, the pairs this run measured further apart, and how many of "
+                  "them the planner and the other run order the same way (the planner cannot "
+                  "beat the measurement's own reproducibility):", "",
+                  "| margin | wall: pairs | planner agrees | other run agrees | work: pairs | "
+                  "planner agrees | other run agrees | pairs flipped between the runs (wall, "
+                  "either run decisive) |", "|---|---|---|---|---|---|---|---|"]
+        flips = {row["tie"]: row["flipped"] for row in noise["table"]}
+        for row in calibrate.agreement_by_margin(results, earlier, hw):
+            wall, work = row.get("wall", (0, 0, 0)), row.get("work", ("-", "-", "-"))
+            lines.append(f"| {row['tie']:.0%} | {wall[0]} | {wall[1]} | {wall[2]} | {work[0]} | "
+                         f"{work[1]} | {work[2]} | {flips.get(row['tie'], '-')} |")
+        lines.append("")
     lines += [f"Ranking: **{rk['pairs_agree']}/{rk['pairs_decisive']}** pairs of strategies "
               f"ordered as measured (pairs more than {tie:.0%} apart); the planner's pick is "
               f"the measured best or within {tie:.0%} of it in "
