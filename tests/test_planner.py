@@ -204,6 +204,14 @@ def test_noise_tie_comes_from_two_runs():
     assert got["tie"] == 0.2, got["table"]
     flips = {row["tie"]: row["flipped"] for row in got["table"]}
     assert flips[0.15] >= 1 and flips[0.2] == 0
+    # by margin: the planner (exact here) and the other run agree on every pair but the
+    # flipped one, which counts up to 15% and is the other run's single disagreement
+    hw = calibrate.calibrate(second)
+    by_margin = {row["tie"]: row["wall"] for row in calibrate.agreement_by_margin(first, second, hw)}
+    pairs, planner_ok, rerun_ok = by_margin[0.15]
+    assert rerun_ok == pairs - 1 and planner_ok >= pairs - 1
+    pairs, planner_ok, rerun_ok = by_margin[0.2]
+    assert rerun_ok == pairs
     # the fastest repeat is what is scored (other work on a host only ever adds time)
     p = dict(first["points"][0], fwdbwd=dict(first["points"][0]["fwdbwd"],
                                              times_s=[0.3, 0.2, 0.9], time_s=0.3))
