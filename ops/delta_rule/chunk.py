@@ -211,19 +211,22 @@ def _per_chunk(like: torch.Tensor, nc: int) -> torch.Tensor:
 def chain_states(s0: torch.Tensor, ch: Chunks):
     """Run the state through the chunks. Returns the state at each chunk start
     [nc, B, H, Dk, Dv], Delta = U - W S of each chunk [nc, B, H, C, Dv] (the outputs reuse
-    it) and the state after the last chunk [B, H, Dk, Dv]."""
+    it; both chunk-major, unlike the Chunks) and the state after the last chunk [B, H, Dk, Dv]."""
     w, u, kt, decay = _heads_flat(ch)
-    states = _per_chunk(s0, w.shape[0])
-    deltas = torch.empty_like(ch.u)  # keeps u's head-major strides
-    # unbound once: indexing inside the loop costs about 10% of a small chain step
-    steps = zip(w.unbind(0), u.unbind(0), kt.mT.unbind(0), _each(decay),
-                states.flatten(1, 2).unbind(0), deltas.flatten(1, 2).unbind(0))
-    s = s0.flatten(0, 1)  # [B*H, Dk, Dv]
-    for w_j, u_j, kt_t, decay_j, s_j, delta_j in steps:
-        s_j.copy_(s)
+    nc, BH = w.shape[:2]
+    B, H = s0.shape[:2]
+    # chunk-major results [nc (+1), B*H, ...]: every step writes contiguous memory (out=), which
+    # keeps the products batched; a strided out= falls back to one matmul per head plus copies
+    states = s0.new_empty((nc + 1, BH) + s0.shape[2:])
+    deltas = u.new_empty(u.shape)
+    states[0] = s0.flatten(0, 1)
+    steps = zip(w.unbind(0), u.unbind(0), kt.mT.unbind(0), _each(decay), states.unbind(0),
+                states[1:].unbind(0), deltas.unbind(0))
+    for w_j, u_j, kt_t, decay_j, s, s_next, delta_j in steps:
         delta = torch.baddbmm(u_j, w_j, s, alpha=-1, out=delta_j)  # U - W S
-        s = torch.baddbmm(s if decay_j is None else s * decay_j, kt_t, delta)
-    return states, deltas, s.view(s0.shape)
+        torch.baddbmm(s if decay_j is None else s * decay_j, kt_t, delta, out=s_next)
+    return (states[:-1].view(nc, B, H, *s0.shape[2:]), deltas.view(nc, B, H, *u.shape[2:]),
+            states[-1].view(s0.shape))
 
 
 def shard_map(ch: Chunks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +321,14 @@ def _fwd(inputs, h0, schedule, scale, C):
     qg, aqk = flat(ch.qg), flat(ch.aqk)
     del ch  # W, U, Kt are no longer needed: free them before the outputs
     final = schedule.state_out(s_out)  # sharded schedules post their send here
-    o = torch.bmm(qg, flat(states)).baddbmm_(aqk, flat(deltas))  # [B*H*nc, C, Dv]
+    # states and deltas are chunk-major: one batched product per head, each writing its own
+    # contiguous rows of o
+    nc = states.shape[0]
+    o = qg.new_empty(qg.shape[:-1] + (deltas.shape[-1],))  # [B*H*nc, C, Dv]
+    o_h, qg_h, aqk_h = (x.view(B * H, nc, *x.shape[1:]) for x in (o, qg, aqk))
+    st, dl = states.flatten(1, 2), deltas.flatten(1, 2)
+    for i in range(B * H):
+        torch.bmm(qg_h[i], st[:, i], out=o_h[i]).baddbmm_(aqk_h[i], dl[:, i])
     return from_chunks(unflat(o, B, H), N), final, states
 
 
