@@ -183,19 +183,19 @@ def attention_pieces(impl: str, p: int, u: int, r: int) -> tuple[int, float, flo
                      f"sdpa, seqshard or ds_ulysses")
 
 
-BWD_SLICES = 4  # ops/attention/ring.py: remote K/V stream through the backward in ~4 head groups
+HEAD_GROUPS = 4  # ops/attention/ring.py: remote K/V and the all-to-alls stream in ~4 head groups
 
 
 def _bwd_slices(batch: int, kv_heads: int) -> int:
     """Head groups of the ring backward (ring.py `_head_slices`: never across a batch element)."""
-    per = min(kv_heads, -(-batch * kv_heads // BWD_SLICES))
+    per = min(kv_heads, -(-batch * kv_heads // HEAD_GROUPS))
     return batch * -(-kv_heads // per)
 
 
 def _a2a_groups(kv_heads: int, u: int) -> int:
     """Head groups of the Ulysses stage (ring.py `_head_groups`)."""
     per_rank = kv_heads // u
-    return max(g for g in range(1, min(per_rank, BWD_SLICES) + 1) if per_rank % g == 0)
+    return max(g for g in range(1, min(per_rank, HEAD_GROUPS) + 1) if per_rank % g == 0)
 
 
 def attention_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -> Terms:

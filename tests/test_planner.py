@@ -184,6 +184,19 @@ def test_attention_pieces_equal_the_real_plans():
                                                                               per_rank)
 
 
+def test_head_groups_follow_the_ring_module():
+    """The planner streams K/V through the ring backward and the all-to-alls in the head
+    groups ops/attention/ring.py makes (its counts of calls, messages and buffers use them)."""
+    from seqshard.ops.attention import ring
+
+    assert planner.HEAD_GROUPS == ring.HEAD_GROUPS
+    for batch, kv_heads in ((1, 8), (1, 3), (2, 4), (1, 1), (3, 16)):
+        got = planner._bwd_slices(batch, kv_heads)
+        assert got == len(ring._head_slices(batch, kv_heads, ring.HEAD_GROUPS)), (batch, kv_heads)
+    for kv_heads, u in ((8, 2), (8, 4), (12, 2), (6, 3), (4, 4)):
+        assert planner._a2a_groups(kv_heads, u) == ring._head_groups(kv_heads, u), (kv_heads, u)
+
+
 def test_noise_tie_comes_from_two_runs():
     """Pairs that two runs of the same points order differently are noise: the tie margin
     is the smallest one at which no decisive pair flips."""
