@@ -241,7 +241,8 @@ def attention_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) ->
             moved = (2 * q_b + 2 * kv_rep) + (3 * q_b + 2 * kv_rep) + (q_b + 2 * kv_rep) * g4
         a2a_calls = 8 if impl == "ds_ulysses" else 12 * groups
         _send(t, moved * (u - 1) / u, a2a_calls * (u - 1), u, hw)
-        t.mem_bytes += 2 * (2 * q_b + 2 * kv_rep) / groups
+        # head-sharded q, k, v, out (one group's at a time for ours, all at once for DeepSpeed)
+        t.mem_bytes += (2 * q_b + 2 * kv_rep) * (1 if impl == "ds_ulysses" else 2 / groups)
         t.copy_bytes += 2 * moved  # packed before each all-to-all, unpacked after
         t.steps += a2a_calls
     if impl in ("ring", "hybrid") and r > 1:
