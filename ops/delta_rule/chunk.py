@@ -9,11 +9,11 @@ gamma_s) for s <= t, else 0.
     O = diag(exp(gamma)) Q S + (Q K^T * Gamma) Delta
     S' = exp(gamma_C) S + Kt^T Delta,  Kt[s] = exp(gamma_C - gamma_s) K[s]
 
-`prepare` does everything that is parallel over chunks (plain torch, differentiated by
-autograd in backward). The only sequential part is the state chain S_j -> S_{j+1}, written
-out by hand both ways (`chain_states`, `chain_grads`). Forward keeps the inputs and one state
-per chunk start (N/C * Dk * Dv numbers), never per-token states or per-chunk transitions;
-backward recomputes `prepare`, one block of chunks at a time.
+`prepare` does everything that is parallel over chunks, as batched products over all chunks
+of all heads. The only sequential part is the state chain S_j -> S_{j+1} (`chain_states`,
+`chain_grads`). Forward keeps the inputs and one state per chunk start (N/C * Dk * Dv
+numbers), never per-token states or per-chunk transitions; backward recomputes the chunk
+math one block of chunks at a time and differentiates it by hand (`_chunk_grads`).
 
 A *schedule* decides where the first chunk's state comes from and where the last one goes:
 `LocalSchedule` here (one process), the sharded ones in sharded.py. Same Function for all.
@@ -197,7 +197,7 @@ def _heads_flat(ch: Chunks):
     return w, u, kt, decay
 
 
-def _each(x: torch.Tensor | None) -> list:
+def _each(x: torch.Tensor | None):
     """x's slices along dim 0, or an endless None for an absent decay."""
     return x.unbind(0) if x is not None else itertools.repeat(None)
 
