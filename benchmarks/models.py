@@ -69,14 +69,18 @@ def run_ranks(fn, world: int, *args, timeout: float, collective_timeout: float) 
                f"--nproc-per-node={world}", os.path.abspath(__file__), "--rank-task", task]
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(
             max(1, (os.cpu_count() or 1) // world)))
+        launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
         try:
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            _, stderr = launcher.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            launcher.terminate()  # torchrun passes SIGTERM on to its ranks and waits for them
+            launcher.communicate(timeout=60)
             raise AssertionError(f"{fn.__name__}: no result within {timeout:.0f} s") from None
-        if done.returncode != 0:
-            errors = [line for line in done.stderr.splitlines() if "Error" in line]
+        if launcher.returncode != 0:
+            errors = [line for line in stderr.splitlines() if "Error" in line]
             raise AssertionError(f"{fn.__name__} failed: {(errors or ['?'])[-1].strip()}\n"
-                                 f"{done.stderr[-3000:]}")
+                                 f"{stderr[-3000:]}")
         results = []
         for rank in range(world):
             with open(os.path.join(out, f"rank{rank}.json")) as f:

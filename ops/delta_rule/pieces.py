@@ -200,8 +200,8 @@ def deltanet_in_pieces(layer, x: torch.Tensor, halo: torch.Tensor, mesh: Mesh | 
     """`layer` (a `DeltaNet`) over its shard in pieces of `piece_tokens` tokens, exactly.
 
     x [B, N_local, hidden]: this rank's contiguous shard; halo [B, conv_size - 1, hidden]: the
-    tokens before it (`layer.causal_halo`: rank r - 1's last ones, zeros on rank 0), through
-    which the conv's gradient reaches rank r - 1. Returns y [B, N_local, hidden]. Every rank
+    tokens before it (`causal_halo` in layer.py: rank r - 1's last ones, zeros on rank 0),
+    through which the conv's gradient reaches rank r - 1. Returns y [B, N_local, hidden]. Every rank
     of mesh calls this (mesh None or of size 1: one process). `DeltaNet.forward` calls it when
     N_local > its piece_tokens.
 
