@@ -248,6 +248,7 @@ def evaluate(results: dict, hw: Hardware, mode: str = "fwdbwd", tie: float = 0.1
                      "mem_bytes": meas_m, "pred_mem_bytes": pred.mem_bytes,
                      "mem_err": pred.mem_bytes / meas_m - 1 if meas_m else float("nan")})
     errs = [abs(r["time_err"]) for r in rows]
+    work_errs = [abs(r["pred_cpu_s"] / r["cpu_s"] - 1) for r in rows if r["cpu_s"]]
     # the same check on work alone: the busiest rank's measured CPU time against the model's
     # work_time; other work on the host hardly moves CPU time, so this order is steadier
     work = [dict(r, time_s=r["cpu_s"], pred_time_s=r["pred_cpu_s"]) for r in rows
@@ -257,7 +258,9 @@ def evaluate(results: dict, hw: Hardware, mode: str = "fwdbwd", tie: float = 0.1
                              if work and len(work) == len(rows) else None),
             "median_abs_time_err": float(np.median(errs)) if errs else float("nan"),
             "max_abs_time_err": max(errs) if errs else float("nan"),
-            "within_30": sum(e <= 0.30 for e in errs), "count": len(errs)}
+            "within_30": sum(e <= 0.30 for e in errs), "count": len(errs),
+            "work_within_30": sum(e <= 0.30 for e in work_errs), "work_count": len(work_errs),
+            "median_abs_work_err": float(np.median(work_errs)) if work_errs else float("nan")}
 
 
 def _apart(a: dict, b: dict, tie: float) -> bool:

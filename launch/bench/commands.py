@@ -173,7 +173,10 @@ def planner_section(results: dict, log=print, earlier: dict | None = None) -> li
              + " of the host (each P is timed in its own window; other work changes between "
              "them).", "",
              f"Time within 30%: **{ev['within_30']}/{ev['count']}** points, median |error| "
-             f"{ev['median_abs_time_err']:.1%}, max {ev['max_abs_time_err']:.1%}.", ""]
+             f"{ev['median_abs_time_err']:.1%}, max {ev['max_abs_time_err']:.1%}."
+             + (f" Work (the busiest rank's CPU time against the model's work terms) within "
+                f"30%: **{ev['work_within_30']}/{ev['work_count']}**, median |error| "
+                f"{ev['median_abs_work_err']:.1%}." if ev["work_count"] else ""), ""]
     if noise:
         lines += [f"Tie rule from two runs (this one and the run started "
                   f"{noise['earlier_started']}, same code): a pair of strategies counts when "
