@@ -280,7 +280,8 @@ class LocalSchedule:
 
 # Tokens (over all heads) whose C x C temporaries are live together: bounds the kernel's
 # temporaries to about 1.5 KB per token of the block (~100 MB), whatever the length. A shard
-# that fits one block also skips recomputing the chunk math in backward (7% faster at 64K).
+# that fits one block also skips recomputing the chunk math in backward (forward+backward
+# 7% faster at 32K tokens x 2 heads than in blocks of 16K).
 BLOCK_TOKENS = 65536
 
 
