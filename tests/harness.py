@@ -10,8 +10,8 @@
     def test_something():
         results = run_ranks(_check, 2, n=16)   # [rank0_result, rank1_result]
 
-A pool of P processes per world size stays alive for the whole pytest session: each joined
-the process group once (through seqshard.dist.init_process_group, i.e. DeepSpeed's comm),
+A pool of P processes per world size (`seqshard.dist.RankPool`) stays alive for the whole
+pytest session: each joined the process group once (through DeepSpeed's comm),
 so hundreds of cases do not each pay for starting torch and a group. If any rank fails or
 the call times out, the pool is torn down (its group may be wedged) and the next call
 starts a fresh one. Failures raise AssertionError carrying every failing rank's traceback.
@@ -20,20 +20,16 @@ starts a fresh one. Failures raise AssertionError carrying every failing rank's 
 from __future__ import annotations
 
 import atexit
-import multiprocessing as mp
 import os
-import queue
-import sys
-import time
-import traceback
-from dataclasses import dataclass
 
-from seqshard.dist import free_port, local_rank_env
+from seqshard.dist.rank_pool import RankDied, RankFailure, RankPool
+
+__all__ = ["RankDied", "mesh", "run_ranks"]
 
 TASK_TIMEOUT_S = float(os.environ.get("SEQSHARD_TEST_TIMEOUT", "300"))
 COLLECTIVE_TIMEOUT_S = 60.0
 
-_pools: dict[int, "_Pool"] = {}
+_pools: dict[int, RankPool] = {}
 _meshes: dict = {}  # inside a rank process: Mesh objects by degrees
 
 
@@ -47,109 +43,28 @@ def mesh(*, dp: int = 1, ulysses: int = 1, ring: int | None = None):
     return _meshes[key]
 
 
-def _worker_main(rank: int, world: int, port: int, tasks, results) -> None:
-    os.environ.update(local_rank_env(rank, world, port), DS_ACCELERATOR="cpu")
+def _seeded(rank: int, world: int, fn, *args, **kwargs):
+    """Every case starts from the same seed, whichever cases ran before it on the pool."""
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from seqshard.dist import init_process_group
+    torch.manual_seed(1234)
+    return fn(rank, world, *args, **kwargs)
 
+
+def _new_pool(world: int) -> RankPool:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the ranks inherit it: gloo on the CPU
     try:
-        init_process_group("gloo", timeout_s=COLLECTIVE_TIMEOUT_S)
-        results.put((rank, "ready", None))
-    except Exception:
-        results.put((rank, "error", traceback.format_exc()))
-        return
-    while True:
-        task = tasks.get()
-        if task is None:
-            break
-        fn, args, kwargs, sys_path = task
-        for p in sys_path:
-            if p not in sys.path:
-                sys.path.append(p)
-        try:
-            torch.manual_seed(1234)
-            out = fn(rank, world, *args, **kwargs)
-            results.put((rank, "ok", out))
-        except BaseException:
-            results.put((rank, "error", traceback.format_exc()))
+        return RankPool(world, timeout_s=COLLECTIVE_TIMEOUT_S, start_timeout_s=TASK_TIMEOUT_S)
+    except (RankFailure, TimeoutError) as err:
+        raise AssertionError(str(err)) from None
 
 
-class _Pool:
-    def __init__(self, world: int):
-        ctx = mp.get_context("spawn")
-        self.world = world
-        self.results = ctx.Queue()
-        self.tasks = [ctx.Queue() for _ in range(world)]
-        port = free_port()
-        self.procs = [
-            ctx.Process(target=_worker_main, args=(r, world, port, self.tasks[r], self.results),
-                        daemon=True)
-            for r in range(world)
-        ]
-        for p in self.procs:
-            p.start()
-        self._collect("ready", TASK_TIMEOUT_S)
-
-    def _collect(self, what: str, timeout: float, allow_dead: bool = False) -> list:
-        out: list = [None] * self.world
-        errors: dict[int, str] = {}
-        pending = set(range(self.world))
-        deadline = time.monotonic() + timeout
-        while pending:
-            try:
-                rank, status, payload = self.results.get(timeout=0.5)
-            except queue.Empty:
-                dead = {r for r in pending if not self.procs[r].is_alive()}
-                if dead:
-                    if not allow_dead:
-                        codes = {r: self.procs[r].exitcode for r in sorted(dead)}
-                        raise AssertionError(f"{what}: ranks died (exit codes {codes})") from None
-                    for r in dead:
-                        out[r] = RankDied(r, self.procs[r].exitcode)
-                    pending -= dead
-                if time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"{what}: ranks {sorted(pending)} of {self.world} gave no answer "
-                        f"within {timeout:.0f} s"
-                    ) from None
-                continue
-            pending.discard(rank)
-            if status == "error":
-                errors[rank] = payload
-            else:
-                out[rank] = payload
-        if errors:
-            report = "\n".join(f"--- rank {r} of {self.world} ---\n{tb}" for r, tb in sorted(errors.items()))
-            raise AssertionError(f"{what} failed on ranks {sorted(errors)}:\n{report}")
-        return out
-
-    def run(self, fn, args, kwargs, timeout: float, allow_dead: bool = False) -> list:
-        task = (fn, args, kwargs, list(sys.path))
-        for q in self.tasks:
-            q.put(task)
-        return self._collect(getattr(fn, "__name__", "task"), timeout, allow_dead)
-
-    def close(self) -> None:
-        for q, p in zip(self.tasks, self.procs):
-            if p.is_alive():
-                try:
-                    q.put(None)
-                except Exception:
-                    pass
-        for p in self.procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-
-
-@dataclass(frozen=True)
-class RankDied:
-    """Stands in an isolated run's results for a rank process that exited without answering."""
-
-    rank: int
-    exitcode: int | None
+def _run(pool: RankPool, fn, args, kwargs, timeout: float, allow_dead: bool) -> list:
+    try:
+        return pool.run(_seeded, (fn, *args), kwargs, timeout_s=timeout, allow_dead=allow_dead)
+    except (RankFailure, TimeoutError) as err:  # a test failure, with every rank's traceback
+        raise AssertionError(str(err).replace("_seeded", getattr(fn, "__name__", "task"), 1)
+                             ) from None
 
 
 def run_ranks(
@@ -161,18 +76,18 @@ def run_ranks(
     a rank that dies yields a `RankDied` in the results instead of failing the call.
     """
     if isolated:
-        pool = _Pool(world)
+        pool = _new_pool(world)
         try:
-            return pool.run(fn, args, kwargs, timeout, allow_dead=True)
+            return _run(pool, fn, args, kwargs, timeout, allow_dead=True)
         finally:
             pool.close()
     pool = _pools.get(world)
     if pool is None:
-        pool = _pools[world] = _Pool(world)
+        pool = _pools[world] = _new_pool(world)
     try:
-        return pool.run(fn, args, kwargs, timeout)
+        return _run(pool, fn, args, kwargs, timeout, allow_dead=False)
     except BaseException:
-        _pools.pop(world, None)
+        _pools.pop(world, None)  # its group may be wedged: the next call starts a fresh pool
         pool.close()
         raise
 

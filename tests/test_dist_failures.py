@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from seqshard.dist import CollectiveError, all_reduce, free_port
@@ -61,3 +62,36 @@ def test_rank_that_never_joins_fails_within_the_timeout():
                           text=True, timeout=120)
     assert "ERROR: rank 0 of 2 could not join the process group" in proc.stdout, proc.stderr[-2000:]
     assert "within 3 s" in proc.stdout
+
+
+def _rank_one_raises(rank, world, value: int):
+    if rank == 1:
+        raise ValueError(f"boom {value}")
+    return value + rank
+
+
+def _add_rank(rank, world, value: int):
+    return value + rank
+
+
+def _rank_one_exits(rank, world):
+    if rank == 1:
+        os._exit(5)
+    return rank
+
+
+def test_rank_pool_names_the_failing_rank_and_stays_usable():
+    """RankPool directly (the harness and the bench runner sit on it): the first line of the
+    error names the rank and its exception; a plain error leaves the group usable; a rank that
+    exits is reported (or stands as RankDied with allow_dead)."""
+    from seqshard.dist import RankFailure, RankPool
+
+    with RankPool(2, threads=1, timeout_s=30) as pool:
+        with pytest.raises(RankFailure) as info:
+            pool.run(_rank_one_raises, (7,), timeout_s=60)
+        assert sorted(info.value.errors) == [1]
+        assert str(info.value).splitlines()[0] == (
+            "_rank_one_raises failed on rank(s) [1]: ValueError: boom 7"), str(info.value)
+        assert pool.run(_add_rank, (3,), timeout_s=60) == [3, 4]
+        assert pool.run(_rank_one_exits, timeout_s=60, allow_dead=True) == [0, RankDied(1, 5)]
+

@@ -1,8 +1,8 @@
 """Run benchmark points on P real gloo ranks: one group of worker processes per world size.
 
-The driver starts P spawned processes with the torchrun variables (RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT), each joins the process group through `Mesh.from_env` and then
-measures every point of that world size that the driver sends it (see measure.py for how).
+The driver starts P ranks (`seqshard.dist.RankPool`: spawned processes with the torchrun
+variables, each joined to one gloo group) that measure every point of that world size the
+driver sends them (see measure.py for how).
 Process start-up (import torch, join the group) is paid once per world size, not per point.
 
 A point that fails on any rank, or runs past `point_timeout_s`, is recorded with status
@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import multiprocessing as mp
 import os
-import queue
 import time
-import traceback
 from typing import Callable
 
-from seqshard.dist import free_port, local_rank_env
+from seqshard.dist import RankPool
 
 from . import records
 from .workloads import check_spec
@@ -109,105 +106,59 @@ def _measure_points(items: list[tuple[int, dict]], mesh_of, modes, warmup: int,
     return out
 
 
-def _worker(rank: int, world: int, port: int, tasks, results, threads: int,
-            timeout_s: float) -> None:
+def _bench_setup() -> None:
+    """Each bench rank, before it allocates: malloc pinned, profiler chatter filtered."""
     _pin_malloc()
     _quiet_profiler_lines()
     import warnings
 
     # torch's deprecation notes for the collectives dist/ calls, once per rank and call site
     warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.update(local_rank_env(rank, world, port))
+
+
+_meshes: dict = {}  # inside a bench rank: Mesh objects by (ulysses, ring)
+
+
+def _measure_task(rank: int, world: int, items, modes, warmup: int, repeats: tuple,
+                  timeout_s: float) -> dict[int, dict]:
     import torch
 
-    torch.set_num_threads(threads)
     from seqshard.dist import Mesh
 
-    meshes = {}
-    try:
-        meshes[(world, 1)] = Mesh.from_env(ulysses=1, ring=world, timeout_s=timeout_s)
-        results.put((rank, "ready", None))
-    except Exception:
-        results.put((rank, "error", traceback.format_exc()))
-        return
-    while True:
-        task = tasks.get()
-        if task is None:
-            break
-        items, modes, warmup, repeats = task
-        try:
-            def mesh_of(spec):
-                key = (spec["ulysses"], spec["ring"])
-                if key not in meshes:  # every rank creates the same groups in the same order
-                    meshes[key] = Mesh.new(ulysses=key[0], ring=key[1], timeout_s=timeout_s)
-                return meshes[key]
+    def mesh_of(spec):
+        key = (spec["ulysses"], spec["ring"])
+        if key not in _meshes:  # every rank creates the same groups in the same order
+            _meshes[key] = Mesh.new(ulysses=key[0], ring=key[1], timeout_s=timeout_s)
+        return _meshes[key]
 
-            torch.manual_seed(1234 + rank)
-            results.put((rank, "ok", _measure_points(items, mesh_of, modes, warmup, repeats)))
-        except Exception as err:
-            results.put((rank, "error", f"{type(err).__name__}: {err}\n"
-                                        f"{traceback.format_exc(limit=4)}"))
+    torch.manual_seed(1234 + rank)
+    return _measure_points(items, mesh_of, modes, warmup, repeats)
 
 
 class World:
-    """P worker processes in one gloo group; `measure(spec)` -> per-rank results."""
+    """P bench ranks in one gloo group (a `seqshard.dist.RankPool`); `measure(items)` ->
+    per-rank results."""
 
     def __init__(self, world: int, *, timeout_s: float = 120.0, start_timeout_s: float = 180.0,
                  threads: int = THREADS_PER_RANK):
-        self.world = world
-        ctx = mp.get_context("spawn")
-        self.results = ctx.Queue()
-        self.tasks = [ctx.Queue() for _ in range(world)]
-        port = free_port()
+        self.world, self.timeout_s = world, timeout_s
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        self.procs = [ctx.Process(target=_worker, daemon=True,
-                                  args=(r, world, port, self.tasks[r], self.results, threads,
-                                        timeout_s)) for r in range(world)]
-        for p in self.procs:
-            p.start()
-        for _ in range(world):
-            rank, status, payload = self._get(start_timeout_s, "start")
-            if status != "ready":
-                self.close()
-                raise RuntimeError(f"bench rank {rank} of {world} failed to start:\n{payload}")
-
-    def _get(self, timeout_s: float, what: str):
-        try:
-            return self.results.get(timeout=timeout_s)
-        except queue.Empty:
-            raise TimeoutError(f"{what}: no answer from the {self.world} bench ranks within "
-                               f"{timeout_s:.0f} s") from None
+        self.pool = RankPool(world, threads=threads, timeout_s=timeout_s,
+                             start_timeout_s=start_timeout_s, setup=_bench_setup)
 
     def measure(self, items: list[tuple[int, dict]], modes, warmup: int, repeats: int | tuple,
                 timeout_s: float) -> list[dict[int, dict]]:
         """Per rank {index: {mode: {times, mem, rss, comm, calls}}} for the points `items`
-        [(index, spec)], measured interleaved; RuntimeError naming the failed rank."""
+        [(index, spec)], measured interleaved; RankFailure (a RuntimeError) naming the failed
+        rank, TimeoutError past timeout_s."""
         if isinstance(repeats, int):
             repeats = (repeats, repeats, 0.0)
-        for q in self.tasks:
-            q.put((list(items), tuple(modes), warmup, tuple(repeats)))
-        per_rank: dict[int, dict] = {}
-        deadline = time.monotonic() + timeout_s
-        while len(per_rank) < self.world:
-            left = deadline - time.monotonic()
-            rank, status, payload = self._get(max(left, 0.01), f"{len(items)} point(s)")
-            if status != "ok":
-                # the other ranks may be stuck in a collective: do not wait for them
-                raise RuntimeError(f"rank {rank}: {payload}")
-            per_rank[rank] = payload
-        return [per_rank[r] for r in range(self.world)]
+        args = (list(items), tuple(modes), warmup, tuple(repeats), self.timeout_s)
+        # fail fast: the other ranks may be stuck in a collective the failed one never joins
+        return self.pool.run(_measure_task, args, timeout_s=timeout_s, fail_fast=True)
 
     def close(self) -> None:
-        for q in self.tasks:
-            try:
-                q.put(None)
-            except (OSError, ValueError):
-                pass
-        for p in self.procs:
-            p.join(timeout=10)
-            if p.is_alive():  # only our own children, by handle
-                p.terminate()
-                p.join(timeout=5)
+        self.pool.close()
 
 
 def merge(spec: dict, per_rank: list[dict], modes) -> dict:
