@@ -75,8 +75,9 @@ def test_chunk_matches_naive(case):
 
 
 def test_blocked_backward_matches_naive(monkeypatch):
-    """Several blocks of chunks in forward and backward, the last one partial."""
-    monkeypatch.setattr(chunk, "BLOCK_TOKENS", 8)
+    """Several blocks of chunks in forward and backward: 7 chunks each over the 2*3*10 chunks
+    of all heads, so blocks straddle heads and the last one is partial."""
+    monkeypatch.setattr(chunk, "BLOCK_TOKENS", 28)
     test_chunk_matches_naive((2, 3, 37, 48, 20, 4, True, True, False))
 
 
