@@ -5,6 +5,7 @@ growing global sequence length N, sharded over 2 gloo ranks on this CPU (or one 
     python benchmarks/models.py --models deltanet,fit --sizes 65536,1048576
     python benchmarks/models.py --models transformer --sizes 4096,16384,32768 --budget-s 600
     python benchmarks/models.py --layer --world 1 --sizes 131072 --pieces none,65536,16384
+    python benchmarks/models.py --models deltanet --sizes 65536 --mixer-pieces none,16384
 
 --layer measures one DeltaNet layer alone instead (forward + backward, no checkpointing) for
 each --pieces value of its piece_tokens: seconds, CPU seconds and peak memory per rank above
@@ -100,14 +101,19 @@ def _rank_task(task: str) -> None:
 
 
 def _one_step(rank, world, mesh, kind: str, config: dict, seq_len: int, steps: int,
-              strategy: str):
+              strategy: str, mixer_pieces: str = ""):
     from seqshard.models import Trainer
+    from seqshard.ops.delta_rule import DeltaNet
 
     train = {"seq_len": seq_len, "steps": steps, "task": "random", "vocab_size": 256,
              "activation_checkpointing": True, "warmup_steps": 0}
     if kind != "fit":
         train["strategy"] = strategy
     trainer = Trainer(kind, config, train, mesh)
+    if mixer_pieces:  # override the DeltaNet layers' own default
+        for module in trainer.engine.module.modules():
+            if isinstance(module, DeltaNet):
+                module.piece_tokens = None if mixer_pieces == "none" else int(mixer_pieces)
     for _ in range(steps):  # report the last step: the first also pays one-time allocations
         cpu = time.process_time()  # every thread of this rank's process
         metrics = trainer.step()
@@ -168,6 +174,9 @@ def main() -> None:
                         help="with --layer: comma-separated piece_tokens ('none': whole shard)")
     parser.add_argument("--collective-timeout", type=float, default=3600.0,
                         help="seconds a rank waits in a collective before failing")
+    parser.add_argument("--mixer-pieces", default="",
+                        help="comma-separated piece_tokens for the DeltaNet layers ('none': "
+                             "whole shard), each measured at every size (default: theirs)")
     parser.add_argument("--rank-task", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_task:  # inside a rank started by run_ranks
@@ -177,28 +186,30 @@ def main() -> None:
     if args.layer:
         return layer_table(args)
 
-    print(f"{'model':<12}{'N':>10}{'seconds':>10}{'cpu s/rank':>12}{'tokens/s':>12}"
+    print(f"{'model':<16}{'N':>10}{'seconds':>10}{'cpu s/rank':>12}{'tokens/s':>12}"
           f"{'peak MiB/rank':>15}{'s/token vs first':>18}{'load':>7}")
     for kind in args.models.split(","):
         sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes
                  else DEFAULT_SIZES[kind])
         config = model_config(kind, args.dim, args.layers, args.heads, args.group_size)
         first = None
-        for seq_len in sizes:
+        points = [(n, p) for n in sizes for p in args.mixer_pieces.split(",")]
+        for seq_len, pieces in points:
             steps = 2 if seq_len <= 8192 else 1
+            label = f"{kind}/{pieces}" if pieces else kind
             try:
                 results = run_ranks(_one_step, args.world, kind, config, seq_len, steps,
-                                    args.strategy, timeout=args.budget_s * steps + 120,
+                                    args.strategy, pieces, timeout=args.budget_s * steps + 120,
                                     collective_timeout=args.collective_timeout)
             except AssertionError as err:  # a rank failed or timed out: stop growing N
-                print(f"{kind:<12}{seq_len:>10}  failed: {str(err).splitlines()[0][:100]}")
+                print(f"{label:<16}{seq_len:>10}  failed: {str(err).splitlines()[0][:100]}")
                 break
             seconds = max(r["seconds"] for r in results)
             cpu = max(r["cpu_seconds"] for r in results)
             peak = max(r["peak_mem_bytes"] for r in results) / 2**20
             per_token = seconds / seq_len
             first = first or per_token
-            print(f"{kind:<12}{seq_len:>10}{seconds:>10.2f}{cpu:>12.1f}{seq_len / seconds:>12.0f}"
+            print(f"{label:<16}{seq_len:>10}{seconds:>10.2f}{cpu:>12.1f}{seq_len / seconds:>12.0f}"
                   f"{peak:>15.0f}{per_token / first:>18.2f}{os.getloadavg()[0]:>7.1f}",
                   flush=True)
             if seconds > args.budget_s:
