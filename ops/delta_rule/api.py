@@ -109,7 +109,7 @@ def delta_rule(
     (rank r holds the r-th piece) and every rank of mesh.group must call this.
     schedule: "scan" (log2 P prefix scan of the shards' affine maps) or "pass" (state passed
     rank to rank). chunk_size: chunk length C of the WY kernel (any N; padded inside);
-    None picks it per device (`chunk.default_chunk_size`: 32 on CPU, 64 on GPU).
+    None picks it per device (`chunk.default_chunk_size`: 32 on CPU, 64 on accelerators).
     check: also reject NaN/inf inputs (one pass over them) and, with a mesh, check that all
     ranks agree (one small all-gather) so that bad input raises on every rank, never hangs.
 
