@@ -84,11 +84,16 @@ def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int, timeo
             f"all_to_all: dim {scatter_dim} of shape {tuple(x.shape)} is {x.shape[scatter_dim]}, "
             f"not divisible by the group size {world}"
         )
-    # [world, ...piece] with piece j going to rank j
-    send = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
+    pieces = x.chunk(world, dim=scatter_dim)
+    if x.is_contiguous() and all(size == 1 for size in x.shape[:scatter_dim]):
+        # x already lies in memory as [world, ...piece] (e.g. heads of a batch of one)
+        send = x.view((world,) + pieces[0].shape)
+    else:
+        send = torch.stack(pieces)  # [world, ...piece] with piece j going to rank j
     recv = torch.empty_like(send)
     with _guard("all_to_all", group):
         _run(dist.all_to_all_single, recv, send, group=group, timeout=timeout)
+    del send, pieces  # one buffer less alive while the received pieces are concatenated
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
 

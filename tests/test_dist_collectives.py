@@ -48,22 +48,23 @@ def _check_op(rank, world, dist_fn, ref_fn, in_shape, out_shape):
 
 def _collectives_case(rank, world):
     group = mesh().group
-    # all-to-all, sequence-sharded -> head-sharded: [B, H, N/P, D] -> [B, H/P, N, D]
-    B, H, n, D = 2, 4, 3, 5
+    # all-to-all, sequence-sharded -> head-sharded: [B, H, N/P, D] -> [B, H/P, N, D]; with
+    # B = 1 the send buffer is a view of the input (no copy), with B = 2 a stacked copy
+    H, n, D = 4, 3, 5
 
     def ref_seq_to_heads(xs):
         full = torch.cat(xs, dim=2)  # [B, H, N, D]
         return list(full.chunk(world, dim=1))
 
-    _check_op(rank, world, lambda x: seq_to_heads(x, group), ref_seq_to_heads,
-              (B, H, n, D), (B, H // world, n * world, D))
-
     def ref_heads_to_seq(xs):
         full = torch.cat(xs, dim=1)  # [B, H, N, D]
         return list(full.chunk(world, dim=2))
 
-    _check_op(rank, world, lambda x: heads_to_seq(x, group), ref_heads_to_seq,
-              (B, H // world, n * world, D), (B, H, n, D))
+    for B in (1, 2):
+        _check_op(rank, world, lambda x: seq_to_heads(x, group), ref_seq_to_heads,
+                  (B, H, n, D), (B, H // world, n * world, D))
+        _check_op(rank, world, lambda x: heads_to_seq(x, group), ref_heads_to_seq,
+                  (B, H // world, n * world, D), (B, H, n, D))
     # a generic all-to-all with scatter dim after gather dim
     _check_op(rank, world, lambda x: all_to_all(x, group, scatter_dim=-1, gather_dim=0),
               lambda xs: [torch.cat([t.chunk(world, -1)[r] for t in xs], 0) for r in range(world)],
