@@ -95,8 +95,8 @@ class DeltaNetConfig(LMConfig):
     """beta in (0, 2) instead of (0, 1)."""
     use_gate: bool = False
     """Gated DeltaNet: a learned per-head decay of the state."""
-    chunk_size: int = 64
-    """Chunk length of the WY/UT chunkwise kernel."""
+    chunk_size: int | None = None
+    """Chunk length of the WY/UT chunkwise kernel; None: per device (32 on CPU, 64 on GPUs)."""
     schedule: str = "scan"
     """How the state crosses ranks: 'scan' (log2 P prefix scan) or 'pass' (sequential)."""
     attn_layers: tuple[int, ...] = ()

@@ -80,7 +80,7 @@ class DeltaNet(nn.Module):
     """DeltaNet / Gated DeltaNet token mixer: x [B, N_local, hidden] -> [B, N_local, hidden].
 
     Pass the same `mesh` on every rank (sequence sharded contiguously); None = one process.
-    chunk_size and schedule go to `delta_rule`.
+    chunk_size (None: per device, see `delta_rule`) and schedule go to `delta_rule`.
 
     piece_tokens: when the local shard is longer, the layer runs over it in pieces of this
     many tokens (pieces.py: one autograd.Function, recomputed piece by piece in backward), so
@@ -97,7 +97,7 @@ class DeltaNet(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int | None = None,
                  use_short_conv: bool = True, conv_size: int = 4, allow_neg_eigval: bool = False,
-                 use_gate: bool = False, *, chunk_size: int = 64, schedule: str = "scan",
+                 use_gate: bool = False, *, chunk_size: int | None = None, schedule: str = "scan",
                  norm_eps: float = 1e-5, piece_tokens: int | None = 16384):
         super().__init__()
         if num_heads < 1 or hidden_size < 1:

@@ -14,7 +14,8 @@ forward (no autograd)
   1. ranks other than the first and the last: per piece, the projections + conv and the
      piece's map (`prepare_blocked` + `shard_map`), composed into the shard's (A, B);
   2. `exclusive_scan` of (A, B) -> this shard's incoming state S_0 (rank 0 starts from zeros
-     and joins the scan after step 3 with the constant map S -> S_end, as ScanSchedule does);
+     and joins with the constant map S -> S_end, as ScanSchedule does: its state chain alone,
+     piece by piece, so rank 1 waits for that chain, not for rank 0's outputs);
   3. per piece, the single-process layer `DeltaNet._mix` from S_p -> y_p and S_{p+1}.
 backward: the piece's vector-Jacobian product is linear in (dy, dS_end), so
   a. ranks other than the first: every piece in reverse with the shard's dS_end = 0,
@@ -34,7 +35,7 @@ import torch
 from seqshard.dist import Mesh, exclusive_scan
 
 from .api import _agree, _nonfinite
-from .chunk import prepare_blocked, shard_map
+from .chunk import chain_states, default_chunk_size, prepare_blocked, shard_map
 from .sharded import compose
 
 
@@ -83,12 +84,28 @@ class _Shard:
         state = x.new_zeros(self.state_shape, dtype=self.work)
         return state.new_zeros(self.state_shape[:3] + (self.state_shape[2],)), state
 
-    def piece_map(self, x_part: torch.Tensor, context: torch.Tensor):
-        """The piece's affine state map S -> A S + Bm: (A [B, H, Dk, Dk], Bm [B, H, Dk, Dv])."""
+    def chunks(self, x: torch.Tensor, halo: torch.Tensor, a: int, b: int):
+        """The chunk tensors of the piece [a, b) (no autograd): features, then the UT transform."""
         inputs = [t.to(self.work) if t is not None else None
-                  for t in self.layer._features(x_part, context)]  # q, k, v, beta, gate
-        C = min(self.layer.chunk_size, x_part.shape[1])
-        return shard_map(prepare_blocked(inputs, inputs[0].shape[-1] ** -0.5, C))
+                  for t in self.layer._features(x[:, a:b], _context(x, halo, a))]  # q, k, v, beta, gate
+        C = min(self.layer.chunk_size or default_chunk_size(x.device), b - a)
+        return prepare_blocked(inputs, inputs[0].shape[-1] ** -0.5, C)
+
+    def shard_map(self, x: torch.Tensor, halo: torch.Tensor):
+        """The shard's affine state map S -> A S + Bm, composed piece by piece:
+        (A [B, H, Dk, Dk], Bm [B, H, Dk, Dv])."""
+        pair = None
+        for a, b in self.spans:
+            step = shard_map(self.chunks(x, halo, a, b))
+            pair = step if pair is None else compose(pair, step)
+        return pair
+
+    def end_state(self, x: torch.Tensor, halo: torch.Tensor, state: torch.Tensor):
+        """The state after the shard's last token from `state` [B, H, Dk, Dv]: the state chain
+        alone, piece by piece (no outputs), so the next rank gets it early."""
+        for a, b in self.spans:
+            state = chain_states(state, self.chunks(x, halo, a, b))[2]
+        return state
 
     def scan(self, pair, reverse: bool) -> torch.Tensor:
         """The B part of this rank's exclusive prefix: its incoming state (forward) or the
@@ -103,16 +120,16 @@ def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor):
     shard's transition A [B, H, Dk, Dk] (None where backward does not need it)."""
     layer, a_map = shard.layer, None
     state = x.new_zeros(shard.state_shape, dtype=shard.work)
-    if not shard.first:
-        if shard.last:
+    if shard.mesh is not None:
+        if shard.first:  # the constant map S -> S_end, before the outputs: the next rank
+            pair = (shard.zeros(x)[0], shard.end_state(x, halo, state))  # waits no longer
+        elif shard.last:
             pair = shard.zeros(x)  # nobody reads the last rank's map
         else:
-            pair = None
-            for a, b in shard.spans:
-                step = shard.piece_map(x[:, a:b], _context(x, halo, a))
-                pair = step if pair is None else compose(pair, step)
+            pair = shard.shard_map(x, halo)
             a_map = pair[0]
-        state = shard.scan(pair, reverse=False)
+        incoming = shard.scan(pair, reverse=False)
+        state = state if shard.first else incoming
     y = None  # [B, N, hidden], in the dtype of the layer's output (autocast may lower it)
     starts = x.new_empty((len(shard.spans),) + shard.state_shape, dtype=shard.work)
     for i, (a, b) in enumerate(shard.spans):
@@ -121,8 +138,6 @@ def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor):
         if y is None:
             y = y_part.new_empty(x.shape[:2] + y_part.shape[2:])
         y[:, a:b] = y_part
-    if shard.mesh is not None and shard.first:
-        shard.scan((shard.zeros(x)[0], state.to(shard.work)), reverse=False)  # S -> S_end
     return y, starts, a_map
 
 
