@@ -27,7 +27,7 @@ from seqshard.dist.rank_pool import RankDied, RankFailure, RankPool
 __all__ = ["RankDied", "mesh", "run_ranks"]
 
 TASK_TIMEOUT_S = float(os.environ.get("SEQSHARD_TEST_TIMEOUT", "300"))
-COLLECTIVE_TIMEOUT_S = 60.0
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("SEQSHARD_COLLECTIVE_TIMEOUT", "60"))
 
 _pools: dict[int, RankPool] = {}
 _meshes: dict = {}  # inside a rank process: Mesh objects by degrees
