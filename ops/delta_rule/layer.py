@@ -85,7 +85,10 @@ class DeltaNet(nn.Module):
     piece_tokens: when the local shard is longer, the layer runs over it in pieces of this
     many tokens (pieces.py: one autograd.Function, recomputed piece by piece in backward), so
     its activations are O(piece) instead of O(N_local): ~16 KB per token of the shard drop to
-    the input, output and their gradients (see README.md). None: never. Every rank must hold
+    the input, output and their gradients (see README.md). None: never. The default, 65536,
+    keeps shards up to 64K tokens on the whole-shard path: at P = 2 the pieces cost about 2x
+    the wall time (the ranks take turns; README.md), a price worth paying only where memory
+    runs out; pass a smaller value (e.g. 16384) for the least memory. Every rank must hold
     the same N_local (the contiguous layout does), so all take the same path.
 
     >>> layer = DeltaNet(hidden_size=32, num_heads=2)
@@ -98,7 +101,7 @@ class DeltaNet(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int | None = None,
                  use_short_conv: bool = True, conv_size: int = 4, allow_neg_eigval: bool = False,
                  use_gate: bool = False, *, chunk_size: int | None = None, schedule: str = "scan",
-                 norm_eps: float = 1e-5, piece_tokens: int | None = 16384):
+                 norm_eps: float = 1e-5, piece_tokens: int | None = 65536):
         super().__init__()
         if num_heads < 1 or hidden_size < 1:
             raise ValueError(f"hidden_size={hidden_size}, num_heads={num_heads} must be >= 1")
