@@ -184,6 +184,7 @@ def attention_pieces(impl: str, p: int, u: int, r: int) -> tuple[int, float, flo
 
 
 HEAD_GROUPS = 4  # ops/attention/ring.py: remote K/V and the all-to-alls stream in ~4 head groups
+STREAM_MIN_BYTES = 4 << 20  # ring.py: the all-to-alls stream only from this K block size on
 
 
 def _bwd_slices(batch: int, kv_heads: int) -> int:
@@ -192,8 +193,10 @@ def _bwd_slices(batch: int, kv_heads: int) -> int:
     return batch * -(-kv_heads // per)
 
 
-def _a2a_groups(kv_heads: int, u: int) -> int:
+def _a2a_groups(kv_heads: int, u: int, k_bytes: float) -> int:
     """Head groups of the Ulysses stage (ring.py `_head_groups`)."""
+    if k_bytes < STREAM_MIN_BYTES:
+        return 1
     per_rank = kv_heads // u
     return max(g for g in range(1, min(per_rank, HEAD_GROUPS) + 1) if per_rank % g == 0)
 
@@ -228,7 +231,7 @@ def attention_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) ->
     a2a = u if impl in ("ulysses", "ds_ulysses", "hybrid") else 1
     rep = a2a // math.gcd(hkv, a2a) if impl != "ds_ulysses" else 1  # kv heads copied to u
     kv_rep = kv_b * rep
-    groups = _a2a_groups(hkv * rep, u) if ours and u > 1 else 1
+    groups = _a2a_groups(hkv * rep, u, kv_rep) if ours and u > 1 else 1
     slices = _bwd_slices(b, hkv * rep // (groups * u)) if ours and r > 1 else 1
     t.steps = groups * calls * (1 + slices) + 2  # kernel calls both ways; the op both ways
     # LSE merges (forward) and dq, dk, dv sums (backward) run in fp32 over the rows the

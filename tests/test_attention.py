@@ -299,7 +299,7 @@ def test_plans_stay_on_the_fused_kernel():
     assert any(p.mask is not None for p in plan)
 
 
-def _streaming(rank, world):
+def _streaming(rank, world, stream_from: int = 0):
     """What travels in the memory-lean paths: the ring backward sends one head group's K/V
     and dK/dV share at a time (never a whole block), and Ulysses all-to-alls one head group
     at a time, forward and backward (never every head). Returns what was seen."""
@@ -319,12 +319,15 @@ def _streaming(rank, world):
     m = mesh()
     (q, k, v), g = _inputs(rank, 1, 4, 4, 16, 32)
     ring.exchange, ring.seq_to_heads = exchange, seq_to_heads
+    # 0: stream even these tiny blocks
+    stream_from, ring.STREAM_MIN_BYTES = ring.STREAM_MIN_BYTES, stream_from
     try:
         for strategy, layout in (("ring", "zigzag"), ("ulysses", "contiguous")):
             _grads(lambda *t: sharded_attention(*t, m, causal=True, layout=layout,
                                                 strategy=strategy), q, k, v, g)
     finally:
         ring.exchange, ring.seq_to_heads = real_exchange, real_a2a
+        ring.STREAM_MIN_BYTES = stream_from
     return sorted(set(sent)), a2a_heads
 
 
@@ -334,3 +337,6 @@ def test_backward_and_ulysses_stream_head_groups():
         assert sent == [(1, 1, 16, 32)], sent
         # ulysses: 2 head groups of 2 heads (1 per rank): 3 all-to-alls each forward, 5 backward
         assert a2a_heads == [2] * 16, a2a_heads
+    # K blocks under STREAM_MIN_BYTES: the Ulysses stage moves all heads at once (8 calls)
+    for _, a2a_heads in run_ranks(_streaming, 2, 1 << 20):
+        assert a2a_heads == [4] * 8, a2a_heads

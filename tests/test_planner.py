@@ -190,11 +190,14 @@ def test_head_groups_follow_the_ring_module():
     from seqshard.ops.attention import ring
 
     assert planner.HEAD_GROUPS == ring.HEAD_GROUPS
+    assert planner.STREAM_MIN_BYTES == ring.STREAM_MIN_BYTES
     for batch, kv_heads in ((1, 8), (1, 3), (2, 4), (1, 1), (3, 16)):
         got = planner._bwd_slices(batch, kv_heads)
         assert got == len(ring._head_slices(batch, kv_heads, ring.HEAD_GROUPS)), (batch, kv_heads)
     for kv_heads, u in ((8, 2), (8, 4), (12, 2), (6, 3), (4, 4)):
-        assert planner._a2a_groups(kv_heads, u) == ring._head_groups(kv_heads, u), (kv_heads, u)
+        for k_bytes in (ring.STREAM_MIN_BYTES - 1, ring.STREAM_MIN_BYTES, 64 << 20):
+            assert (planner._a2a_groups(kv_heads, u, k_bytes)
+                    == ring._head_groups(kv_heads, u, k_bytes)), (kv_heads, u, k_bytes)
 
 
 def test_noise_tie_comes_from_two_runs():

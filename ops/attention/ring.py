@@ -77,6 +77,10 @@ def _ring_fwd(q, k, v, plans, scale, group, timeout):
 # K/V heads are independent, so the memory-heavy stages -- the backward's remote blocks and
 # the Ulysses all-to-all -- stream about this many head groups, holding one group at a time.
 HEAD_GROUPS = 4
+# ... but the Ulysses stage only once a rank's K block is this large: below it the group's
+# extra all-to-alls cost more time than the memory they save (at N = 512 on 2 ranks, 4 head
+# groups made Ulysses 2.4x DeepSpeed's time; at 16K they are time-neutral)
+STREAM_MIN_BYTES = 4 << 20
 
 
 def _head_slices(batch: int, kv_heads: int, parts: int) -> list[tuple[int, int, int]]:
@@ -161,9 +165,13 @@ def _ring_bwd(do, q, k, v, out, lse, plans, scale, group, timeout):
 
 
 # --- the Ulysses stage: all-to-all to head shards around the loop, one head group at a time --
-def _head_groups(kv_heads: int, degree: int) -> int:
+def _head_groups(kv_heads: int, degree: int, k_bytes: int) -> int:
     """How many head groups stream through the Ulysses stage: the largest divisor of the
-    K/V heads each rank gets (kv_heads / degree) up to HEAD_GROUPS (whole GQA groups)."""
+    K/V heads each rank gets (kv_heads / degree) up to HEAD_GROUPS (whole GQA groups); one
+    while a rank's K block (k_bytes, the same before and after the all-to-all) is under
+    STREAM_MIN_BYTES."""
+    if k_bytes < STREAM_MIN_BYTES:
+        return 1
     per_rank = kv_heads // degree
     return max(d for d in range(1, min(per_rank, HEAD_GROUPS) + 1) if per_rank % d == 0)
 
@@ -210,7 +218,7 @@ class _RingAttention(torch.autograd.Function):
         if a2a is None:
             out, lse = _ring_fwd(q, k, v, plans, scale, group, timeout)
         else:
-            ctx.groups = _head_groups(k.shape[1], RingComm(a2a).size)
+            ctx.groups = _head_groups(k.shape[1], RingComm(a2a).size, k.numel() * k.element_size())
             out, lse = _ulysses_fwd(q, k, v, plans, scale, group, timeout, a2a, ctx.groups)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (plans, scale, group, timeout)
