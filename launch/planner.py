@@ -272,8 +272,9 @@ def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -
     attention: parallel on every rank) and the state chain (S -> P S + H chunk after chunk,
     and the outputs' Q S term: call-bound small products). "pass" runs the chains one rank
     after the other (forward, then backward the other way); "scan" runs them in parallel
-    after composing the shard's affine map (two more products per chunk, each way) and a
-    log2(P)-round scan of the maps (forward; backward scans A^T with the chain's gradient).
+    after composing the shard's affine map (middle ranks: two more products per chunk, each
+    way) and a log2(P)-round scan of the maps (forward; backward scans A^T with the chain's
+    gradient). At P = 2 no rank composes a map (sharded.py), so "scan" runs like "pass".
     """
     p = u * r
     b, h, dk, dv, c, e = s["batch"], s["heads"], s["dk"], s["dv"], s["chunk"], 4
@@ -297,14 +298,23 @@ def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -
                        steps_seq=2 * chunks * p)
     _check(impl == "scan", f"delta_rule impl={impl!r}: expected naive, chunk, pass or scan")
     rounds = math.ceil(math.log2(p))
-    # the map [A | B] through every chunk: two [C, Dk] x [Dk, Dk+Dv] products per chunk, in
-    # the forward only (backward reuses A and the chain's own gradient)
-    compose = 4.0 * b * h * n_local * dk * (dk + dv)
     pair_b = b * h * dk * (dk + dv) * e
+    if p == 2:
+        # sharded.py: rank 0 joins the scan after its chain (its map is a constant) and the
+        # last rank's map is never read, so nobody composes one: the chains run one after
+        # the other exactly as in "pass", with (zero) [A | B] pairs on the wire
+        _send(t, scan_sends(p) * pair_b, 2 * rounds, p, hw)
+        return replace(t, flops_par=free, steps=2 * chunks, flops_seq=chain * p,
+                       steps_seq=2 * chunks * p)
+    # a middle rank (the busiest) composes the map [A | B] through every chunk in forward: two
+    # [C, Dk] x [Dk, Dk+Dv] products per chunk; in backward it first runs the chain's gradient
+    # once with dS_end = 0 for its L (two [C, Dk] x [Dk, Dv] products per chunk)
+    compose = 4.0 * b * h * n_local * dk * (dk + dv)
+    own_grad = 4.0 * b * h * n_local * dk * dv
     _send(t, scan_sends(p) * pair_b, 2 * rounds, p, hw)
     t.mem_bytes += 2 * pair_b
-    return replace(t, flops_par=free + chain + compose,
-                   steps=2 * 2 * chunks + 2 * chunks + 2 * 2 * rounds)
+    return replace(t, flops_par=free + chain + compose + own_grad,
+                   steps=2 * 2 * chunks + 2 * chunks + 2 * chunks + 2 * 2 * rounds)
 
 
 def scan_sends(p: int) -> int:
