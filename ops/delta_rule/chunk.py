@@ -9,8 +9,8 @@ gamma_s) for s <= t, else 0.
     O = diag(exp(gamma)) Q S + (Q K^T * Gamma) Delta
     S' = exp(gamma_C) S + Kt^T Delta,  Kt[s] = exp(gamma_C - gamma_s) K[s]
 
-`prepare` does everything that is parallel over chunks, as batched products over all chunks
-of all heads. The only sequential part is the state chain S_j -> S_{j+1} (`chain_states`,
+`prepare_blocked` does everything that is parallel over chunks, as batched products over all
+chunks of all heads. The only sequential part is the state chain S_j -> S_{j+1} (`chain_states`,
 `chain_grads`). Forward keeps the inputs and one state per chunk start (N/C * Dk * Dv
 numbers), never per-token states or per-chunk transitions; backward recomputes the chunk
 math one block of chunks at a time and differentiates it by hand (`_chunk_grads`).
@@ -180,15 +180,6 @@ def _chunk_grads(sc: _Scores, k, v, b, s, after, do, aqk_do, scale: float):
     return d_qs.mul_(scale), dk, dv, db, dg
 
 
-def prepare(q, k, v, beta, gate, scale: float, C: int) -> Chunks:
-    """The chunk-parallel part: the UT transform and the intra-chunk scores (differentiable).
-    q, k [B, H, N, Dk], v [B, H, N, Dv], beta, gate [B, H, N] -> Chunks of nc = ceil(N / C)."""
-    B, H = q.shape[:2]
-    parts = [flat(to_chunks(t, C)) if t is not None else None for t in (q, k, v, beta, gate)]
-    ch, _ = _chunk_math(*parts, scale)
-    return Chunks(*(unflat(x, B, H) if x is not None else None for x in ch))
-
-
 def _heads_flat(ch: Chunks):
     """W, U, Kt as [nc, B*H, C, D] and the decay as [nc, B*H, 1, 1] (or None): 3-D batches,
     so each chain step is one fused baddbmm (small matmuls are dominated by call overhead)."""
@@ -297,8 +288,11 @@ def _flat_inputs(inputs, C: int):
 
 
 def prepare_blocked(inputs, scale: float, C: int) -> Chunks:
-    """`prepare` without autograd, block by block: the C x C temporaries of one block at a time
-    are live, only the per-chunk results of all blocks are kept (written in place)."""
+    """The chunk-parallel part (the UT transform and the intra-chunk scores; no autograd:
+    backward is by hand), block by block: the C x C temporaries of one block at a time are
+    live, only the per-chunk results of all blocks are kept (written in place).
+    inputs: q, k [B, H, N, Dk], v [B, H, N, Dv], beta, gate [B, H, N] -> Chunks of
+    nc = ceil(N / C)."""
     B, H = inputs[0].shape[:2]
     parts = _flat_inputs(inputs, C)  # [G, C, ...]
     q, k, v, _, gate = parts
