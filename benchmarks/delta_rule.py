@@ -26,10 +26,9 @@ import resource
 import time
 
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from seqshard.dist import free_port, local_rank_env
+from seqshard.dist import RankPool
 
 
 def keep_freed_memory() -> bool:
@@ -113,22 +112,18 @@ def chunk_vs_naive(cfg) -> dict:
 
 
 # --- 2 and 3: two ranks ---------------------------------------------------------------------
-def _rank_main(rank, world, port, cfg, results):
-    os.environ.update(local_rank_env(rank, world, port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    if cfg.tuned_malloc:
-        keep_freed_memory()
+def _rank_task(rank, world, cfg):
+    """Sections 2 and 3 on one rank of the pool (1 thread, group already joined)."""
     import warnings
 
     import torch.distributed as dist
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's collective renames
 
-    from seqshard.dist import Contiguous, Mesh, init_process_group
+    from seqshard.dist import Contiguous, Mesh
     from seqshard.ops.delta_rule import delta_rule
 
-    init_process_group("gloo", timeout_s=600)
-    mesh = Mesh.new(timeout_s=600)
+    mesh = Mesh.new(timeout_s=RANK_TIMEOUT_S)
 
     def slowest(times=None):
         if times is None:
@@ -155,23 +150,18 @@ def _rank_main(rank, world, port, cfg, results):
         dist.all_reduce(rss, op=dist.ReduceOp.MAX, group=mesh.group)
         out["sweep"].append((n, t, float(rss)))
         del mine, step
-    if rank == 0:
-        results.put(out)
-    dist.barrier(mesh.group)
-    dist.destroy_process_group()
+    return out
+
+
+RANK_TIMEOUT_S = 600  # the longest collective wait (a 1M-token step)
 
 
 def two_ranks(cfg) -> dict:
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, cfg, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    out = results.get()
-    for p in procs:
-        p.join()
-    return out
+    """Rank 0's results of sections 2 and 3 on a pool of 2 one-thread gloo ranks; a rank that
+    fails or stalls raises instead of leaving this process waiting."""
+    setup = keep_freed_memory if cfg.tuned_malloc else None
+    with RankPool(2, threads=1, timeout_s=RANK_TIMEOUT_S, setup=setup) as pool:
+        return pool.run(_rank_task, (cfg,), timeout_s=6 * 3600)[0]
 
 
 def single_process_baseline(cfg, threads: int) -> float:
