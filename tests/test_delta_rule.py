@@ -60,18 +60,23 @@ CHUNK_CASES = [  # B, H, N, Dk, Dv, chunk, gate, h0, neg
 ]
 
 
-@pytest.mark.parametrize("case", CHUNK_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_chunk_matches_naive(case):
-    B, H, N, Dk, Dv, C, gate, h0, neg = case
-    t = make_inputs(B, H, N, Dk, Dv, gate=gate, h0=h0, seed=7, neg=neg)
-    o_ref, s_ref, g_ref, wo, ws = reference(t, 7)
-    o, s = chunk_delta_rule(t["q"], t["k"], t["v"], t["beta"], gate=t.get("gate"),
-                            initial_state=t.get("initial_state"), chunk_size=C)
+def _assert_matches_naive(t: dict, o, s, seed: int) -> None:
+    """Output, final state and every input's gradient against the token recurrence."""
+    o_ref, s_ref, g_ref, wo, ws = reference(t, seed)
     assert_close("o", o_ref, o, TOL["o"])
     assert_close("final state", s_ref, s, TOL["state"])
     grads = torch.autograd.grad((o * wo).sum() + (s * ws).sum(), list(t.values()))
     for name, g in zip(t, grads):
         assert_close(f"d{name}", g_ref[name], g, TOL["grad"])
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_chunk_matches_naive(case):
+    B, H, N, Dk, Dv, C, gate, h0, neg = case
+    t = make_inputs(B, H, N, Dk, Dv, gate=gate, h0=h0, seed=7, neg=neg)
+    o, s = chunk_delta_rule(t["q"], t["k"], t["v"], t["beta"], gate=t.get("gate"),
+                            initial_state=t.get("initial_state"), chunk_size=C)
+    _assert_matches_naive(t, o, s, 7)
 
 
 def test_blocked_backward_matches_naive(monkeypatch):
@@ -95,14 +100,9 @@ def test_gradcheck_float64(gate):
 def test_default_chunk_size_matches_naive():
     """chunk_size=None: the per-device choice (32 on CPU), on a length it does not divide."""
     t = make_inputs(1, 2, 70, 16, 24, gate=True, h0=True, seed=11)
-    o_ref, s_ref, g_ref, wo, ws = reference(t, 11)
     o, s = delta_rule(**t, output_final_state=True)
     assert chunk.default_chunk_size(torch.device("cpu")) == 32
-    assert_close("o", o_ref, o, TOL["o"])
-    assert_close("final state", s_ref, s, TOL["state"])
-    grads = torch.autograd.grad((o * wo).sum() + (s * ws).sum(), list(t.values()))
-    for name, g in zip(t, grads):
-        assert_close(f"d{name}", g_ref[name], g, TOL["grad"])
+    _assert_matches_naive(t, o, s, 11)
 
 
 def test_nonfinite_check_fast_path():
