@@ -216,14 +216,3 @@ def cpu_seconds(measure: dict) -> float | None:
     import statistics
 
     return float(statistics.median(sum(rep) for rep in zip(*cpu)))
-
-
-def interference(measure: dict, cores: int) -> float | None:
-    """Share of the host's cores that other work used during the fastest repeat (None for
-    records without host_cpu_s): 0 = the run had the machine to itself."""
-    host, cpu = measure.get("host_cpu_s"), measure.get("cpu_times_s")
-    if not host or not cpu or not any(host):
-        return None
-    i = min(range(len(measure["times_s"])), key=measure["times_s"].__getitem__)
-    others = host[i] - sum(rank[i] for rank in cpu)
-    return max(0.0, others) / (measure["times_s"][i] * max(1, cores))
