@@ -27,6 +27,7 @@ from .trainer import Trainer
 
 __all__ = [
     "DeltaNetConfig", "FITConfig", "LMConfig", "RecallTask", "TrainConfig", "Trainer",
-    "TransformerConfig", "build_model", "chunked_lm_loss", "in_pieces", "make_config", "make_train_config", "model_class",
+    "TransformerConfig", "build_model", "chunked_lm_loss", "in_pieces", "make_config",
+    "make_train_config", "model_class",
     "next_token_targets", "random_batch", "recall_batch", "sharded_accuracy", "sharded_lm_loss",
 ]
