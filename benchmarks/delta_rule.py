@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from seqshard.dist import RankPool
+from seqshard.ops.delta_rule import fused_chain
 
 
 def keep_freed_memory() -> bool:
@@ -102,13 +103,21 @@ def chunk_vs_naive(cfg) -> dict:
         naive_f = best_time(lambda: naive_delta_rule(*ts), 1)
     chunk_fb = best_time(fwd_bwd(delta_rule, ts, chunk_size=cfg.chunk), 3)
     naive_fb = best_time(fwd_bwd(naive_delta_rule, ts), 1)
+    # the same kernel with the state chain as torch calls (the fused C chain switched off)
+    fused = fused_chain.enabled() and fused_chain._load(torch.float32) is not None
+    os.environ["SEQSHARD_FUSED_CHAIN"] = "0"
+    with torch.no_grad():
+        loop_f = best_time(lambda: delta_rule(*ts, chunk_size=cfg.chunk), 5)
+    loop_fb = best_time(fwd_bwd(delta_rule, ts, chunk_size=cfg.chunk), 3)
+    os.environ["SEQSHARD_FUSED_CHAIN"] = "1" if fused else "0"
     print(f"\n[1] chunked vs naive recurrence, one process, 1 thread, B={B} H={H} D={D} N={N} "
-          f"({load()})")
-    for what, naive, chunk in (("forward", naive_f, chunk_f),
-                               ("forward+backward", naive_fb, chunk_fb)):
+          f"({load()})\n    state chain: {'fused C' if fused else 'torch loop (no fused C chain)'}")
+    for what, naive, chunk, loop in (("forward", naive_f, chunk_f, loop_f),
+                                     ("forward+backward", naive_fb, chunk_fb, loop_fb)):
         for i, clock in enumerate(("wall", "CPU ")):
             print(f"    {what:16s} {clock}: naive {naive[i] * 1e3:8.1f} ms   chunked "
-                  f"{chunk[i] * 1e3:7.1f} ms   speed-up {naive[i] / chunk[i]:5.1f}x")
+                  f"{chunk[i] * 1e3:7.1f} ms   speed-up {naive[i] / chunk[i]:5.1f}x   "
+                  f"(torch-loop chain {loop[i] * 1e3:6.1f} ms: {naive[i] / loop[i]:5.1f}x)")
 
 
 # --- 2 and 3: two ranks ---------------------------------------------------------------------

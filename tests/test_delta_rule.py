@@ -4,6 +4,9 @@ bad input."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,6 +126,78 @@ def test_public_op_half_precision_runs_in_fp32():
     assert o.dtype == s.dtype == torch.bfloat16
     assert_close("o (bf16 inputs)", o_ref, o.float(), 3e-2)
     assert_close("state (bf16 inputs)", s_ref, s.float(), 3e-2)
+
+
+# --- the fused state chain (fused_chain.c) ----------------------------------------------------
+FUSED_CASES = [  # B, H, N, Dk, Dv, chunk, gate, dtype
+    (2, 3, 70, 48, 20, 16, True, torch.float32),  # Dv = one vector + a 4-column scalar tail
+    (1, 2, 96, 64, 64, 32, False, torch.float32),  # the benchmark's shape: 2-vector tiles
+    (1, 1, 13, 5, 3, 4, True, torch.float64),  # Dv below one vector: the scalar loop only
+    (1, 2, 50, 40, 36, 8, False, torch.float64),  # doubles: 2-vector tiles, then a tail of 4
+]
+
+
+def _needs_fused_chain(dtype):
+    from seqshard.ops.delta_rule import fused_chain
+
+    if shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler: the torch loop is the only chain here")
+    assert fused_chain._load(dtype) is not None, "a C compiler is here but the chain did not build"
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fused_chain_matches_torch_loop(case, monkeypatch):
+    """chain_states and chain_grads in C against chunk.py's torch loops (SEQSHARD_FUSED_CHAIN=0):
+    every chunk-start state, Delta, the final state, and backward with and without the kept
+    per-chunk gradients."""
+    B, H, N, Dk, Dv, C, gate, dtype = case
+    _needs_fused_chain(dtype)
+    t = make_inputs(B, H, N, Dk, Dv, gate=gate, h0=True, seed=21, dtype=dtype)
+    inputs = [t[n].detach() if n in t else None for n in ("q", "k", "v", "beta", "gate")]
+    ch = chunk.prepare_blocked(inputs, Dk ** -0.5, C)
+    gen = torch.Generator().manual_seed(22)
+    nc = ch.w.shape[0]
+    ds_states = torch.randn(nc, B, H, Dk, Dv, generator=gen, dtype=dtype)
+    ds_end = torch.randn(B, H, Dk, Dv, generator=gen, dtype=dtype)
+    s0 = t["initial_state"].detach()
+    results = {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv("SEQSHARD_FUSED_CHAIN", fused)
+        results[fused] = (*chunk.chain_states(s0, ch), *chunk.chain_grads(ch, ds_states, ds_end),
+                          chunk.chain_grads(ch, ds_states, ds_end, keep=False)[1])
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    names = ("states", "deltas", "final state", "dS after each chunk", "dS0", "dS0 (not kept)")
+    for name, ref, out in zip(names, results["0"], results["1"]):
+        assert_close(f"fused {name}", ref, out, tol)
+
+
+def test_fused_chain_strided_inputs_match_naive():
+    """Keys straight from a [B, N, H, D] projection (rows H*D apart) reach the C chain as Kt
+    without a copy; the op still matches the recurrence."""
+    _needs_fused_chain(torch.float32)
+    t = make_inputs(1, 3, 45, 16, 24, gate=False, h0=True, seed=23)
+    strided = {n: x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+               if x.dim() == 4 and n != "initial_state" else x for n, x in t.items()}
+    assert not strided["k"].is_contiguous()
+    o, s = chunk_delta_rule(strided["q"], strided["k"], strided["v"], strided["beta"],
+                            initial_state=strided["initial_state"], chunk_size=8)
+    _assert_matches_naive(strided, o, s, 23)
+
+
+def test_fused_chain_falls_back_when_it_cannot_build(monkeypatch, tmp_path):
+    """A compiler that fails: one warning, then the torch loop gives the same exact results."""
+    from seqshard.ops.delta_rule import fused_chain
+
+    monkeypatch.setattr(fused_chain, "_libs", {})
+    monkeypatch.setenv("SEQSHARD_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exists everywhere, always fails
+    t = make_inputs(1, 2, 37, 16, 24, gate=True, h0=True, seed=24)
+    with pytest.warns(RuntimeWarning, match="did not compile"):
+        o, s = chunk_delta_rule(t["q"], t["k"], t["v"], t["beta"], gate=t["gate"],
+                                initial_state=t["initial_state"], chunk_size=8)
+    assert fused_chain._libs == {torch.float32: None}
+    assert list(tmp_path.iterdir()) == []  # the failed build left nothing behind
+    _assert_matches_naive(t, o, s, 24)
 
 
 # --- sharded --------------------------------------------------------------------------------

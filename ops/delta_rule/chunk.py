@@ -11,7 +11,8 @@ gamma_s) for s <= t, else 0.
 
 `prepare_blocked` does everything that is parallel over chunks, as batched products over all
 chunks of all heads. The only sequential part is the state chain S_j -> S_{j+1} (`chain_states`,
-`chain_grads`). Forward keeps the inputs and one state per chunk start (N/C * Dk * Dv
+`chain_grads`: one C call on the CPU, fused_chain.py; their torch loops are the reference and
+run elsewhere). Forward keeps the inputs and one state per chunk start (N/C * Dk * Dv
 numbers), never per-token states or per-chunk transitions; backward recomputes the chunk
 math one block of chunks at a time and differentiates it by hand (`_chunk_grads`).
 
@@ -25,6 +26,8 @@ import itertools
 from typing import NamedTuple
 
 import torch
+
+from . import fused_chain
 
 
 class Chunks(NamedTuple):
@@ -188,6 +191,11 @@ def _heads_flat(ch: Chunks):
     return w, u, kt, decay
 
 
+def _decay_2d(decay: torch.Tensor | None) -> torch.Tensor | None:
+    """_heads_flat's decay [nc, B*H, 1, 1] as [nc, B*H]."""
+    return decay[..., 0, 0] if decay is not None else None
+
+
 def _each(x: torch.Tensor | None):
     """x's slices along dim 0, or an endless None for an absent decay."""
     return x.unbind(0) if x is not None else itertools.repeat(None)
@@ -206,6 +214,11 @@ def chain_states(s0: torch.Tensor, ch: Chunks):
     w, u, kt, decay = _heads_flat(ch)
     nc, BH = w.shape[:2]
     B, H = s0.shape[:2]
+    fused = fused_chain.chain_forward(s0.flatten(0, 1), w, u, kt, _decay_2d(decay))
+    if fused is not None:  # the same loop in C (CPU)
+        states, deltas = fused
+        return (states[:-1].view(nc, B, H, *s0.shape[2:]), deltas.view(nc, B, H, *u.shape[2:]),
+                states[-1].view(s0.shape))
     # chunk-major results [nc (+1), B*H, ...]: every step writes contiguous memory (out=), which
     # keeps the products batched; a strided out= falls back to one matmul per head plus copies
     states = s0.new_empty((nc + 1, BH) + s0.shape[2:])
@@ -242,6 +255,11 @@ def chain_grads(ch: Chunks, ds_states: torch.Tensor, ds_end: torch.Tensor, keep:
     Returns (gradient of the state after each chunk [nc, ...] or None, gradient of s0)."""
     w, _, kt, decay = _heads_flat(ch)
     after = _per_chunk(ds_end, w.shape[0]) if keep else None
+    g0 = fused_chain.chain_backward(ds_end.flatten(0, 1), w, kt, _decay_2d(decay),
+                                    ds_states.flatten(1, 2),
+                                    after.flatten(1, 2) if keep else None)
+    if g0 is not None:  # the same loop in C (CPU)
+        return after, g0.view(ds_end.shape)
     steps = list(zip(w.mT.unbind(0), kt.unbind(0), _each(decay), ds_states.flatten(1, 2).unbind(0),
                      after.flatten(1, 2).unbind(0) if keep else _each(None)))
     g = ds_end.flatten(0, 1)  # [B*H, Dk, Dv]

@@ -1,0 +1,132 @@
+/* The delta rule's sequential state chain on the CPU, one native call for all chunks of all
+ * heads (fused_chain.py compiles and loads it; chunk.py's torch loops are the reference).
+ *
+ * Per chunk the chain does two small products (C x Dk x Dv each). As separate torch calls
+ * they cost ~7 us of dispatch and copies apiece, more than their arithmetic; here the state
+ * of one head stays in cache from chunk to chunk and each product is a register-tiled loop.
+ *
+ * Compiled twice: -DREAL=float and -DREAL=double. Rows are strided, columns contiguous.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#ifndef REAL
+#define REAL float
+#endif
+
+typedef REAL vec __attribute__((vector_size(64))); /* 16 floats or 8 doubles */
+#define LANES ((int64_t)(sizeof(vec) / sizeof(REAL)))
+
+static inline vec load(const REAL *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(REAL *p, vec v) { memcpy(p, &v, sizeof v); }
+
+/* A matrix with contiguous columns: element (r, c) at p[r * ld + c]. */
+typedef struct { const REAL *p; int64_t ld; } mat;
+
+/* An operand of every chunk of every head: chunk j of head h starts at p + h*sh + j*sj and
+ * its rows are sr apart (torch strides, in elements). */
+typedef struct { REAL *p; int64_t sh, sj, sr; } chunks;
+
+static inline REAL *at(chunks x, int64_t h, int64_t j) { return x.p + h * x.sh + j * x.sj; }
+
+/* out = scale * init + add + sign * A B on the R x (W * LANES) tile at (m0, n0), where
+ * A (m, k) = a[m * ars + k * aks] (so A may be a transpose) and init / add may be absent
+ * (p == NULL). R <= 4 and W <= 2 are constants after inlining: the tile lives in registers. */
+static inline __attribute__((always_inline)) void tile(
+    const int R, const int W, int64_t m0, int64_t n0, int64_t K,
+    const REAL *a, int64_t ars, int64_t aks, mat b, REAL sign,
+    mat init, REAL scale, mat add, REAL *out, int64_t ldo)
+{
+    vec acc[4][2];
+    for (int r = 0; r < R; r++)
+        for (int w = 0; w < W; w++) {
+            int64_t col = n0 + w * LANES;
+            acc[r][w] = (vec){0};
+            if (init.p) acc[r][w] = scale * load(init.p + (m0 + r) * init.ld + col);
+            if (add.p) acc[r][w] += load(add.p + (m0 + r) * add.ld + col);
+        }
+    for (int64_t k = 0; k < K; k++) {
+        vec bk[2];
+        for (int w = 0; w < W; w++) bk[w] = load(b.p + k * b.ld + n0 + w * LANES);
+        for (int r = 0; r < R; r++) {
+            REAL ark = sign * a[(m0 + r) * ars + k * aks];
+            for (int w = 0; w < W; w++) acc[r][w] += ark * bk[w];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int w = 0; w < W; w++) store(out + (m0 + r) * ldo + n0 + w * LANES, acc[r][w]);
+}
+
+/* out [M, N] = scale * init + add + sign * A [M, K] B [K, N]: tiles of 4 rows x 2 vectors,
+ * then narrower ones, then a scalar loop over the last N % LANES columns. out may be init. */
+static void gemm(int64_t M, int64_t N, int64_t K, const REAL *a, int64_t ars, int64_t aks,
+                 mat b, REAL sign, mat init, REAL scale, mat add, REAL *out, int64_t ldo)
+{
+    int64_t n0 = 0, m0;
+    for (; n0 + 2 * LANES <= N; n0 += 2 * LANES) {
+        for (m0 = 0; m0 + 4 <= M; m0 += 4)
+            tile(4, 2, m0, n0, K, a, ars, aks, b, sign, init, scale, add, out, ldo);
+        for (; m0 < M; m0++)
+            tile(1, 2, m0, n0, K, a, ars, aks, b, sign, init, scale, add, out, ldo);
+    }
+    for (; n0 + LANES <= N; n0 += LANES) {
+        for (m0 = 0; m0 + 4 <= M; m0 += 4)
+            tile(4, 1, m0, n0, K, a, ars, aks, b, sign, init, scale, add, out, ldo);
+        for (; m0 < M; m0++)
+            tile(1, 1, m0, n0, K, a, ars, aks, b, sign, init, scale, add, out, ldo);
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < N; n++) {
+            REAL acc = 0;
+            if (init.p) acc = scale * init.p[m * init.ld + n];
+            if (add.p) acc += add.p[m * add.ld + n];
+            for (int64_t k = 0; k < K; k++) acc += sign * a[m * ars + k * aks] * b.p[k * b.ld + n];
+            out[m * ldo + n] = acc;
+        }
+}
+
+static const mat none = {NULL, 0};
+
+/* Forward: for each head, for j = 0 .. nc-1 (S_j = states[j] [Dk, Dv]):
+ *     Delta_j = U_j - W_j S_j,      S_{j+1} = decay_j S_j + Kt_j^T Delta_j
+ * w, kt [C, Dk] and u [C, Dv] per chunk; decay (sr unused) or decay.p == NULL.
+ * states [nc + 1, BH, Dk, Dv] with states[0] filled in; deltas [nc, BH, C, Dv]. */
+void chain_forward(int64_t BH, int64_t nc, int64_t C, int64_t Dk, int64_t Dv,
+                   chunks w, chunks u, chunks kt, chunks decay, REAL *states, REAL *deltas)
+{
+    for (int64_t h = 0; h < BH; h++)
+        for (int64_t j = 0; j < nc; j++) {
+            const REAL *s = states + (j * BH + h) * Dk * Dv;
+            REAL *s_next = states + ((j + 1) * BH + h) * Dk * Dv;
+            REAL *delta = deltas + (j * BH + h) * C * Dv;
+            REAL a = decay.p ? *at(decay, h, j) : 1;
+            gemm(C, Dv, Dk, at(w, h, j), w.sr, 1, (mat){s, Dv}, -1,
+                 (mat){at(u, h, j), u.sr}, 1, none, delta, Dv);
+            gemm(Dk, Dv, C, at(kt, h, j), 1, kt.sr, (mat){delta, Dv}, 1,
+                 (mat){s, Dv}, a, none, s_next, Dv);
+        }
+}
+
+/* Backward: g [BH, Dk, Dv] holds the gradient of the state after the last chunk and ends as
+ * that of the first chunk's state. For j = nc-1 .. 0:
+ *     after_j = g,   dDelta = Kt_j g,   g = decay_j g + ds_j - W_j^T dDelta
+ * ds: the outputs' pull on each chunk-start state; after.p == NULL: not kept.
+ * scratch: C * Dv elements. */
+void chain_backward(int64_t BH, int64_t nc, int64_t C, int64_t Dk, int64_t Dv,
+                    chunks w, chunks kt, chunks decay, chunks ds, chunks after,
+                    REAL *g, REAL *scratch)
+{
+    for (int64_t h = 0; h < BH; h++) {
+        REAL *gh = g + h * Dk * Dv;
+        for (int64_t j = nc - 1; j >= 0; j--) {
+            if (after.p)
+                for (int64_t i = 0; i < Dk; i++)
+                    memcpy(at(after, h, j) + i * after.sr, gh + i * Dv, Dv * sizeof(REAL));
+            REAL a = decay.p ? *at(decay, h, j) : 1;
+            gemm(C, Dv, Dk, at(kt, h, j), kt.sr, 1, (mat){gh, Dv}, 1, none, 0, none,
+                 scratch, Dv);
+            gemm(Dk, Dv, C, at(w, h, j), 1, w.sr, (mat){scratch, Dv}, -1, (mat){gh, Dv}, a,
+                 (mat){at(ds, h, j), ds.sr}, gh, Dv);
+        }
+    }
+}

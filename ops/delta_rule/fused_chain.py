@@ -1,0 +1,162 @@
+"""The state chain as one native call on the CPU (fused_chain.c), compiled on first use.
+
+The chain is the delta rule's only sequential part: per chunk, Delta = U - W S and
+S' = decay S + Kt^T Delta, two products of C x Dk x Dv. Issued from Python as torch calls
+they cost about 20 us per chunk at C = 32, Dk = Dv = 64 (dispatch, views, the copy baddbmm
+makes), more than their arithmetic; the C loop keeps each head's state in cache and does
+the same chain in less than half the time (README.md: measurements).
+
+`chain_forward` / `chain_backward` return None whenever the native path does not apply (not
+a CPU tensor, not fp32/fp64, no C compiler, or SEQSHARD_FUSED_CHAIN=0), and chunk.py then
+runs its torch loops, which stay the reference the tests hold this against.
+
+The library is built with the C compiler (`$CC`, else `cc`) at -O3 for this CPU and cached
+under `$SEQSHARD_CACHE` (default ~/.cache/seqshard), keyed by the source, the flags and the
+CPU, so a shared home directory never hands one machine another's build. Ranks that build at
+once each write their own file and rename it into place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_suffix(".c")
+FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second where -march=native is unknown
+_TYPES = {torch.float32: "float", torch.float64: "double"}
+_libs: dict[torch.dtype, ctypes.CDLL | None] = {}
+
+
+class _Chunks(ctypes.Structure):
+    """fused_chain.c's `chunks`: chunk j of head h at p + h*sh + j*sj, rows sr apart."""
+
+    _fields_ = [("p", ctypes.c_void_p), ("sh", ctypes.c_int64), ("sj", ctypes.c_int64),
+                ("sr", ctypes.c_int64)]
+
+
+_NONE = _Chunks(None, 0, 0, 0)
+
+
+def enabled() -> bool:
+    return os.environ.get("SEQSHARD_FUSED_CHAIN", "1") != "0"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the machine and the CPU's feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return platform.machine() + platform.processor() + flags
+
+
+def _build(real: str) -> Path | None:
+    """The compiled library for REAL = real, built if not cached; None if it cannot be."""
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        return None
+    cache = Path(os.environ.get("SEQSHARD_CACHE") or Path.home() / ".cache" / "seqshard")
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(
+            SOURCE.read_bytes() + repr((cc, flags, real, _cpu_id())).encode()).hexdigest()[:16]
+        lib = cache / f"fused_chain_{real}_{key}.so"
+        if lib.exists():
+            return lib
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        cmd = [cc, *flags, "-shared", "-fPIC", f"-DREAL={real}", str(SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(tmp, lib)  # atomic: a concurrent build of the same key is identical
+            return lib
+        os.unlink(tmp)
+        errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
+    warnings.warn("seqshard: the fused delta-rule chain did not compile, the torch loop runs "
+                  "instead (slower on the CPU): " + " | ".join(errors), RuntimeWarning)
+    return None
+
+
+def _load(dtype: torch.dtype) -> ctypes.CDLL | None:
+    if dtype not in _libs:
+        path = _build(_TYPES[dtype])
+        lib = ctypes.CDLL(str(path)) if path is not None else None
+        if lib is not None:
+            i64, ch, ptr = ctypes.c_int64, _Chunks, ctypes.c_void_p
+            lib.chain_forward.argtypes = [i64] * 5 + [ch] * 4 + [ptr] * 2
+            lib.chain_backward.argtypes = [i64] * 5 + [ch] * 5 + [ptr] * 2
+        _libs[dtype] = lib
+    return _libs[dtype]
+
+
+def _native(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
+    """The library for these tensors, or None where the native path does not apply."""
+    first = tensors[0]
+    if not enabled() or first.device.type != "cpu" or first.dtype not in _TYPES:
+        return None
+    if any(t is not None and (t.dtype != first.dtype or t.device != first.device)
+           for t in tensors):
+        return None
+    return _load(first.dtype)
+
+
+def _chunks(x: torch.Tensor | None) -> _Chunks:
+    """x [nc, BH, C, D] (contiguous D) or a decay [nc, BH] as the C struct."""
+    if x is None:
+        return _NONE
+    if x.dim() == 2:
+        return _Chunks(x.data_ptr(), x.stride(1), x.stride(0), 0)
+    assert x.stride(-1) == 1, "fused chain: the last dim must be contiguous"
+    return _Chunks(x.data_ptr(), x.stride(1), x.stride(0), x.stride(2))
+
+
+def _rows_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def chain_forward(s0, w, u, kt, decay):
+    """s0 [BH, Dk, Dv]; w, kt [nc, BH, C, Dk]; u [nc, BH, C, Dv]; decay [nc, BH] or None.
+    Returns (states [nc + 1, BH, Dk, Dv], deltas [nc, BH, C, Dv]), both contiguous, or None
+    where the native path does not apply."""
+    lib = _native(s0, w, u, kt, decay)
+    if lib is None:
+        return None
+    w, u, kt = (_rows_contiguous(x) for x in (w, u, kt))
+    nc, BH, C, Dk = w.shape
+    Dv = u.shape[-1]
+    states = s0.new_empty((nc + 1, BH, Dk, Dv))
+    deltas = u.new_empty((nc, BH, C, Dv))
+    states[0] = s0
+    lib.chain_forward(BH, nc, C, Dk, Dv, _chunks(w), _chunks(u), _chunks(kt), _chunks(decay),
+                      states.data_ptr(), deltas.data_ptr())
+    return states, deltas
+
+
+def chain_backward(ds_end, w, kt, decay, ds_states, after):
+    """ds_end [BH, Dk, Dv]; w, kt [nc, BH, C, Dk]; decay [nc, BH] or None; ds_states and
+    after (written, or None) [nc, BH, Dk, Dv]. Returns the gradient of the first chunk's
+    state [BH, Dk, Dv], or None where the native path does not apply."""
+    lib = _native(ds_end, w, kt, decay, ds_states, after)
+    if lib is None:
+        return None
+    w, kt, ds_states = (_rows_contiguous(x) for x in (w, kt, ds_states))
+    assert after is None or after.stride(-1) == 1
+    nc, BH, C, Dk = w.shape
+    Dv = ds_end.shape[-1]
+    g = ds_end.contiguous().clone()
+    scratch = g.new_empty(C * Dv)
+    lib.chain_backward(BH, nc, C, Dk, Dv, _chunks(w), _chunks(kt), _chunks(decay),
+                       _chunks(ds_states), _chunks(after), g.data_ptr(), scratch.data_ptr())
+    return g
