@@ -96,15 +96,27 @@ class _Scores(NamedTuple):
 _NO_OUT = Chunks(None, None, None, None, None, None)
 
 
-def _scores(q, k, b, g, scale: float, out: Chunks = _NO_OUT) -> _Scores:
+class _Kept(NamedTuple):
+    """The costly part of _Scores (two products and the solve), [G, C, C] each: backward's
+    pass 1 writes it for every chunk (3 C floats per token and head) and pass 2 reuses it."""
+
+    aqk: torch.Tensor | None
+    kkr: torch.Tensor | None
+    t0: torch.Tensor | None
+
+
+_NO_KEPT = _Kept(None, None, None)
+
+
+def _scores(q, k, b, g, scale: float, out: Chunks = _NO_OUT, store: _Kept = _NO_KEPT,
+            reuse: _Kept | None = None) -> _Scores:
     """The UT transform and the intra-chunk scores of G chunks (q, k [G, C, Dk], b, g [G, C]);
-    qg, aqk, kt, decay land in `out`'s buffers where it has them."""
+    qg, aqk, kt, decay land in `out`'s buffers where it has them, aqk, kkr, t0 in `store`'s.
+    reuse: aqk, kkr, t0 from an earlier call on the same chunks (skips their computation)."""
     C = q.shape[1]
-    kk = torch.bmm(k, k.mT)  # [G, C, C]
     if g is None:
         qs = qg = torch.mul(q, scale, out=out.qg)
-        aqk = torch.bmm(qs, k.mT, out=out.aqk).tril_()
-        kkr, kw, kt, ratio, e, ekt, decay = kk, k, k, None, None, None, None
+        kw, kt, ratio, e, ekt, decay = k, k, None, None, None, None
     else:
         gam = g.cumsum(-1)  # [G, C]
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # t >= s
@@ -113,47 +125,60 @@ def _scores(q, k, b, g, scale: float, out: Chunks = _NO_OUT) -> _Scores:
         e, ekt = gam.exp(), (gam[:, -1:] - gam).exp()
         qs = q * scale
         qg = torch.mul(qs, e[..., None], out=out.qg)
-        aqk = torch.mul(torch.bmm(qs, k.mT), ratio, out=out.aqk)
-        kkr = kk * ratio
         kw = k * e[..., None]
         kt = torch.mul(k, ekt[..., None], out=out.kt)
         decay = torch.exp(gam[:, -1], out=out.decay)
-    # unitriangular=True reads only the strict lower part of kkr * b: no tril, no identity
-    eye = torch.eye(C, dtype=q.dtype, device=q.device).expand(q.shape[0], C, C)
-    t0 = torch.linalg.solve_triangular(kkr * b[..., None], eye, upper=False, unitriangular=True)
+    if reuse is not None:
+        aqk, kkr, t0 = reuse
+    else:
+        aqk = out.aqk if out.aqk is not None else store.aqk
+        if g is None:
+            aqk = torch.bmm(qs, k.mT, out=aqk).tril_()
+            kkr = torch.bmm(k, k.mT, out=store.kkr)
+        else:
+            aqk = torch.mul(torch.bmm(qs, k.mT), ratio, out=aqk)
+            kkr = torch.mul(torch.bmm(k, k.mT), ratio, out=store.kkr)
+        # unitriangular=True reads only the strict lower part of kkr * b: no tril, no identity
+        eye = torch.eye(C, dtype=q.dtype, device=q.device).expand(q.shape[0], C, C)
+        t0 = torch.linalg.solve_triangular(kkr * b[..., None], eye, upper=False,
+                                           unitriangular=True, out=store.t0)
     t = t0 * b[:, None, :]
     return _Scores(qs, qg, aqk, kkr, t0, t, kw, kt, ratio, e, ekt, decay)
 
 
-def _chunk_math(q, k, v, b, g, scale: float, out: Chunks | None = None, with_u: bool = True):
+def _chunk_math(q, k, v, b, g, scale: float, out: Chunks | None = None, with_u: bool = True,
+                store: _Kept = _NO_KEPT):
     """The UT transform and the intra-chunk scores of G independent chunks, as 3-D batches.
 
     q, k [G, C, Dk], v [G, C, Dv], b, g (log-decay or None) [G, C]. Returns the Chunks fields
     as [G, ...] tensors (decay [G]) and the _Scores; with `out` (no autograd) the results land
-    in its buffers (a None field: allocate; kt is k itself without a gate). with_u=False
-    skips U = T V."""
+    in its buffers (a None field: allocate; kt is k itself without a gate), and aqk, kkr, t0
+    in `store`'s. with_u=False skips U = T V."""
     out = out or _NO_OUT
-    sc = _scores(q, k, b, g, scale, out)
+    sc = _scores(q, k, b, g, scale, out, store)
     w = torch.bmm(sc.t, sc.kw, out=out.w)
     u = torch.bmm(sc.t, v, out=out.u) if with_u else None
     return Chunks(sc.qg, sc.aqk, w, u, sc.kt, sc.decay), sc
 
 
-def _chunk_grads(sc: _Scores, k, v, b, s, after, do, aqk_do, scale: float):
-    """Gradients (dq, dk, dv, db, dg or None) of G chunks, by hand (see README.md, Backward).
+def _chunk_grads(sc: _Scores, k, v, b, s, after, do, aqk_do, scale: float, out):
+    """Gradients (dq, dk, dv, db, dg or None) of G chunks, by hand (see README.md, Backward),
+    written into `out` (five [G, ...] buffers; dg's is None without a gate).
 
     sc: the chunks' _Scores; k [G, C, Dk], v [G, C, Dv], b [G, C]; s: state at each chunk start
     and after: gradient of the state after each chunk, [G, Dk, Dv]; do: dO [G, C, Dv];
     aqk_do: Aqk^T dO (pass 1 has it). Products that add into one gradient are chained as
     baddbmm_ so that no separate add passes run."""
+    dq_out, dk_out, dv_out, db_out, dg_out = out
+    gated = sc.e is not None
     r = torch.baddbmm(v, sc.kw, s, alpha=-1)  # [G, C, Dv] R = V - Kw S, so Delta = T R
     delta = torch.bmm(sc.t, r)
     d_delta = torch.baddbmm(aqk_do, sc.kt, after)  # [G, C, Dv]
     d_aqk = torch.bmm(do, delta.mT)  # [G, C, C] (its upper part meets zeros below)
     d_t = torch.bmm(d_delta, r.mT)  # [G, C, C]
-    dv = torch.bmm(sc.t.mT, d_delta)  # dR
+    dv = torch.bmm(sc.t.mT, d_delta, out=dv_out)  # dR
     # T = T0 diag(b), T0 = M^-1 with M = I + strict_tril(diag(b) kkr): dM = -T0^T dT0 T0^T
-    db = (d_t * sc.t0).sum(-2)
+    db = torch.sum(d_t * sc.t0, -2, out=db_out)
     d_m = torch.bmm(sc.t0.mT, torch.bmm(d_t * b[:, None, :], sc.t0.mT)).tril_(-1).neg_()
     db += (d_m * sc.kkr).sum(-1)
     d_kkr = d_m * b[..., None]  # [G, C, C], strictly lower
@@ -162,25 +187,24 @@ def _chunk_grads(sc: _Scores, k, v, b, s, after, do, aqk_do, scale: float):
     else:
         d_kk, d_qk = d_kkr * sc.ratio, d_aqk * sc.ratio
     # qs: through qg = qs * e and through qk = qs k^T
-    d_qg = torch.bmm(do, s.mT)  # [G, C, Dk]
-    d_qs = (d_qg if sc.e is None else d_qg * sc.e[..., None]).baddbmm_(d_qk, k)
+    d_qg = torch.bmm(do, s.mT, out=None if gated else dq_out)  # [G, C, Dk]
+    d_qs = (torch.mul(d_qg, sc.e[..., None], out=dq_out) if gated else d_qg).baddbmm_(d_qk, k)
     # k: through kk = k k^T, qk, kw = k * e (dKw = -dR S^T) and kt = k * ekt (dKt = Delta G^T)
-    d_kw = torch.bmm(dv, s.mT).neg_()
+    d_kw = torch.bmm(dv, s.mT, out=None if gated else dk_out).neg_()
     d_kt = torch.bmm(delta, after.mT)
-    if sc.e is None:
-        dk = d_kw.add_(d_kt)
+    if gated:
+        dk = torch.addcmul(d_kw * sc.e[..., None], d_kt, sc.ekt[..., None], out=dk_out)
     else:
-        dk = torch.addcmul(d_kw * sc.e[..., None], d_kt, sc.ekt[..., None])
+        dk = d_kw.add_(d_kt)
     dk.baddbmm_(d_kk + d_kk.mT, k).baddbmm_(d_qk.mT, sc.qs)
-    dg = None
-    if sc.e is not None:  # the log-decay: every path through gam, then gam = cumsum(g)
+    if gated:  # the log-decay: every path through gam, then gam = cumsum(g)
         d_end = (d_kt * k).sum(-1) * sc.ekt  # kt = k exp(gam_C - gam)
         d_gam = ((d_qg * sc.qs).sum(-1) + (d_kw * k).sum(-1)) * sc.e - d_end
         d_gam[:, -1] += d_end.sum(-1) + (s * after).sum((-2, -1)) * sc.decay
         z = (d_kkr * sc.kkr).add_(d_aqk * sc.aqk)  # d ratio * ratio
         d_gam += z.sum(-1) - z.sum(-2)
-        dg = d_gam.flip(-1).cumsum(-1).flip(-1)
-    return d_qs.mul_(scale), dk, dv, db, dg
+        dg_out.copy_(d_gam.flip(-1).cumsum(-1).flip(-1))
+    d_qs.mul_(scale)
 
 
 def _heads_flat(ch: Chunks):
@@ -301,6 +325,10 @@ def _blocks(G: int, C: int) -> list[slice]:
     return [slice(a, min(a + step, G)) for a in range(0, G, step)]
 
 
+def _rows(x: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+    return x[sl] if x is not None else None
+
+
 def _flat_inputs(inputs, C: int):
     return [flat(to_chunks(t, C)) if t is not None else None for t in inputs]
 
@@ -320,8 +348,8 @@ def prepare_blocked(inputs, scale: float, C: int) -> Chunks:
                  q.new_empty(G, C, k.shape[-1]) if gate is not None else k,
                  q.new_empty(G) if gate is not None else None)
     for sl in _blocks(G, C):
-        _chunk_math(*(t[sl] if t is not None else None for t in parts), scale,
-                    out=Chunks(*(x[sl] if x is not None else None for x in out)))
+        _chunk_math(*(_rows(t, sl) for t in parts), scale,
+                    out=Chunks(*(_rows(x, sl) for x in out)))
     return Chunks(*(unflat(x, B, H) if x is not None else None for x in out))
 
 
@@ -350,8 +378,9 @@ def _bwd(inputs, states, do, ds_final, schedule, scale, C):
 
     Pass 1 computes what the state chain needs and runs the chain backward (so the
     incoming-state gradient leaves for the previous rank early); pass 2 computes every input's
-    gradient by hand, block by block. A shard that is one block keeps pass 1's scores for pass
-    2 instead of recomputing them (the same memory bound: one block's C x C temporaries)."""
+    gradient by hand, block by block. Pass 1 keeps the costly scores for pass 2 (_Kept: 3 C
+    floats per token and head; the rest is elementwise and recomputed), or all of them when
+    the shard is one block (then the bound on one block's temporaries covers them)."""
     B, H, N = inputs[0].shape[:3]
     parts, do_f = _flat_inputs(inputs, C), flat(to_chunks(do, C))
     q, k, v, beta, gate = parts
@@ -362,14 +391,17 @@ def _bwd(inputs, states, do, ds_final, schedule, scale, C):
     ds_f, w = flat(ds_states), q.new_empty(G, C, k.shape[-1])
     kt = q.new_empty(w.shape) if gate is not None else k
     decay = q.new_empty(G) if gate is not None else None
+    one_block = len(blocks) == 1
+    kept = _NO_KEPT if one_block else _Kept(*(q.new_empty(G, C, C) for _ in range(3)))
     for sl in blocks:
-        ch, sc = _chunk_math(*(t[sl] if t is not None else None for t in parts), scale,
-                             out=Chunks(None, None, w[sl], None, kt[sl] if gate is not None
-                                        else None, decay[sl] if gate is not None else None),
-                             with_u=False)
+        ch, sc = _chunk_math(*(_rows(t, sl) for t in parts), scale,
+                             out=Chunks(None, None, w[sl], None,
+                                        _rows(kt, sl) if gate is not None else None,
+                                        _rows(decay, sl)),
+                             with_u=False, store=_Kept(*(_rows(x, sl) for x in kept)))
         aqk_do = torch.bmm(ch.aqk.mT, do_f[sl])  # [g, C, Dv]
         torch.bmm(ch.qg.mT, do_f[sl], out=ds_f[sl]).baddbmm_(ch.w.mT, aqk_do, alpha=-1)
-    kept = (sc, aqk_do) if len(blocks) == 1 else None
+    whole = (sc, aqk_do) if one_block else None
     del ch, sc, aqk_do
     ch = Chunks(None, None, *(unflat(x, B, H) if x is not None else None
                               for x in (w, None, kt, decay)))
@@ -377,19 +409,18 @@ def _bwd(inputs, states, do, ds_final, schedule, scale, C):
     after, ds_in = chain_grads(ch, ds_states, ds_end)
     dh0 = schedule.grad_in(ds_in)
     del ch, w, kt, decay, ds_states, ds_f
-    # pass 2: every input's gradient
+    # pass 2: every input's gradient, written in place into each block's rows
     states_f, after_f = flat(states), flat(after)
-    if kept is not None:  # one block: its gradients are the whole gradients, no copies
-        d_parts = _chunk_grads(kept[0], k, v, beta, states_f, after_f, do_f, kept[1], scale)
-    else:
-        d_parts = [torch.empty_like(t) if t is not None else None for t in parts]
-        for sl in blocks:
-            sc = _scores(q[sl], k[sl], beta[sl], gate[sl] if gate is not None else None, scale)
-            grads = _chunk_grads(sc, k[sl], v[sl], beta[sl], states_f[sl], after_f[sl],
-                                 do_f[sl], torch.bmm(sc.aqk.mT, do_f[sl]), scale)
-            for d, g in zip(d_parts, grads):
-                if d is not None:
-                    d[sl] = g
+    d_parts = [torch.empty_like(t) if t is not None else None for t in parts]
+    for sl in blocks:
+        if whole is not None:
+            sc, aqk_do = whole
+        else:
+            sc = _scores(q[sl], k[sl], beta[sl], _rows(gate, sl), scale,
+                         reuse=_Kept(*(_rows(x, sl) for x in kept)))
+            aqk_do = torch.bmm(sc.aqk.mT, do_f[sl])
+        _chunk_grads(sc, k[sl], v[sl], beta[sl], states_f[sl], after_f[sl], do_f[sl], aqk_do,
+                     scale, out=[_rows(d, sl) for d in d_parts])
     return [from_chunks(unflat(d, B, H), N) if d is not None else None for d in d_parts], dh0
 
 
