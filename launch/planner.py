@@ -61,6 +61,9 @@ class Hardware:
     cores_by_world: dict = field(default_factory=dict)  # P -> cores the ranks of a P-rank run
                                  # really got (a calibration's measured condition, per window)
     overlap: bool = True         # ring traffic overlaps compute
+    fused_chain: bool = False    # the delta rule's state chain is one native call per pass
+                                 # (the CPU build of ops/delta_rule/fused_chain.c), not two
+                                 # kernel calls per chunk
     step_overhead: float = 20e-6
     call_overhead: float = 50e-6
     efficiency: dict = field(default_factory=lambda: {"attention": 0.45, "delta_rule": 0.25,
@@ -92,7 +95,7 @@ A100_NODE = Hardware(
 CPU_DEFAULT = Hardware(
     name="cpu", flops=25e9, memory_bytes=8e9, devices_per_node=1 << 30, intra_bw=2e9,
     intra_latency=50e-6, inter_bw=2e9, inter_latency=50e-6, dtype_bytes=4, mem_bw=5e9,
-    causal_tile=512, shared_cores=2,
+    causal_tile=512, shared_cores=2, fused_chain=True,
     overlap=False, step_overhead=1e-3, call_overhead=1e-3,
     efficiency={"attention": 1.0, "delta_rule": 1.0, "fit": 1.0},
     note="uncalibrated placeholder; run `seqshard bench` and calibrate from its records")
@@ -275,12 +278,15 @@ def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -
     after composing the shard's affine map (middle ranks: two more products per chunk, each
     way) and a log2(P)-round scan of the maps (forward; backward scans A^T with the chain's
     gradient). At P = 2 no rank composes a map (sharded.py), so "scan" runs like "pass".
+    The chains' flops are counted everywhere; their two kernel calls per chunk only where the
+    chain is not fused (hw.fused_chain: on the CPU it is one native call).
     """
     p = u * r
     b, h, dk, dv, c, e = s["batch"], s["heads"], s["dk"], s["dv"], s["chunk"], 4
     _check(n % p == 0, f"delta_rule: N={n} is not divisible by P={p}")
     n_local = n // p
     chunks = math.ceil(n_local / c)
+    links = 0 if hw.fused_chain else chunks  # chain steps issued as separate kernel calls
     free = 3.0 * b * h * n_local * (c * (6 * dk + 4 * dv) + c * c / 3)  # fwd + bwd (~2x fwd)
     chain = 3.0 * b * h * n_local * 6 * dk * dv
     state_b = b * h * dk * dv * e
@@ -290,12 +296,12 @@ def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -
         _check(p == 1, f"delta_rule naive runs on one process, got P={p}")
         return replace(t, flops_par=3.0 * b * h * n * 4 * dk * dv, steps=2 * n)
     if impl == "chunk" or p == 1:
-        return replace(t, flops_par=free + chain, steps=2 * 2 * chunks)
+        return replace(t, flops_par=free + chain, steps=2 * 2 * links)
     if impl == "pass":
         # a middle rank sends one state forward and one gradient back
         _send(t, min(2, p - 1) * state_b, 2 * (p - 1), p, hw)
-        return replace(t, flops_par=free, steps=2 * chunks, flops_seq=chain * p,
-                       steps_seq=2 * chunks * p)
+        return replace(t, flops_par=free, steps=2 * links, flops_seq=chain * p,
+                       steps_seq=2 * links * p)
     _check(impl == "scan", f"delta_rule impl={impl!r}: expected naive, chunk, pass or scan")
     rounds = math.ceil(math.log2(p))
     pair_b = b * h * dk * (dk + dv) * e
@@ -304,8 +310,8 @@ def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -
         # last rank's map is never read, so nobody composes one: the chains run one after
         # the other exactly as in "pass", with (zero) [A | B] pairs on the wire
         _send(t, scan_sends(p) * pair_b, 2 * rounds, p, hw)
-        return replace(t, flops_par=free, steps=2 * chunks, flops_seq=chain * p,
-                       steps_seq=2 * chunks * p)
+        return replace(t, flops_par=free, steps=2 * links, flops_seq=chain * p,
+                       steps_seq=2 * links * p)
     # a middle rank (the busiest) composes the map [A | B] through every chunk in forward: two
     # [C, Dk] x [Dk, Dk+Dv] products per chunk; in backward it first runs the chain's gradient
     # once with dS_end = 0 for its L (two [C, Dk] x [Dk, Dv] products per chunk)
@@ -314,7 +320,7 @@ def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -
     _send(t, scan_sends(p) * pair_b, 2 * rounds, p, hw)
     t.mem_bytes += 2 * pair_b
     return replace(t, flops_par=free + chain + compose + own_grad,
-                   steps=2 * 2 * chunks + 2 * chunks + 2 * chunks + 2 * 2 * rounds)
+                   steps=2 * 2 * links + 2 * chunks + 2 * links + 2 * 2 * rounds)
 
 
 def scan_sends(p: int) -> int:
