@@ -458,9 +458,10 @@ def default_chunk_size(device: torch.device) -> int:
     Per token the kernel does ~5 C*d multiply-adds in C x C products (the UT transform, the
     intra-chunk scores) and ~3 d^2 in the state products (chain and reads), and the chain
     takes N / C sequential steps. On an accelerator the steps' latency dominates: 64, as the
-    field's kernels use. On a CPU a step costs only a few microseconds of call overhead, so
-    the smaller C cuts the C*d work: 32 was the fastest for d = 64 (forward and backward,
-    README.md: measurements). The saved chunk-start states grow as N / C * Dk * Dv."""
+    field's kernels use. On a CPU the chain is one fused call (fused_chain.c), a step costs
+    only its arithmetic, so the smaller C cuts the C*d work: 32 was the fastest for d = 64
+    (forward and backward; 16 is slower, README.md). The saved chunk-start states grow as
+    N / C * Dk * Dv."""
     return 32 if device.type == "cpu" else 64
 
 
