@@ -147,9 +147,9 @@ def _needs_fused_chain(dtype):
 
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_fused_chain_matches_torch_loop(case, monkeypatch):
-    """chain_states and chain_grads in C against chunk.py's torch loops (SEQSHARD_FUSED_CHAIN=0):
-    every chunk-start state, Delta, the final state, and backward with and without the kept
-    per-chunk gradients."""
+    """chain_states, chain_grads and shard_map in C against chunk.py's torch loops
+    (SEQSHARD_FUSED_CHAIN=0): every chunk-start state, Delta, the final state, backward with
+    and without the kept per-chunk gradients, and the chunks' affine map [A | B]."""
     B, H, N, Dk, Dv, C, gate, dtype = case
     _needs_fused_chain(dtype)
     t = make_inputs(B, H, N, Dk, Dv, gate=gate, h0=True, seed=21, dtype=dtype)
@@ -164,9 +164,11 @@ def test_fused_chain_matches_torch_loop(case, monkeypatch):
     for fused in ("0", "1"):
         monkeypatch.setenv("SEQSHARD_FUSED_CHAIN", fused)
         results[fused] = (*chunk.chain_states(s0, ch), *chunk.chain_grads(ch, ds_states, ds_end),
-                          chunk.chain_grads(ch, ds_states, ds_end, keep=False)[1])
+                          chunk.chain_grads(ch, ds_states, ds_end, keep=False)[1],
+                          *chunk.shard_map(ch))
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    names = ("states", "deltas", "final state", "dS after each chunk", "dS0", "dS0 (not kept)")
+    names = ("states", "deltas", "final state", "dS after each chunk", "dS0", "dS0 (not kept)",
+             "map A", "map B")
     for name, ref, out in zip(names, results["0"], results["1"]):
         assert_close(f"fused {name}", ref, out, tol)
 

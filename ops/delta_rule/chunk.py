@@ -262,13 +262,22 @@ def shard_map(ch: Chunks) -> tuple[torch.Tensor, torch.Tensor]:
     (only the running pair is live). Returns A [B, H, Dk, Dk], Bm [B, H, Dk, Dv]."""
     w, u, kt, decay = _heads_flat(ch)
     nc, BH, _, Dk = w.shape
+    m = fused_chain.chain_map(w, u, kt, _decay_2d(decay))
+    if m is not None:  # the same loop in C (CPU)
+        m = m.view(ch.w.shape[1:3] + m.shape[1:])
+        return m[..., :Dk], m[..., Dk:]
     # one running matrix [A | Bm]: the A columns see no U (homogeneous part)
     m = torch.cat([torch.eye(Dk, dtype=w.dtype, device=w.device).expand(BH, Dk, Dk),
                    u.new_zeros(BH, Dk, u.shape[-1])], dim=-1)
+    tiny = torch.finfo(m.dtype).tiny
     for j in range(nc):
         delta = torch.bmm(w[j], m).neg_()  # [B*H, C, Dk + Dv]
         delta[..., Dk:] += u[j]
         m = torch.baddbmm(m if decay is None else m * decay[j], kt[j].mT, delta)
+        if j % 16 == 15:
+            # A is a product of contractions: its entries sink to subnormals, whose arithmetic
+            # is ~30x slower on CPUs. Flush them to zero (fused_chain.c does it in hardware).
+            m.mul_(m.abs() >= tiny)
     m = m.view(ch.w.shape[1:3] + m.shape[1:])
     return m[..., :Dk], m[..., Dk:]
 

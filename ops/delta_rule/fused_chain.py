@@ -6,9 +6,11 @@ they cost about 20 us per chunk at C = 32, Dk = Dv = 64 (dispatch, views, the co
 makes), more than their arithmetic; the C loop keeps each head's state in cache and does
 the same chain in less than half the time (README.md: measurements).
 
-`chain_forward` / `chain_backward` return None whenever the native path does not apply (not
-a CPU tensor, not fp32/fp64, no C compiler, or SEQSHARD_FUSED_CHAIN=0), and chunk.py then
-runs its torch loops, which stay the reference the tests hold this against.
+`chain_forward` (chunk.chain_states), `chain_backward` (chunk.chain_grads) and `chain_map`
+(chunk.shard_map: a middle rank's map for the "scan" schedule) return None whenever the
+native path does not apply (not a CPU tensor, not fp32/fp64, no C compiler, or
+SEQSHARD_FUSED_CHAIN=0), and chunk.py then runs its torch loops, which stay the reference
+the tests hold this against.
 
 The library is built with the C compiler (`$CC`, else `cc`) at -O3 for this CPU and cached
 under `$SEQSHARD_CACHE` (default ~/.cache/seqshard), keyed by the source, the flags and the
@@ -97,6 +99,7 @@ def _load(dtype: torch.dtype) -> ctypes.CDLL | None:
             i64, ch, ptr = ctypes.c_int64, _Chunks, ctypes.c_void_p
             lib.chain_forward.argtypes = [i64] * 5 + [ch] * 4 + [ptr] * 2
             lib.chain_backward.argtypes = [i64] * 5 + [ch] * 5 + [ptr] * 2
+            lib.chain_map.argtypes = [i64] * 5 + [ch] * 4 + [ptr] * 2
         _libs[dtype] = lib
     return _libs[dtype]
 
@@ -160,3 +163,21 @@ def chain_backward(ds_end, w, kt, decay, ds_states, after):
     lib.chain_backward(BH, nc, C, Dk, Dv, _chunks(w), _chunks(kt), _chunks(decay),
                        _chunks(ds_states), _chunks(after), g.data_ptr(), scratch.data_ptr())
     return g
+
+
+def chain_map(w, u, kt, decay):
+    """The map S -> A S + B of all chunks together: w, kt [nc, BH, C, Dk]; u [nc, BH, C, Dv];
+    decay [nc, BH] or None. Returns [A | B] [BH, Dk, Dk + Dv], or None where the native path
+    does not apply."""
+    lib = _native(w, u, kt, decay)
+    if lib is None:
+        return None
+    w, u, kt = (_rows_contiguous(x) for x in (w, u, kt))
+    nc, BH, C, Dk = w.shape
+    Dv = u.shape[-1]
+    m = torch.cat([torch.eye(Dk, dtype=w.dtype).expand(BH, Dk, Dk), w.new_zeros(BH, Dk, Dv)],
+                  dim=-1)  # [BH, Dk, Dk + Dv], contiguous
+    scratch = w.new_empty(C * (Dk + Dv))
+    lib.chain_map(BH, nc, C, Dk, Dv, _chunks(w), _chunks(u), _chunks(kt), _chunks(decay),
+                  m.data_ptr(), scratch.data_ptr())
+    return m
