@@ -268,6 +268,12 @@ def attention_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) ->
     return t
 
 
+# A fused chain's flop rate over the delta-rule family's (which the suite fits to the whole
+# kernel's counted flops), measured on this CPU at 8K tokens, B=1 H=2 D=64: the forward chain
+# does 0.27 GFLOP in 2.7 ms (100 GFLOP/s), the kernel ~18 GFLOP/s of counted flops.
+FUSED_CHAIN_SPEEDUP = 5.0
+
+
 def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -> Terms:
     """chunk (one process), pass (state handed rank to rank), scan (log2 P prefix scan).
 
@@ -278,8 +284,10 @@ def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -
     after composing the shard's affine map (middle ranks: two more products per chunk, each
     way) and a log2(P)-round scan of the maps (forward; backward scans A^T with the chain's
     gradient). At P = 2 no rank composes a map (sharded.py), so "scan" runs like "pass".
-    The chains' flops are counted everywhere; their two kernel calls per chunk only where the
-    chain is not fused (hw.fused_chain: on the CPU it is one native call).
+    Where the chains are fused (hw.fused_chain: one native call on the CPU) they make no
+    kernel calls per chunk and their flops count at FUSED_CHAIN_SPEEDUP times the family's
+    rate. (A fitted rate of their own cannot be told apart from the family's: the chain's
+    flops grow with N like the rest.)
     """
     p = u * r
     b, h, dk, dv, c, e = s["batch"], s["heads"], s["dk"], s["dv"], s["chunk"], 4
@@ -287,8 +295,9 @@ def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -
     n_local = n // p
     chunks = math.ceil(n_local / c)
     links = 0 if hw.fused_chain else chunks  # chain steps issued as separate kernel calls
+    speed = FUSED_CHAIN_SPEEDUP if hw.fused_chain else 1.0  # chain flops per family flop
     free = 3.0 * b * h * n_local * (c * (6 * dk + 4 * dv) + c * c / 3)  # fwd + bwd (~2x fwd)
-    chain = 3.0 * b * h * n_local * 6 * dk * dv
+    chain = 3.0 * b * h * n_local * 6 * dk * dv / speed
     state_b = b * h * dk * dv * e
     inputs = b * h * n_local * (2 * dk + dv + 1) * e
     t = Terms(mem_bytes=2 * inputs + b * h * n_local * dv * e + chunks * state_b)
@@ -300,7 +309,8 @@ def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -
     if impl == "pass":
         # a middle rank sends one state forward and one gradient back
         _send(t, min(2, p - 1) * state_b, 2 * (p - 1), p, hw)
-        return _serial_chains(t, free, chain, links, p, hw)
+        return replace(t, flops_par=free, steps=2 * links, flops_seq=chain * p,
+                       steps_seq=2 * links * p)
     _check(impl == "scan", f"delta_rule impl={impl!r}: expected naive, chunk, pass or scan")
     rounds = math.ceil(math.log2(p))
     pair_b = b * h * dk * (dk + dv) * e
@@ -309,39 +319,17 @@ def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -
         # last rank's map is never read, so nobody composes one: the chains run one after
         # the other exactly as in "pass", with (zero) [A | B] pairs on the wire
         _send(t, scan_sends(p) * pair_b, 2 * rounds, p, hw)
-        return _serial_chains(t, free, chain, links, p, hw)
+        return replace(t, flops_par=free, steps=2 * links, flops_seq=chain * p,
+                       steps_seq=2 * links * p)
     # a middle rank (the busiest) composes the map [A | B] through every chunk in forward: two
     # [C, Dk] x [Dk, Dk+Dv] products per chunk; in backward it first runs the chain's gradient
     # once with dS_end = 0 for its L (two [C, Dk] x [Dk, Dv] products per chunk)
-    compose = 4.0 * b * h * n_local * dk * (dk + dv)
-    own_grad = 4.0 * b * h * n_local * dk * dv
+    compose = 4.0 * b * h * n_local * dk * (dk + dv) / speed
+    own_grad = 4.0 * b * h * n_local * dk * dv / speed
     _send(t, scan_sends(p) * pair_b, 2 * rounds, p, hw)
     t.mem_bytes += 2 * pair_b
     return replace(t, flops_par=free + chain + compose + own_grad,
-                   steps=2 * 2 * links + 2 * chunks + 2 * links + 2 * 2 * rounds)
-
-
-# The fused chain's flop rate over the delta-rule kernel's average on this CPU: 8K tokens,
-# B=1 H=2 D=64, the forward chain does 0.27 GFLOP in 2.7 ms (100 GFLOP/s) while the whole
-# chunked forward+backward runs at ~18 GFLOP/s of counted flops (the suite's fitted rate).
-FUSED_CHAIN_SPEEDUP = 5.0
-
-
-def _serial_chains(t: Terms, free: float, chain: float, links: int, p: int,
-                   hw: Hardware) -> Terms:
-    """Chains that run one rank after the other ("pass", and "scan" at P = 2).
-
-    As torch calls the chain is slow (two small kernel calls per chunk): the ranks wait for
-    each other's, so all p chains sit on the critical path. Fused (hw.fused_chain), it runs
-    FUSED_CHAIN_SPEEDUP times faster per flop than the rest of the kernel, so each rank's own
-    chain counts as its work at the family's rate and the p - 1 chains it waits for count
-    at that speed-up. (A fitted rate of its own cannot be told apart from the family's: its
-    flops grow with N like the rest.)"""
-    if hw.fused_chain:
-        return replace(t, flops_par=free + chain,
-                       flops_seq=chain * (p - 1) / FUSED_CHAIN_SPEEDUP)
-    return replace(t, flops_par=free, steps=2 * links, flops_seq=chain * p,
-                   steps_seq=2 * links * p)
+                   steps=2 * 2 * links + 2 * links + 2 * links + 2 * 2 * rounds)
 
 
 def scan_sends(p: int) -> int:
