@@ -81,9 +81,9 @@ the kernel calls of the busiest rank's plan (ring P+2 blocks, all-gather 2P+1 on
 hybrid 2u^2 r - (u-1)(u-2) blocks per step set, times the backward's head groups), the fp32
 memory passes of LSE merges, gradient sums and all-to-all packing, bytes by point-to-point /
 all-to-all and by all-gather / reduce-scatter (gloo's are slower per byte: measured 2-4x),
-messages, and the delta rule's serial chain for "pass". On the CPU that chain is one fused C
-call (no kernel calls per chunk): each rank's own chain counts as its work at the family's
-rate, the chains it waits for at the fused kernel's measured speed (5x per flop). Calibration fits the work from every
+messages, and the delta rule's serial chain for "pass". On the CPU the chains are one fused C
+call (no kernel calls per chunk), and their flops count at that kernel's measured speed (5x
+the family rate per flop). Calibration fits the work from every
 rank's CPU time (other work on the host hardly moves it) and only latency and the cores the
 ranks got from wall time. The tie margin of the ranking check comes from two runs of the
 same points (table below).
