@@ -194,12 +194,26 @@ def test_fused_chain_falls_back_when_it_cannot_build(monkeypatch, tmp_path):
     monkeypatch.setenv("SEQSHARD_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # exists everywhere, always fails
     t = make_inputs(1, 2, 37, 16, 24, gate=True, h0=True, seed=24)
-    with pytest.warns(RuntimeWarning, match="did not compile"):
+    with pytest.warns(RuntimeWarning, match="did not build"):
         o, s = chunk_delta_rule(t["q"], t["k"], t["v"], t["beta"], gate=t["gate"],
                                 initial_state=t["initial_state"], chunk_size=8)
     assert fused_chain._libs == {torch.float32: None}
     assert list(tmp_path.iterdir()) == []  # the failed build left nothing behind
     _assert_matches_naive(t, o, s, 24)
+
+
+def test_fused_chain_falls_back_when_its_cache_is_unwritable(monkeypatch, tmp_path):
+    """A cache path that cannot be a folder (it lies under a file): a warning, not a crash."""
+    from seqshard.ops.delta_rule import fused_chain
+
+    _needs_fused_chain(torch.float32)
+    monkeypatch.setattr(fused_chain, "_libs", {})
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SEQSHARD_CACHE", str(tmp_path / "file" / "cache"))
+    t = make_inputs(1, 1, 20, 8, 8, gate=False, h0=False, seed=25)
+    with pytest.warns(RuntimeWarning, match="did not build"):
+        o, s = chunk_delta_rule(t["q"], t["k"], t["v"], t["beta"], chunk_size=8)
+    _assert_matches_naive(t, o, s, 25)
 
 
 # --- sharded --------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def _cpu_id() -> str:
 
 
 def _build(real: str) -> Path | None:
-    """The compiled library for REAL = real, built if not cached; None if it cannot be."""
+    """The compiled library for REAL = real, built if not cached; None if it cannot be (no
+    compiler: silently; a failed build or an unwritable cache: with one warning)."""
     cc = os.environ.get("CC") or "cc"
     if shutil.which(cc) is None:
         return None
@@ -76,25 +77,46 @@ def _build(real: str) -> Path | None:
         lib = cache / f"fused_chain_{real}_{key}.so"
         if lib.exists():
             return lib
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        cmd = [cc, *flags, "-shared", "-fPIC", f"-DREAL={real}", str(SOURCE), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            os.replace(tmp, lib)  # atomic: a concurrent build of the same key is identical
+        cmd = [cc, *flags, "-shared", "-fPIC", f"-DREAL={real}", str(SOURCE), "-o"]
+        try:
+            error = _compile(cmd, lib)
+        except (OSError, subprocess.SubprocessError) as e:  # unwritable cache, compiler hung
+            error = f"{type(e).__name__}: {e}"
+        if error is None:
             return lib
-        os.unlink(tmp)
-        errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
-    warnings.warn("seqshard: the fused delta-rule chain did not compile, the torch loop runs "
+        errors.append(f"{' '.join(cmd)} {lib}: {error}")
+    warnings.warn("seqshard: the fused delta-rule chain did not build, the torch loop runs "
                   "instead (slower on the CPU): " + " | ".join(errors), RuntimeWarning)
     return None
+
+
+def _compile(cmd: list[str], lib: Path) -> str | None:
+    """Compile into a temporary file beside `lib`, then rename it into place (atomic: a
+    concurrent build of the same key is identical). Returns the compiler's error or None."""
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(cmd + [tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            return done.stderr.strip()[-500:]
+        os.replace(tmp, lib)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _load(dtype: torch.dtype) -> ctypes.CDLL | None:
     if dtype not in _libs:
         path = _build(_TYPES[dtype])
-        lib = ctypes.CDLL(str(path)) if path is not None else None
+        lib = None
+        if path is not None:
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as e:  # e.g. a cache on a noexec mount
+                warnings.warn(f"seqshard: could not load {path} ({e}); the torch loop runs "
+                              "instead", RuntimeWarning)
         if lib is not None:
             i64, ch, ptr = ctypes.c_int64, _Chunks, ctypes.c_void_p
             lib.chain_forward.argtypes = [i64] * 5 + [ch] * 4 + [ptr] * 2
