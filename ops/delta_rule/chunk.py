@@ -11,8 +11,8 @@ gamma_s) for s <= t, else 0.
 
 `prepare_blocked` does everything that is parallel over chunks, as batched products over all
 chunks of all heads. The only sequential part is the state chain S_j -> S_{j+1} (`chain_states`,
-`chain_grads`: one C call on the CPU, fused_chain.py; their torch loops are the reference and
-run elsewhere). Forward keeps the inputs and one state per chunk start (N/C * Dk * Dv
+`chain_grads`, and `shard_map` for a sharded schedule: one C call each on the CPU,
+fused_chain.py; their torch loops are the reference and run elsewhere). Forward keeps the inputs and one state per chunk start (N/C * Dk * Dv
 numbers), never per-token states or per-chunk transitions; backward recomputes the chunk
 math one block of chunks at a time and differentiates it by hand (`_chunk_grads`).
 
