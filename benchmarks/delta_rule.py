@@ -104,12 +104,15 @@ def chunk_vs_naive(cfg) -> dict:
     chunk_fb = best_time(fwd_bwd(delta_rule, ts, chunk_size=cfg.chunk), 3)
     naive_fb = best_time(fwd_bwd(naive_delta_rule, ts), 1)
     # the same kernel with the state chain as torch calls (the fused C chain switched off)
-    fused = fused_chain.enabled() and fused_chain._load(torch.float32) is not None
+    fused, setting = fused_chain.available(), os.environ.get("SEQSHARD_FUSED_CHAIN")
     os.environ["SEQSHARD_FUSED_CHAIN"] = "0"
     with torch.no_grad():
         loop_f = best_time(lambda: delta_rule(*ts, chunk_size=cfg.chunk), 5)
     loop_fb = best_time(fwd_bwd(delta_rule, ts, chunk_size=cfg.chunk), 3)
-    os.environ["SEQSHARD_FUSED_CHAIN"] = "1" if fused else "0"
+    if setting is None:
+        del os.environ["SEQSHARD_FUSED_CHAIN"]
+    else:
+        os.environ["SEQSHARD_FUSED_CHAIN"] = setting
     print(f"\n[1] chunked vs naive recurrence, one process, 1 thread, B={B} H={H} D={D} N={N} "
           f"({load()})\n    state chain: {'fused C' if fused else 'torch loop (no fused C chain)'}")
     for what, naive, chunk, loop in (("forward", naive_f, chunk_f, loop_f),

@@ -12,9 +12,10 @@ gamma_s) for s <= t, else 0.
 `prepare_blocked` does everything that is parallel over chunks, as batched products over all
 chunks of all heads. The only sequential part is the state chain S_j -> S_{j+1} (`chain_states`,
 `chain_grads`, and `shard_map` for a sharded schedule: one C call each on the CPU,
-fused_chain.py; their torch loops are the reference and run elsewhere). Forward keeps the inputs and one state per chunk start (N/C * Dk * Dv
-numbers), never per-token states or per-chunk transitions; backward recomputes the chunk
-math one block of chunks at a time and differentiates it by hand (`_chunk_grads`).
+fused_chain.py; their torch loops are the reference and run elsewhere). Forward keeps the
+inputs and one state per chunk start (N/C * Dk * Dv numbers), never per-token states or
+per-chunk transitions; backward recomputes the chunk math one block of chunks at a time and
+differentiates it by hand (`_chunk_grads`).
 
 A *schedule* decides where the first chunk's state comes from and where the last one goes:
 `LocalSchedule` here (one process), the sharded ones in sharded.py. Same Function for all.
@@ -238,21 +239,17 @@ def chain_states(s0: torch.Tensor, ch: Chunks):
     w, u, kt, decay = _heads_flat(ch)
     nc, BH = w.shape[:2]
     B, H = s0.shape[:2]
-    fused = fused_chain.chain_forward(s0.flatten(0, 1), w, u, kt, _decay_2d(decay))
-    if fused is not None:  # the same loop in C (CPU)
-        states, deltas = fused
-        return (states[:-1].view(nc, B, H, *s0.shape[2:]), deltas.view(nc, B, H, *u.shape[2:]),
-                states[-1].view(s0.shape))
     # chunk-major results [nc (+1), B*H, ...]: every step writes contiguous memory (out=), which
     # keeps the products batched; a strided out= falls back to one matmul per head plus copies
     states = s0.new_empty((nc + 1, BH) + s0.shape[2:])
     deltas = u.new_empty(u.shape)
     states[0] = s0.flatten(0, 1)
-    steps = zip(w.unbind(0), u.unbind(0), kt.mT.unbind(0), _each(decay), states.unbind(0),
-                states[1:].unbind(0), deltas.unbind(0))
-    for w_j, u_j, kt_t, decay_j, s, s_next, delta_j in steps:
-        delta = torch.baddbmm(u_j, w_j, s, alpha=-1, out=delta_j)  # U - W S
-        torch.baddbmm(s if decay_j is None else s * decay_j, kt_t, delta, out=s_next)
+    if not fused_chain.chain_forward(states, deltas, w, u, kt, _decay_2d(decay)):
+        steps = zip(w.unbind(0), u.unbind(0), kt.mT.unbind(0), _each(decay), states.unbind(0),
+                    states[1:].unbind(0), deltas.unbind(0))
+        for w_j, u_j, kt_t, decay_j, s, s_next, delta_j in steps:
+            delta = torch.baddbmm(u_j, w_j, s, alpha=-1, out=delta_j)  # U - W S
+            torch.baddbmm(s if decay_j is None else s * decay_j, kt_t, delta, out=s_next)
     return (states[:-1].view(nc, B, H, *s0.shape[2:]), deltas.view(nc, B, H, *u.shape[2:]),
             states[-1].view(s0.shape))
 
@@ -262,22 +259,20 @@ def shard_map(ch: Chunks) -> tuple[torch.Tensor, torch.Tensor]:
     (only the running pair is live). Returns A [B, H, Dk, Dk], Bm [B, H, Dk, Dv]."""
     w, u, kt, decay = _heads_flat(ch)
     nc, BH, _, Dk = w.shape
-    m = fused_chain.chain_map(w, u, kt, _decay_2d(decay))
-    if m is not None:  # the same loop in C (CPU)
-        m = m.view(ch.w.shape[1:3] + m.shape[1:])
-        return m[..., :Dk], m[..., Dk:]
     # one running matrix [A | Bm]: the A columns see no U (homogeneous part)
     m = torch.cat([torch.eye(Dk, dtype=w.dtype, device=w.device).expand(BH, Dk, Dk),
                    u.new_zeros(BH, Dk, u.shape[-1])], dim=-1)
-    tiny = torch.finfo(m.dtype).tiny
-    for j in range(nc):
-        delta = torch.bmm(w[j], m).neg_()  # [B*H, C, Dk + Dv]
-        delta[..., Dk:] += u[j]
-        m = torch.baddbmm(m if decay is None else m * decay[j], kt[j].mT, delta)
-        if j % 16 == 15:
-            # A is a product of contractions: its entries sink to subnormals, whose arithmetic
-            # is ~30x slower on CPUs. Flush them to zero (fused_chain.c does it in hardware).
-            m.mul_(m.abs() >= tiny)
+    if not fused_chain.chain_map(m, w, u, kt, _decay_2d(decay)):
+        tiny = torch.finfo(m.dtype).tiny
+        for j in range(nc):
+            delta = torch.bmm(w[j], m).neg_()  # [B*H, C, Dk + Dv]
+            delta[..., Dk:] += u[j]
+            m = torch.baddbmm(m if decay is None else m * decay[j], kt[j].mT, delta)
+            if j % 16 == 15:
+                # A is a product of contractions: its entries sink to subnormals, whose
+                # arithmetic is ~30x slower on CPUs. Flush them to zero (fused_chain.c does it
+                # in hardware).
+                m.mul_(m.abs() >= tiny)
     m = m.view(ch.w.shape[1:3] + m.shape[1:])
     return m[..., :Dk], m[..., Dk:]
 
@@ -288,19 +283,18 @@ def chain_grads(ch: Chunks, ds_states: torch.Tensor, ds_end: torch.Tensor, keep:
     Returns (gradient of the state after each chunk [nc, ...] or None, gradient of s0)."""
     w, _, kt, decay = _heads_flat(ch)
     after = _per_chunk(ds_end, w.shape[0]) if keep else None
-    g0 = fused_chain.chain_backward(ds_end.flatten(0, 1), w, kt, _decay_2d(decay),
-                                    ds_states.flatten(1, 2),
-                                    after.flatten(1, 2) if keep else None)
-    if g0 is not None:  # the same loop in C (CPU)
-        return after, g0.view(ds_end.shape)
-    steps = list(zip(w.mT.unbind(0), kt.unbind(0), _each(decay), ds_states.flatten(1, 2).unbind(0),
-                     after.flatten(1, 2).unbind(0) if keep else _each(None)))
-    g = ds_end.flatten(0, 1)  # [B*H, Dk, Dv]
-    for w_t, kt_j, decay_j, ds_j, after_j in reversed(steps):
-        if after_j is not None:
-            after_j.copy_(g)
-        d_delta = torch.bmm(kt_j, g)  # [B*H, C, Dv]
-        g = torch.baddbmm(ds_j + (g if decay_j is None else g * decay_j), w_t, d_delta, alpha=-1)
+    g = ds_end.flatten(0, 1).clone(memory_format=torch.contiguous_format)  # [B*H, Dk, Dv]
+    if not fused_chain.chain_backward(g, w, kt, _decay_2d(decay), ds_states.flatten(1, 2),
+                                      after.flatten(1, 2) if keep else None):
+        steps = list(zip(w.mT.unbind(0), kt.unbind(0), _each(decay),
+                         ds_states.flatten(1, 2).unbind(0),
+                         after.flatten(1, 2).unbind(0) if keep else _each(None)))
+        for w_t, kt_j, decay_j, ds_j, after_j in reversed(steps):
+            if after_j is not None:
+                after_j.copy_(g)
+            d_delta = torch.bmm(kt_j, g)  # [B*H, C, Dv]
+            g = torch.baddbmm(ds_j + (g if decay_j is None else g * decay_j), w_t, d_delta,
+                              alpha=-1)
     return after, g.view(ds_end.shape)
 
 

@@ -7,10 +7,10 @@ makes), more than their arithmetic; the C loop keeps each head's state in cache 
 the same chain in less than half the time (README.md: measurements).
 
 `chain_forward` (chunk.chain_states), `chain_backward` (chunk.chain_grads) and `chain_map`
-(chunk.shard_map: a middle rank's map for the "scan" schedule) return None whenever the
-native path does not apply (not a CPU tensor, not fp32/fp64, no C compiler, or
-SEQSHARD_FUSED_CHAIN=0), and chunk.py then runs its torch loops, which stay the reference
-the tests hold this against.
+(chunk.shard_map: a middle rank's map for the "scan" schedule) fill the caller's buffers in
+place. They return False, writing nothing, whenever the native path does not apply (not a
+CPU tensor, not fp32/fp64, no C compiler, or SEQSHARD_FUSED_CHAIN=0), and chunk.py then runs
+its torch loops, which stay the reference the tests hold this against.
 
 The library is built with the C compiler (`$CC`, else `cc`) at -O3 for this CPU and cached
 under `$SEQSHARD_CACHE` (default ~/.cache/seqshard), keyed by the source, the flags and the
@@ -151,55 +151,57 @@ def _rows_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
-def chain_forward(s0, w, u, kt, decay):
-    """s0 [BH, Dk, Dv]; w, kt [nc, BH, C, Dk]; u [nc, BH, C, Dv]; decay [nc, BH] or None.
-    Returns (states [nc + 1, BH, Dk, Dv], deltas [nc, BH, C, Dv]), both contiguous, or None
-    where the native path does not apply."""
-    lib = _native(s0, w, u, kt, decay)
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether CPU tensors of `dtype` take the native chain here (builds it on first use)."""
+    return enabled() and dtype in _TYPES and _load(dtype) is not None
+
+
+def chain_forward(states, deltas, w, u, kt, decay) -> bool:
+    """Fill states [nc + 1, BH, Dk, Dv] (states[0] given) and deltas [nc, BH, C, Dv], both
+    contiguous, from w, kt [nc, BH, C, Dk], u [nc, BH, C, Dv], decay [nc, BH] or None.
+    False (nothing written) where the native path does not apply."""
+    lib = _native(states, w, u, kt, decay)
     if lib is None:
-        return None
+        return False
+    assert states.is_contiguous() and deltas.is_contiguous()
     w, u, kt = (_rows_contiguous(x) for x in (w, u, kt))
     nc, BH, C, Dk = w.shape
-    Dv = u.shape[-1]
-    states = s0.new_empty((nc + 1, BH, Dk, Dv))
-    deltas = u.new_empty((nc, BH, C, Dv))
-    states[0] = s0
-    lib.chain_forward(BH, nc, C, Dk, Dv, _chunks(w), _chunks(u), _chunks(kt), _chunks(decay),
-                      states.data_ptr(), deltas.data_ptr())
-    return states, deltas
+    lib.chain_forward(BH, nc, C, Dk, u.shape[-1], _chunks(w), _chunks(u), _chunks(kt),
+                      _chunks(decay), states.data_ptr(), deltas.data_ptr())
+    return True
 
 
-def chain_backward(ds_end, w, kt, decay, ds_states, after):
-    """ds_end [BH, Dk, Dv]; w, kt [nc, BH, C, Dk]; decay [nc, BH] or None; ds_states and
-    after (written, or None) [nc, BH, Dk, Dv]. Returns the gradient of the first chunk's
-    state [BH, Dk, Dv], or None where the native path does not apply."""
-    lib = _native(ds_end, w, kt, decay, ds_states, after)
+def chain_backward(g, w, kt, decay, ds_states, after) -> bool:
+    """g [BH, Dk, Dv] (contiguous): the gradient of the state after the last chunk, replaced
+    by that of the first chunk's state; w, kt [nc, BH, C, Dk]; decay [nc, BH] or None;
+    ds_states and after (written, or None) [nc, BH, Dk, Dv]. False (nothing written) where
+    the native path does not apply."""
+    lib = _native(g, w, kt, decay, ds_states, after)
     if lib is None:
-        return None
+        return False
+    assert g.is_contiguous() and (after is None or after.stride(-1) == 1)
     w, kt, ds_states = (_rows_contiguous(x) for x in (w, kt, ds_states))
-    assert after is None or after.stride(-1) == 1
     nc, BH, C, Dk = w.shape
-    Dv = ds_end.shape[-1]
-    g = ds_end.contiguous().clone()
+    Dv = g.shape[-1]
     scratch = g.new_empty(C * Dv)
     lib.chain_backward(BH, nc, C, Dk, Dv, _chunks(w), _chunks(kt), _chunks(decay),
                        _chunks(ds_states), _chunks(after), g.data_ptr(), scratch.data_ptr())
-    return g
+    return True
 
 
-def chain_map(w, u, kt, decay):
-    """The map S -> A S + B of all chunks together: w, kt [nc, BH, C, Dk]; u [nc, BH, C, Dv];
-    decay [nc, BH] or None. Returns [A | B] [BH, Dk, Dk + Dv], or None where the native path
-    does not apply."""
-    lib = _native(w, u, kt, decay)
+def chain_map(m, w, u, kt, decay) -> bool:
+    """Run m = [A | B] [BH, Dk, Dk + Dv] (contiguous; the identity and zeros for the map of
+    all chunks together, S -> A S + B) through every chunk in place: w, kt [nc, BH, C, Dk];
+    u [nc, BH, C, Dv]; decay [nc, BH] or None. False (nothing written) where the native
+    path does not apply."""
+    lib = _native(m, w, u, kt, decay)
     if lib is None:
-        return None
+        return False
+    assert m.is_contiguous()
     w, u, kt = (_rows_contiguous(x) for x in (w, u, kt))
     nc, BH, C, Dk = w.shape
     Dv = u.shape[-1]
-    m = torch.cat([torch.eye(Dk, dtype=w.dtype).expand(BH, Dk, Dk), w.new_zeros(BH, Dk, Dv)],
-                  dim=-1)  # [BH, Dk, Dk + Dv], contiguous
     scratch = w.new_empty(C * (Dk + Dv))
     lib.chain_map(BH, nc, C, Dk, Dv, _chunks(w), _chunks(u), _chunks(kt), _chunks(decay),
                   m.data_ptr(), scratch.data_ptr())
-    return m
+    return True
