@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Set up seqshard in ./.venv on a machine with only Python (>= 3.10) and pip.
 #
-# The venv sees the system's site-packages, so a torch you already have is used as it is.
-# Only when no torch is importable does this install one: $TORCH_SPEC, by default the CPU
-# build torch==2.13.0 (on a CUDA machine, set TORCH_SPEC=torch to get the CUDA build).
+# The venv sees the system's site-packages, and an existing .venv is kept, so a torch that is
+# already importable (installed system-wide, or into .venv beforehand) is used as it is.
+# Only when none is does this install $TORCH_SPEC, by default torch==2.13.0, from the index pip
+# is set up with. From the ordinary package index that is the CUDA build (about 20 nvidia
+# packages, a ~5.3 GB venv); for the CPU build, install torch into .venv from PyTorch's CPU
+# wheel index first, then run this (README.md, "torch"). A local wheel cache that holds a CPU
+# build for this Python (as on the development machine, for Python 3.11 only) gives the CPU build.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
