@@ -104,6 +104,15 @@ class Recorder:
         steps = sorted(self.steps)
         return steps, [float(self.steps[s]["loss"]) for s in steps]
 
+    def plot_args(self) -> tuple[list[int], list[float], list, str]:
+        """(steps, losses, accuracies, title): what `loss_figure` and `write_plot` take."""
+        steps, losses = self.curve()
+        return steps, losses, [self.steps[s].get("accuracy") for s in steps], plot_title(self.meta)
+
+    def figure(self):
+        """The loss plot as a matplotlib Figure (what finish() saves as loss.png)."""
+        return loss_figure(*self.plot_args())
+
     def finish(self, final: dict) -> Path:
         """Write the final record, summary.md and the loss plot; return the summary's path."""
         final = {"type": "final", "time": time.time(), "wall_s": time.time() - self.started, **final}
@@ -111,7 +120,7 @@ class Recorder:
         self._file.close()
         if self.tty and self.show:
             self.stream.write("\n")
-        plot_note = write_plot(self.out / PLOT, *self.curve())
+        plot_note = write_plot(self.out / PLOT, *self.plot_args())
         text = self.summary(final, plot_note)
         (self.out / SUMMARY).write_text(text)
         return self.out / SUMMARY
@@ -154,8 +163,7 @@ class Recorder:
         lines.append(f"- plot: {plot_note}")
         if recs:
             # accuracy only where the task measures one (the recall task does, the probe not)
-            acc = any(isinstance(r.get("accuracy"), float) and r["accuracy"] == r["accuracy"]
-                      for r in recs)
+            acc = any(_measured(r.get("accuracy")) for r in recs)
             head = "| step | loss |" + (" accuracy |" if acc else "") + " tokens/s | peak mem | attempt |"
             lines += ["", head, "|" + "---:|" * (head.count("|") - 1)]
             stride = max(1, math.ceil(len(recs) / 20))
@@ -168,23 +176,60 @@ class Recorder:
         return "\n".join(lines) + "\n"
 
 
-def write_plot(path: Path, steps: list[int], losses: list[float]) -> str:
-    """Plot the loss curve to a PNG; without matplotlib, say so and skip."""
-    try:
-        import matplotlib
+def _measured(value) -> bool:
+    """An accuracy that was measured: a finite number (tasks without one report NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def plot_title(meta: dict) -> str:
+    """'<job name>: <model kind or task>, N = <seq_len>, <workers> workers'; what the meta
+    does not hold is left out (seq_len comes from the train config, when it names one)."""
+    seq_len = ((meta.get("config") or {}).get("train") or {}).get("seq_len")
+    parts = [meta.get("model_kind") or meta.get("task"),
+             f"N = {seq_len}" if seq_len else None,
+             f"{meta['workers']} workers" if meta.get("workers") else None]
+    return f"{meta.get('name', 'job')}: " + ", ".join(p for p in parts if p)
+
+
+def loss_figure(steps: list[int], losses: list[float], accuracies: list | None = None,
+                title: str = ""):
+    """Loss per step and, on a second y axis (0..1), accuracy at the steps that measured one.
+
+    Built on a bare matplotlib Figure, not pyplot, so no global figure or backend state is
+    touched (the driver may run inside an interactive session).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    ax.plot(steps, losses, marker="o", markersize=3, label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    measured = [(s, a) for s, a in zip(steps, accuracies or []) if _measured(a)]
+    if measured:
+        acc_ax = ax.twinx()
+        acc_steps, acc_values = zip(*measured)
+        acc_ax.plot(acc_steps, acc_values, color="tab:orange", marker="s", markersize=3,
+                    label="accuracy")
+        acc_ax.set_ylim(0.0, 1.0)
+        # each axis label in its line's colour says which curve it measures (a legend would
+        # sit on one of the curves somewhere along the run)
+        for axis, line in ((ax, ax.get_lines()[0]), (acc_ax, acc_ax.get_lines()[0])):
+            axis.set_ylabel(line.get_label(), color=line.get_color())
+    fig.tight_layout()
+    return fig
+
+
+def write_plot(path: Path, steps: list[int], losses: list[float], accuracies: list | None = None,
+               title: str = "") -> str:
+    """Save `loss_figure` as a PNG; without matplotlib, say so and skip."""
+    try:
+        import matplotlib  # noqa: F401
     except ImportError:
         return "skipped (matplotlib is not installed: pip install matplotlib)"
     if not steps:
         return "skipped (no steps)"
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses, marker="o", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    loss_figure(steps, losses, accuracies, title).savefig(path, dpi=100)
     return str(path.name)
