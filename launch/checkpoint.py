@@ -17,6 +17,7 @@ one is reported and skipped for the previous one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -64,6 +65,8 @@ def _fsync_dir(path: Path) -> None:
 def prepare(root: Path, step: int) -> Path:
     """Rank 0, before every rank writes: an empty temp folder for `step` (stale ones removed)."""
     root = Path(root)
+    if root.exists() and not root.is_dir():  # mkdir would say only "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, "checkpoint folder is not a folder", str(root))
     root.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(root, step)
     if tmp.exists():
@@ -162,3 +165,17 @@ def prune(root: Path, keep: int) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def meta_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'section.key: A in the checkpoint, B now' for every leaf where two metas differ."""
+    # msgpack turned the saved tuples into lists; send the current values through it too
+    saved, current = msgpack.unpackb(msgpack.packb(saved)), msgpack.unpackb(msgpack.packb(current))
+    out = []
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += meta_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now")
+    return out

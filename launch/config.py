@@ -17,6 +17,7 @@ count raise ValueError naming the key or the degrees, so a typo never reaches a 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -165,16 +166,22 @@ def _check_type(where: str, value: Any, default: Any) -> Any:
     return value
 
 
+def suggest(word: str, choices, fmt: str = "{}") -> str:
+    """' (did you mean X?)' for the closest of `choices`, or '' when none is close."""
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f" (did you mean {fmt.format(close[0])}?)" if close else ""
+
+
 def fill(cls, table: dict, section: str):
-    """Build dataclass `cls` from a TOML table, naming any unknown key."""
+    """Build dataclass `cls` from a TOML table, naming any unknown key (and its likely spelling)."""
     if not isinstance(table, dict):
         raise ValueError(f"config [{section}] must be a table, got {table!r}")
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - set(names))
     if unknown:
+        named = ", ".join(f"{section}.{k}" + suggest(k, names, f"{section}.{{}}") for k in unknown)
         raise ValueError(
-            f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
-            f"[{section}] accepts {', '.join(sorted(names))}"
+            f"unknown config key(s) {named}; [{section}] accepts {', '.join(sorted(names))}"
         )
     defaults = cls()
     values = {
@@ -207,8 +214,9 @@ def build(data: dict, overrides: list[str] = ()) -> JobConfig:
     allowed = set(SECTIONS) | {"model", "train"}
     unknown = sorted(set(data) - allowed)
     if unknown:
+        named = ", ".join(f"[{u}]" + suggest(u, allowed, "[{}]") for u in unknown)
         raise ValueError(
-            f"unknown config section(s) {', '.join(f'[{u}]' for u in unknown)}; "
+            f"unknown config section(s) {named}; "
             f"expected {', '.join(f'[{a}]' for a in sorted(allowed))}"
         )
     parts = {name: fill(cls, data.get(name, {}), name) for name, cls in SECTIONS.items()}
@@ -317,13 +325,43 @@ def _validate_model(cfg: JobConfig, shape: MeshShape) -> None:
         raise ValueError(f"model.kind = {kind!r}: expected one of {sorted(CONFIGS)}")
     values = {k: v for k, v in cfg.model.items() if k != "kind"}
     fill(CONFIGS[kind], values, "model")  # names unknown keys as model.<key>
-    heads = values.get("num_heads", getattr(CONFIGS[kind](), "num_heads", None))
     tc = train_config(cfg)
-    strategy = _get(tc, "strategy")
     _validate_task(tc)
-    if strategy in ("ulysses", "hybrid") and isinstance(heads, int) and heads % shape.ulysses:
-        raise ValueError(f"model.num_heads = {heads} is not divisible by mesh.ulysses = "
-                         f"{shape.ulysses} (Ulysses splits heads across ranks)")
+    from seqshard.models import model_class
+    from seqshard.models.trainer import _model_config
+
+    # the Trainer's own merge of [model] and [train] (layout, strategy), so we check what runs
+    mc = _model_config(kind, values, tc)
+    supported = model_class(kind).supported_layouts
+    if mc.layout not in supported:
+        raise ValueError(f"train.layout = {mc.layout!r}: model.kind = {kind!r} runs on the "
+                         f"{' / '.join(supported)} layout only")
+    _validate_strategy(mc, shape)
+
+
+def _validate_strategy(mc, shape: MeshShape) -> None:
+    """The attention strategy that will run must use the mesh as the summary reports it."""
+    strategy = getattr(mc, "strategy", None)
+    if strategy is None or getattr(mc, "attn_layers", None) == ():
+        return  # no sharded global attention in this model (FIT, pure DeltaNet)
+    from types import SimpleNamespace
+
+    from seqshard.ops.attention.sharded import resolve_strategy
+
+    # resolve_strategy reads only these sizes of a Mesh; there is no Mesh before workers start
+    sizes = SimpleNamespace(size=shape.sp, ulysses_size=shape.ulysses, ring_size=shape.ring)
+    used = resolve_strategy(strategy, sizes, mc.num_heads)
+    if used in ("ring", "allgather") and shape.ulysses > 1:
+        why = (f" (what 'auto' picks as model.num_heads = {mc.num_heads} does not divide by "
+               f"sp = {shape.sp})" if strategy == "auto" else "")
+        raise ValueError(f"mesh.ulysses = {shape.ulysses} has no effect with strategy={used!r}"
+                         f"{why}: K/V move over all {shape.sp} sp ranks; set train.strategy = "
+                         f"'hybrid' or 'ulysses', or mesh.ulysses = 1")
+    degree = {"ulysses": shape.sp, "hybrid": shape.ulysses}.get(used)
+    if degree and mc.num_heads % degree:
+        raise ValueError(f"model.num_heads = {mc.num_heads} is not divisible by the Ulysses "
+                         f"degree {degree} (strategy={used!r}, mesh.ulysses = {shape.ulysses}, "
+                         f"sp = {shape.sp}): Ulysses splits heads across ranks")
 
 
 def _validate_task(tc) -> None:
@@ -341,3 +379,54 @@ def _validate_task(tc) -> None:
     if tc.seq_len < task.min_len():
         raise ValueError(f"train.seq_len = {tc.seq_len} is shorter than the {task.min_len()} "
                          f"tokens the recall task needs (2 * pairs + 2 * queries)")
+
+
+def resource_warnings(cfg: JobConfig, *, cpus: int, gpus: int) -> list[str]:
+    """Lines to warn with when one machine (cpus, gpus) gets more workers than it can seat."""
+    lc, n = cfg.launch, cfg.mesh.workers
+    out = []
+    for want, have, unit in ((n * lc.cpus_per_worker, cpus, "CPU"), (n * lc.gpus_per_worker, gpus, "GPU")):
+        if want > have:
+            per = lc.cpus_per_worker if unit == "CPU" else lc.gpus_per_worker
+            out.append(f"{n} workers x {per} {unit} = {want} {unit}s, but this machine has "
+                       f"{have} {unit}{'s' if have != 1 else ''}: they will share them (slower)"
+                       + (", or never be placed" if unit == "GPU" else ""))
+    return out
+
+
+def check_out_dir(cfg: JobConfig) -> None:
+    """ValueError unless the output folder (and its checkpoints folder) can be created there."""
+    for path in (cfg.out_dir, cfg.checkpoint_dir):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"output folder {path} is not a folder (a file is there)")
+    base = cfg.out_dir
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"output folder {cfg.out_dir} cannot be made: {base} is not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {cfg.out_dir} cannot be written: no write access to {base}")
+
+
+RESUMABLE_TRAIN_KEYS = ("steps",)
+"""Train keys a resumed run may change: extending a run is what resuming is for."""
+
+
+def resume_meta(cfg: JobConfig) -> dict:
+    """What a checkpoint records of its job, to refuse resuming it under another job: the task,
+    the model config, the train config (but train.steps), and the mesh sizes that shape the saved
+    state (per-rank files, ZeRO shards). The ulysses / ring split may change: state is the same."""
+    shape = cfg.mesh.shape()
+    tc = train_config(cfg)
+    train = dataclasses.asdict(tc) if dataclasses.is_dataclass(tc) else dict(tc)
+    model = dict(cfg.model)
+    try:
+        from seqshard.models.config import CONFIGS
+    except ImportError:
+        CONFIGS = {}
+    if model.get("kind") in CONFIGS:  # with defaults filled in, so spelling a default out is no change
+        values = {k: v for k, v in model.items() if k != "kind"}
+        model = {"kind": model["kind"], **dataclasses.asdict(fill(CONFIGS[model["kind"]], values, "model"))}
+    return {"task": cfg.job.task, "model": model,
+            "train": {k: v for k, v in train.items() if k not in RESUMABLE_TRAIN_KEYS},
+            "mesh": {"workers": shape.world_size, "dp": shape.dp}}

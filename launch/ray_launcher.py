@@ -11,12 +11,12 @@ The driver waits on the workers' result refs. A dead actor (killed process, lost
 its ref fail within about a second; a stalled collective raises CollectiveError in the worker
 after mesh.collective_timeout_s. Either way the whole group is torn down (its process group is
 wedged) and, up to launch.max_restarts times, a fresh group resumes from the newest intact
-checkpoint. Errors that a restart cannot fix (ValueError, TypeError, ImportError, ...) fail
-at once.
+checkpoint. Errors that a restart cannot fix fail at once: `retryable` decides, in one place.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 
 import ray
@@ -32,6 +32,18 @@ from .worker import run_meta, train_config_steps
 PLACEMENT_TIMEOUT_S = 120.0
 _NOT_RETRYABLE = (ValueError, TypeError, KeyError, ImportError, AttributeError,
                   NotImplementedError)
+# a filesystem that refuses a write (read-only, no permission, a file where a folder must be,
+# full) refuses it again on the next attempt
+_NOT_RETRYABLE_ERRNO = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                        errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
+def retryable(err: BaseException) -> bool:
+    """Whether a fresh attempt could succeed where `err` (a worker's exception) failed: a dead
+    peer or a timed-out collective, yes; bad input, a config mismatch, an unwritable output, no."""
+    if isinstance(err, _NOT_RETRYABLE):
+        return False
+    return not (isinstance(err, OSError) and err.errno in _NOT_RETRYABLE_ERRNO)
 
 
 class LaunchError(RuntimeError):
@@ -155,7 +167,7 @@ def _describe(err: BaseException) -> tuple[str, bool]:
     """(first useful line, retryable) of a worker's failure."""
     cause = getattr(err, "cause", None)
     if isinstance(err, ray.exceptions.RayTaskError) and cause is not None:
-        return f"{type(cause).__name__}: {cause}", not isinstance(cause, _NOT_RETRYABLE)
+        return f"{type(cause).__name__}: {cause}", retryable(cause)
     if isinstance(err, ray.exceptions.RayActorError):
         return "worker process died (killed, crashed or its node was lost)", True
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", True
@@ -211,8 +223,14 @@ def launch(cfg: JobConfig, *, address: str | None = None, on_record=None) -> dic
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
                      include_dashboard=False, log_to_driver=True)
         started = True
-    recorder = Recorder(cfg.out_dir, run_meta(cfg, launcher="ray"), train_config_steps(cfg),
-                        progress=cfg.launch.progress)
+    try:
+        recorder = Recorder(cfg.out_dir, run_meta(cfg, launcher="ray"), train_config_steps(cfg),
+                            progress=cfg.launch.progress)
+    except OSError as err:  # no records without the folder, and no attempt could write them
+        if started:
+            ray.shutdown()
+        raise LaunchError(f"job {cfg.job.name!r} failed (not retryable): cannot write its "
+                          f"output folder {cfg.out_dir}: {err}") from None
     if on_record is not None:
         add = recorder.add
         recorder.add = lambda r: (add(r), on_record(r))

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from seqshard.dist import CollectiveError, Mesh, destroy_process_group
 
 from . import checkpoint as ckpt
-from .config import JobConfig, train_config
+from .config import JobConfig, resume_meta, train_config
 from .tasks import make_task
 
 Report = Callable[[dict], None]
@@ -60,17 +60,39 @@ def build_mesh(cfg: JobConfig) -> Mesh:
                          timeout_s=cfg.mesh.collective_timeout_s)
 
 
+def find_resume(cfg: JobConfig, log=None) -> tuple[int, Path] | None:
+    """The newest intact checkpoint as (step, folder), or None; ValueError naming the keys if it
+    was written by a job with another config (a retry cannot fix that, and loading it would fail
+    with a state-dict dump or, worse, load)."""
+    found = ckpt.latest_complete(cfg.checkpoint_dir, log=log or (lambda note: None))
+    if found is None:
+        return None
+    saved = ckpt.read_manifest(found[1]).get("meta", {}).get("config")
+    if saved is not None:  # checkpoints from before configs were recorded cannot be checked
+        diffs = ckpt.meta_diff(saved, resume_meta(cfg))
+        if diffs:
+            raise ValueError(f"{cfg.out_dir} holds a checkpoint (step {found[0]}) of a job with "
+                             f"another config: {'; '.join(diffs)}; use --fresh to start over "
+                             f"there or --out for another folder")
+    return found
+
+
 def resume(task, cfg: JobConfig, mesh: Mesh, emit: Report | None) -> int:
     """Load the newest intact checkpoint (rank 0 picks it for everyone); return its step."""
-    found = None
+    found, error = None, None
     if mesh.global_rank == 0:
         skipped: list[str] = []
-        found = ckpt.latest_complete(cfg.checkpoint_dir, log=skipped.append)
+        try:
+            found = find_resume(cfg, log=skipped.append)
+        except ValueError as err:
+            error = str(err)
         for note in skipped:
             if emit:
                 emit({"type": "checkpoint_skipped", "reason": note})
         found = (found[0], str(found[1])) if found else None
-    found = _broadcast(found, "resume point")
+    found, error = _broadcast((found, error), "resume point")
+    if error is not None:  # on every rank, so none waits for the others in a collective
+        raise ValueError(error)
     if found is None:
         return 0
     step, path = found
@@ -87,7 +109,8 @@ def save(task, cfg: JobConfig, mesh: Mesh, step: int) -> None:
     task.save(ckpt.temp_dir(root, step))
     _barrier(f"checkpoint {step}: write")
     if mesh.global_rank == 0:
-        ckpt.commit(root, step, world_size=mesh.world_size, meta={"job": cfg.job.name})
+        meta = {"job": cfg.job.name, "config": resume_meta(cfg)}  # checked on resume
+        ckpt.commit(root, step, world_size=mesh.world_size, meta=meta)
         ckpt.prune(root, cfg.launch.keep_checkpoints)
     _barrier(f"checkpoint {step}: commit")
 

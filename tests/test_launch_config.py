@@ -24,8 +24,8 @@ def test_shipped_configs_validate(path):
 
 
 def test_demo_config_values_and_overrides():
-    cfg = config.load(DEMO, ["train.steps=3", "mesh.ulysses=2", "train.layout=contiguous",
-                             "launch.poll_s=1"])
+    cfg = config.load(DEMO, ["train.steps=3", "mesh.ulysses=2", "train.strategy=ulysses",
+                             "train.layout=contiguous", "launch.poll_s=1"])
     assert cfg.train["steps"] == 3 and cfg.train["layout"] == "contiguous"
     assert cfg.mesh.shape().ulysses == 2 and cfg.mesh.shape().ring == 1
     assert cfg.launch.poll_s == 1.0 and isinstance(cfg.launch.poll_s, float)
