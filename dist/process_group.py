@@ -8,6 +8,7 @@ under the Ray launcher, `deepspeed` and `torchrun`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -88,21 +89,57 @@ def init_process_group(
 
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        ds_comm.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,
-            distributed_port=port,
-            verbose=False,
-            timeout=timeout,
-            init_method=f"tcp://{addr}:{port}",
-            rank=rank,
-            world_size=world_size,
-        )
+        with _store_on(addr, port, rank, world_size, timeout):
+            ds_comm.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,
+                distributed_port=port,
+                verbose=False,
+                timeout=timeout,
+                init_method=f"tcp://{addr}:{port}",
+                rank=rank,
+                world_size=world_size,
+            )
     except Exception as err:  # torch raises DistStoreError / RuntimeError on rendezvous timeout
         raise RuntimeError(
             f"rank {rank} of {world_size} could not join the process group at {addr}:{port} "
             f"within {timeout_s:.0f} s (backend {backend}): {err}"
         ) from err
+
+
+@contextlib.contextmanager
+def _store_on(addr: str, port: int, rank: int, world_size: int, timeout: datetime.timedelta):
+    """On rank 0, host the rendezvous TCPStore on `addr` only, for the duration of the block.
+
+    torch's own master store listens on every interface (`[::]:port`) whatever MASTER_ADDR
+    says, so a local run would be reachable from the network. Rank 0 instead binds the socket
+    itself on MASTER_ADDR and hands it to a multi-tenant TCPStore; the tcp:// rendezvous that
+    follows in the same process reuses that server (same port, multi_tenant) and keeps it
+    alive after the block. Where rank 0 cannot bind MASTER_ADDR (an address of another
+    machine, torchrun's agent already hosting the store) torch's default store is used.
+    """
+    if rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        yield
+        return
+    sock = None
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(max(128, world_size))
+    except OSError:
+        if sock is not None:
+            sock.close()
+        yield  # not an address of this machine: torch binds its usual way
+        return
+    store = dist.TCPStore(addr, port, world_size, is_master=True, timeout=timeout,
+                          wait_for_workers=False, multi_tenant=True,
+                          master_listen_fd=sock.detach())  # the store owns the fd now
+    try:
+        yield
+    finally:
+        del store  # the process group's own store holds the server from here on
 
 
 def destroy_process_group() -> None:

@@ -68,6 +68,8 @@ class MeshSection:
 class LaunchSection:
     address: str = ""
     """Ray cluster address; empty starts an embedded local Ray (RAY_ADDRESS also works)."""
+    connect_timeout_s: float = 30.0
+    """Give up joining the cluster at `address` after this many seconds, naming the address."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker actor (also its torch thread count, at least 1)."""
     gpus_per_worker: float = 0.0

@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from seqshard.dist import free_port
 
+from . import ray_connect
 from .config import JobConfig
 from .records import Recorder
 from .worker import run_meta, train_config_steps
@@ -76,8 +77,11 @@ class WorkerActor:
     """One rank. Holds no state between `run` calls; a restart makes fresh actors."""
 
     def node_info(self) -> dict:
-        port = free_port(host="")  # on every interface; used only if this actor becomes rank 0
-        return {"ip": ray.util.get_node_ip_address(), "node": ray.get_runtime_context().get_node_id(),
+        # the node's Ray IP: 127.0.0.1 under the embedded Ray, the interface the node joined
+        # the cluster on otherwise; rank 0's TCPStore binds it (MASTER_ADDR) and nothing else
+        ip = ray.util.get_node_ip_address()
+        port = free_port(host=ip)  # used only if this actor becomes rank 0
+        return {"ip": ip, "node": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port}
 
     def run(self, cfg: JobConfig, env: dict, attempt: int, hub) -> dict:
@@ -214,15 +218,9 @@ def launch(cfg: JobConfig, *, address: str | None = None, on_record=None) -> dic
         >>> result = ray_launcher.launch(cfg)        # local embedded Ray, 2 workers
     """
     address = address or cfg.launch.address or os.environ.get("RAY_ADDRESS") or None
-    started = False
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            need = cfg.mesh.workers * cfg.launch.cpus_per_worker
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-                     include_dashboard=False, log_to_driver=True)
-        started = True
+    # embedded Ray on loopback only, or the cluster at `address` (ConnectionError naming it
+    # within launch.connect_timeout_s when none answers)
+    started = ray_connect.connect(cfg, address)
     try:
         recorder = Recorder(cfg.out_dir, run_meta(cfg, launcher="ray"), train_config_steps(cfg),
                             progress=cfg.launch.progress)
