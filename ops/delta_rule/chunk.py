@@ -2,7 +2,8 @@
 
 Notation per chunk of C tokens (state S [Dk, Dv], read o = S^T q; see README.md):
 gamma = cumulative log-decay inside the chunk (0 without a gate), Gamma[t, s] = exp(gamma_t -
-gamma_s) for s <= t, else 0.
+gamma_s) for s <= t, else 0 (computed as the sum of the gates in (s, t], never as a difference,
+so that a large negative gate, a reset, stays exact).
 
     T = (I + strict_tril(diag(b) (K K^T * Gamma)))^-1 diag(b)
     W = T diag(exp(gamma)) K,   U = T V,   Delta = U - W S
@@ -119,11 +120,15 @@ def _scores(q, k, b, g, scale: float, out: Chunks = _NO_OUT, store: _Kept = _NO_
         qs = qg = torch.mul(q, scale, out=out.qg)
         kw, kt, ratio, e, ekt, decay = k, k, None, None, None, None
     else:
-        gam = g.cumsum(-1)  # [G, C]
+        gam = g.cumsum(-1)  # [G, C] from the chunk start: a sum, never a difference
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # t >= s
-        # -inf above the diagonal first, so exp never sees a large positive gap
-        ratio = (gam[:, :, None] - gam[:, None, :]).masked_fill(~causal, float("-inf")).exp()
-        e, ekt = gam.exp(), (gam[:, -1:] - gam).exp()
+        # seg[s, t] = sum of g over (s, t], a cumulative sum that starts after s. Not
+        # gam_t - gam_s: after a reset (g = -1e4) both are ~-1e4 and their difference keeps
+        # only ~1e-3 of fp32 precision; here a reset enters only the pairs it separates.
+        seg = g[:, None, :].masked_fill(causal, 0.0).cumsum(-1)  # [G, C (s), C (t)]
+        # -inf above the diagonal, so exp never sees a gap that is not a decay
+        ratio = seg.mT.masked_fill(~causal, float("-inf")).exp()  # [G, C (t), C (s)]
+        e, ekt = gam.exp(), seg[:, :, -1].exp()  # ekt_s = exp(sum of g over (s, C - 1])
         qs = q * scale
         qg = torch.mul(qs, e[..., None], out=out.qg)
         kw = k * e[..., None]
