@@ -7,24 +7,36 @@ import torch
 
 from seqshard.dist import Mesh, all_gather
 
-from .chunk import LocalSchedule, run
+from .chunk import LocalSchedule, default_chunk_size, run
 from .sharded import SCHEDULES, sharded_delta_rule
 
 
-def _shape_problems(q, k, v, beta, gate, initial_state, schedule, chunk_size) -> list[str]:
+# real floating dtypes the kernel takes (it computes in fp32, float64 stays float64)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape_problems(q, k, v, beta, gate, initial_state, schedule, chunk_size,
+                    sharded: bool = False) -> list[str]:
     """Everything wrong with the arguments that this rank can see without communicating."""
     problems = []
     for name, t, dims in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("beta", beta, 3),
                           ("gate", gate, 3), ("initial_state", initial_state, 4)):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != dims:
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS or t.dim() != dims:
             what = (f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor)
                     else type(t).__name__)
-            problems.append(f"{name} must be a {dims}-D floating tensor, got {what}")
+            problems.append(f"{name} must be a {dims}-D floating tensor (float16, bfloat16, "
+                            f"float32 or float64), got {what}")
     if problems:
         return problems
     B, H, N, Dk = q.shape
+    for name, t in (("k", k), ("v", v), ("beta", beta), ("gate", gate)):
+        # a mixed call is a caller's slip (one input left in another precision): say so
+        # rather than silently computing with some inputs rounded
+        if t is not None and t.dtype != q.dtype:
+            problems.append(f"{name} is {t.dtype} but q is {q.dtype}: q, k, v, beta and gate "
+                            f"must share one dtype")
     if k.shape != q.shape:
         problems.append(f"k {tuple(k.shape)} must match q {tuple(q.shape)} (head dims Dk)")
     if v.shape[:3] != q.shape[:3]:
@@ -35,8 +47,10 @@ def _shape_problems(q, k, v, beta, gate, initial_state, schedule, chunk_size) ->
     if initial_state is not None and initial_state.shape != (B, H, Dk, v.shape[-1]):
         problems.append(f"initial_state {tuple(initial_state.shape)} must be [B, H, Dk, Dv] = "
                         f"{(B, H, Dk, v.shape[-1])}")
-    if N < 1:
-        problems.append(f"the local sequence length is {N}; every rank needs >= 1 token")
+    if Dk < 1:
+        problems.append(f"q and k have Dk={Dk} features; the delta rule needs Dk >= 1")
+    if N < 1 and sharded:
+        problems.append(f"N_local={N}: every rank of a sharded sequence needs >= 1 token")
     if schedule not in SCHEDULES:
         problems.append(f"schedule={schedule!r}: expected one of {sorted(SCHEDULES)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -65,19 +79,73 @@ def _nonfinite(named) -> list[str]:
     return bad
 
 
-def _agree(problems: list[str], sizes: list[int], mesh: Mesh) -> None:
-    """Every rank raises together (a lone raising rank would leave the others in the scan)."""
-    mine = torch.tensor([[len(problems)] + sizes], dtype=torch.int64)
+def _positive_gate(gate: torch.Tensor | None) -> list[str]:
+    """A log-decay above 0 grows the state exponentially (NaN within a chunk): one max."""
+    if gate is None or gate.numel() == 0:
+        return []
+    top = float(gate.detach().amax())
+    return [f"gate must be <= 0 (a log-decay), got max {top:g}"] if top > 0 else []
+
+
+# What every rank of a sharded call must agree on, in this order: the whole-shard path and
+# the layer's pieces path (pieces.py) gather the same fixed-length row, so ranks that took
+# different paths raise instead of mixing their collectives.
+FACTS = ("path", "B", "H", "Dk", "Dv", "q dtype", "k dtype", "v dtype", "beta dtype",
+         "gate given", "gate dtype", "scale", "chunk_size", "schedule", "output_final_state")
+_SCHEDULE_NAMES = sorted(SCHEDULES)
+_PATHS = ("whole shard", "pieces")
+_TEXT = 400  # bytes of each rank's problems that travel with its facts
+
+
+def facts(path: str, B: int, H: int, Dk: int, Dv: int, dtypes, gate_given: bool, scale: float,
+          chunk_size: int, schedule: str, want_final: bool) -> list[int]:
+    """The FACTS row as int64s. dtypes: those of q, k, v, beta, gate (None: absent)."""
+    codes = [_FLOATS.index(d) if d is not None else -1 for d in dtypes]
+    bits = int(torch.tensor(float(scale), dtype=torch.float64).view(torch.int64))
+    return [_PATHS.index(path), B, H, Dk, Dv, *codes[:4], int(gate_given), codes[4], bits,
+            chunk_size, _SCHEDULE_NAMES.index(schedule), int(want_final)]
+
+
+def _show(name: str, code: int) -> str:
+    """One FACTS entry as the user wrote it."""
+    if name.endswith("dtype"):
+        return str(_FLOATS[code]) if code >= 0 else "absent"
+    if name == "scale":
+        return f"{float(torch.tensor(code, dtype=torch.int64).view(torch.float64)):g}"
+    if name == "schedule":
+        return repr(_SCHEDULE_NAMES[code])
+    if name == "path":
+        return _PATHS[code]
+    if name in ("gate given", "output_final_state"):
+        return str(bool(code))
+    return str(code)
+
+
+def _agree(problems: list[str], row: list[int] | None, mesh: Mesh, who: str = "delta_rule"
+           ) -> None:
+    """Every rank raises together, each with every rank's complaint (a lone raising rank
+    would leave the others waiting in the scan). row: this rank's `facts` (None when its
+    arguments are too broken to say)."""
+    text = "; ".join(problems).encode()[:_TEXT]
+    text_codes = list(text) + [0] * (_TEXT - len(text))
+    row = row if row is not None else [-1] * len(FACTS)
+    mine = torch.tensor([[len(problems)] + row + text_codes], dtype=torch.int64)
     with torch.no_grad():
-        everyone = all_gather(mine, 0, mesh.group, timeout=mesh.timeout)  # [P, 5]
+        everyone = all_gather(mine, 0, mesh.group, timeout=mesh.timeout)  # [P, 1 + F + T]
     failing = [r for r in range(mesh.size) if everyone[r, 0] > 0]
-    if problems:
-        raise ValueError(f"delta_rule on rank {mesh.rank}: " + "; ".join(problems))
     if failing:
-        raise ValueError(f"delta_rule: bad input on rank(s) {failing} (see their errors)")
-    if not bool((everyone[:, 1:] == everyone[0, 1:]).all()):
-        listed = [tuple(row[1:].tolist()) for row in everyone]
-        raise ValueError(f"delta_rule: ranks disagree on (B, H, Dk, Dv): {listed}")
+        said = [f"rank {r}: " + bytes(c for c in everyone[r, 1 + len(FACTS):].tolist() if c)
+                .decode(errors="replace") for r in failing]
+        raise ValueError(f"{who}: bad input on rank(s) {failing}: " + "; ".join(said))
+    facts_all = everyone[:, 1:1 + len(FACTS)]
+    differ = []
+    for i, name in enumerate(FACTS):
+        codes = facts_all[:, i].tolist()
+        if any(c != codes[0] for c in codes):
+            odd = ", ".join(f"rank {r} {_show(name, c)}" for r, c in enumerate(codes))
+            differ.append(f"{name} ({odd})")
+    if differ:
+        raise ValueError(f"{who}: ranks disagree on " + "; ".join(differ))
 
 
 def delta_rule(
@@ -110,8 +178,18 @@ def delta_rule(
     schedule: "scan" (log2 P prefix scan of the shards' affine maps) or "pass" (state passed
     rank to rank). chunk_size: chunk length C of the WY kernel (any N; padded inside);
     None picks it per device (`chunk.default_chunk_size`: 32 on CPU, 64 on accelerators).
-    check: also reject NaN/inf inputs (one pass over them) and, with a mesh, check that all
-    ranks agree (one small all-gather) so that bad input raises on every rank, never hangs.
+    check: also reject NaN/inf inputs and a gate above 0 (one pass over each) and, with a
+    mesh, check that all ranks agree (one small all-gather: shapes, every input's dtype,
+    whether gate is given, scale, chunk_size, schedule, output_final_state), so that bad
+    input on any rank raises a ValueError on every rank, naming the rank, never hangs.
+
+    Inputs may be any views (transposed, permuted, expanded, sliced, a strided last dim).
+    dtypes: q, k, v, beta and gate share one of float16 / bfloat16 / float32 / float64
+    (anything else, or a mix, is a ValueError); initial_state may be any of those.
+    Empty inputs: B = 0 gives empty results; N = 0 on one process gives an empty o and the
+    initial state (a copy; zeros when None) as the final state, since no token changed it.
+    With a mesh every rank needs N_local >= 1 (a ValueError on every rank otherwise).
+    Dk = 0 is a ValueError.
 
     Returns (o [B, H, N_local, Dv] in v's dtype, final state [B, H, Dk, Dv] or None): the
     state after the last token of the whole sequence, on every rank, when output_final_state.
@@ -124,21 +202,41 @@ def delta_rule(
     >>> o.shape, state.shape
     (torch.Size([1, 2, 100, 16]), torch.Size([1, 2, 16, 16]))
     """
-    problems = _shape_problems(q, k, v, beta, gate, initial_state, schedule, chunk_size)
+    sharded = mesh is not None and mesh.size > 1
+    problems = _shape_problems(q, k, v, beta, gate, initial_state, schedule, chunk_size,
+                               sharded)
     if check and not problems:
         problems = _nonfinite((("q", q), ("k", k), ("v", v), ("beta", beta), ("gate", gate),
-                               ("initial_state", initial_state)))
-    sharded = mesh is not None and mesh.size > 1
+                               ("initial_state", initial_state))) + _positive_gate(gate)
+    if not problems:
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        chunk_size = default_chunk_size(q.device) if chunk_size is None else chunk_size
     if sharded and check:
-        sizes = [-1] * 4 if problems else [q.shape[0], q.shape[1], q.shape[3], v.shape[3]]
-        _agree(problems, sizes, mesh)
+        row = None if problems else facts(
+            "whole shard", q.shape[0], q.shape[1], q.shape[3], v.shape[3],
+            [t.dtype if t is not None else None for t in (q, k, v, beta, gate)],
+            gate is not None, scale, chunk_size, schedule, output_final_state)
+        _agree(problems, row, mesh)
     elif problems:
         raise ValueError("delta_rule: " + "; ".join(problems))
-    if sharded:
+    if q.shape[0] == 0 or q.shape[2] == 0:
+        # nothing to compute (every rank agreed above, so no rank waits on a collective)
+        o, state = _empty(q, k, v, beta, gate, initial_state)
+    elif sharded:
         o, state = sharded_delta_rule(
             q, k, v, beta, mesh, initial_state=initial_state, scale=scale, gate=gate,
             chunk_size=chunk_size, schedule=schedule, output_final_state=output_final_state)
     else:
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
         o, state = run(q, k, v, beta, gate, initial_state, LocalSchedule(), scale, chunk_size)
     return o, (state if output_final_state else None)
+
+
+def _empty(q, k, v, beta, gate, initial_state):
+    """The results of an empty batch or sequence: o [B, H, N, Dv] of zeros, built from every
+    input so that backward reaches each of them (with empty or zero gradients), and the
+    initial state (a copy; zeros when None) as the final state: no token changed it."""
+    reach = q.sum(-1) + k.sum(-1) + beta + (gate if gate is not None else 0)  # [B, H, N]
+    o = (v + reach[..., None].to(v.dtype)) * 0  # [B, H, N, Dv]
+    if initial_state is None:
+        return o, v.new_zeros(q.shape[:2] + (q.shape[3], v.shape[3]))
+    return o, initial_state.to(v.dtype, copy=True)

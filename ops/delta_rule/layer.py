@@ -173,9 +173,15 @@ class DeltaNet(nn.Module):
         state: the delta-rule state before the n tokens [B, H, Dk, Dv] (None: zeros, or the
         state across ranks with a mesh). Returns (y [B, n, hidden], the state after the n
         tokens [B, H, Dk, Dv], or None with a mesh)."""
-        q, k, v, beta, gate = self._features(x, context)
-        if state is not None:  # the state leaves in v's dtype: keep it fp32 under autocast
-            v = v.to(state.dtype)
+        features = self._features(x, context)  # q, k, v, beta, gate
+        # one dtype for all (delta_rule rejects a mix): under autocast the projections come
+        # out in bf16 / fp16 and the gate in fp32. The widest of them (and of the state, which
+        # leaves in v's dtype: fp32 under autocast) loses nothing, the kernel computes in fp32.
+        dtype = state.dtype if state is not None else features[0].dtype
+        for t in features:
+            if t is not None:
+                dtype = torch.promote_types(dtype, t.dtype)
+        q, k, v, beta, gate = (t.to(dtype) if t is not None else None for t in features)
         alone = mesh is None or mesh.size == 1
         # the kernel computes in fp32 itself; autocast would lower its matmuls to bf16
         with torch.autocast(x.device.type, enabled=False):

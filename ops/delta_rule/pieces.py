@@ -33,7 +33,7 @@ import torch
 
 from seqshard.dist import Mesh, exclusive_scan
 
-from .api import _agree, _nonfinite
+from .api import _FLOATS, _agree, _nonfinite, facts
 from .chunk import default_chunk_size, prepare_blocked, shard_map
 from .sharded import compose
 
@@ -222,10 +222,14 @@ def deltanet_in_pieces(layer, x: torch.Tensor, halo: torch.Tensor, mesh: Mesh | 
     """
     problems = _nonfinite([("x", x), ("halo", halo)])
     if mesh is not None and mesh.size > 1:
-        # the same all-gather as delta_rule's check on the whole-shard path; Dv < 0 marks
-        # this path, so ranks that took different paths raise instead of mixing scans
+        # the same all-gather as delta_rule's check on the whole-shard path (its "path" fact
+        # says which), so ranks that took different paths raise instead of mixing scans
         d = layer.head_dim
-        _agree(problems, [x.shape[0], layer.num_heads, d, -d], mesh)
+        dtype = x.dtype if x.dtype in _FLOATS else None
+        chunk = layer.chunk_size or default_chunk_size(x.device)
+        row = facts("pieces", x.shape[0], layer.num_heads, d, d, [dtype] * 4 + [
+            dtype if layer.use_gate else None], layer.use_gate, d ** -0.5, chunk, "scan", False)
+        _agree(problems, row, mesh, "DeltaNet")
     elif problems:
         raise ValueError("DeltaNet: " + "; ".join(problems))
     params = list(layer.parameters())
