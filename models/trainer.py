@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import resource
 import time
 
@@ -29,6 +30,9 @@ from .build import build_model
 from .config import LMConfig, TrainConfig, make_config, make_train_config
 from .data import RecallTask, random_batch, recall_batch
 from .loss import next_token_targets, sharded_accuracy, sharded_lm_loss
+from .safe_load import check_checkpoint, install_safe_engine, raise_on_every_rank
+
+_TAG = re.compile(r"^step\d+$")  # the tags `save` writes; anything else in `latest` is refused
 
 
 def lr_lambda(tc: TrainConfig):
@@ -167,6 +171,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(tc))
+        install_safe_engine(self.engine)  # resume loads tensors and plain data, never code
         self.step_count = 0
         if (tc.dtype == "bf16" and self.mesh.device.type == "cuda"
                 and not torch.cuda.is_bf16_supported()):
@@ -234,8 +239,19 @@ class Trainer:
         self.engine.save_checkpoint(directory, tag=f"step{self.step_count}", client_state=state)
 
     def load(self, directory: str) -> None:
-        """Resume from the latest checkpoint in `directory` (written by `save`)."""
-        path, state = self.engine.load_checkpoint(directory)
+        """Resume from the latest checkpoint in `directory` (written by `save`).
+
+        Nothing in the folder is unpickled beyond tensors and plain data: a tampered file
+        raises ValueError naming it, on every rank, before any rank starts DeepSpeed's load
+        (whose collectives would otherwise wait on the rank that failed)."""
+        problem, tag = "", None
+        try:
+            tag = self._latest_tag(directory)
+            check_checkpoint(os.path.join(directory, tag))
+        except ValueError as err:
+            problem = str(err)
+        raise_on_every_rank(problem, self.mesh, f"checkpoint {directory!r}")
+        path, state = self.engine.load_checkpoint(directory, tag=tag)
         if path is None:
             raise ValueError(f"no DeepSpeed checkpoint found in {directory!r}")
         if state.get("kind") != self.kind or state.get("seed") != self.tc.seed:
@@ -243,6 +259,20 @@ class Trainer:
                              f"seed={state.get('seed')!r}, not {self.kind!r} seed={self.tc.seed}")
         self.step_count = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
+
+    @staticmethod
+    def _latest_tag(directory: str) -> str:
+        """The tag in DeepSpeed's `latest` file, checked to be one `save` writes (so a planted
+        `latest` cannot point the load at a path outside the folder)."""
+        latest = os.path.join(directory, "latest")
+        if not os.path.isfile(latest):
+            raise ValueError(f"no DeepSpeed checkpoint found in {directory!r} (no 'latest' file)")
+        with open(latest) as f:
+            tag = f.read().strip()
+        if not _TAG.match(tag):
+            raise ValueError(f"{latest!r} names tag {tag[:80]!r}; expected step<N> as written "
+                             f"by Trainer.save")
+        return tag
 
     # --- checks ------------------------------------------------------------------------------
     def full_state_dict(self) -> dict:
