@@ -120,7 +120,17 @@ class ProbeTask:
                    Path(directory) / f"probe-rank{self.mesh.global_rank:05d}.pt")
 
     def load(self, directory: Path) -> None:
-        state = torch.load(Path(directory) / f"probe-rank{self.mesh.global_rank:05d}.pt")
+        # deferred: launch must import without models; weights-only, so a planted file raises
+        # ValueError naming it instead of running code
+        from seqshard.models.safe_load import load_weights_only, raise_on_every_rank
+
+        path = Path(directory) / f"probe-rank{self.mesh.global_rank:05d}.pt"
+        problem, state = "", None
+        try:
+            state = load_weights_only(path)
+        except ValueError as err:
+            problem = str(err)
+        raise_on_every_rank(problem, self.mesh, f"checkpoint {str(directory)!r}")
         self.w, self.step_count = state["w"], state["step"]
 
     def exactness_check(self, seq_len: int) -> float:
