@@ -43,16 +43,27 @@ def group_rank(group) -> int:
 
 
 @contextmanager
-def _guard(op: str, group):
+def _guard(op: str, group, *, posting: bool = False):
+    """Turn a RuntimeError of `op` into a CollectiveError naming this rank and the op.
+
+    posting=True wraps the call that *starts* the op: torch checks this rank's arguments
+    there (a tensor's layout, device), before anything reaches a peer, so a failure is
+    this rank's own error and is not blamed on a peer. Failures while waiting are what a
+    dead, stalled or mismatched peer looks like -- or a check gloo makes only in its worker
+    thread (an unsupported dtype), which the message also names.
+    """
     try:
         yield
     except CollectiveError:
         raise
     except RuntimeError as err:
         me = dist.get_rank() if dist.is_initialized() else 0
+        cause = ("could not be started on this rank (its own arguments were rejected before "
+                 "anything was sent)" if posting else
+                 "failed (a peer may have died, stalled or sent a different shape, or the "
+                 "backend rejected this rank's tensor: see the error)")
         raise CollectiveError(
-            f"rank {me}: {op} over a group of {group_size(group)} ranks failed "
-            f"(a peer may have died, stalled or sent a different shape): {err}"
+            f"rank {me}: {op} over a group of {group_size(group)} ranks {cause}: {err}"
         ) from err
 
 
@@ -69,9 +80,11 @@ def _flat(new_name: str, old_name: str):
     return getattr(dist, new_name, None) or getattr(dist, old_name)
 
 
-def _run(op, *args, group, timeout, **kwargs) -> None:
-    work = op(*args, group=group, async_op=True, **kwargs)
-    _wait(work, timeout)
+def _run(op, name: str, *args, group, timeout, **kwargs) -> None:
+    with _guard(name, group, posting=True):
+        work = op(*args, group=group, async_op=True, **kwargs)
+    with _guard(name, group):
+        _wait(work, timeout)
 
 
 # --- all-to-all ------------------------------------------------------------------------------
@@ -91,8 +104,7 @@ def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int, timeo
     else:
         send = torch.stack(pieces)  # [world, ...piece] with piece j going to rank j
     recv = torch.empty_like(send)
-    with _guard("all_to_all", group):
-        _run(dist.all_to_all_single, recv, send, group=group, timeout=timeout)
+    _run(dist.all_to_all_single, "all_to_all", recv, send, group=group, timeout=timeout)
     del send, pieces  # one buffer less alive while the received pieces are concatenated
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
@@ -136,8 +148,8 @@ def _all_gather(x: torch.Tensor, dim: int, group, timeout) -> torch.Tensor:
         return x
     send = x.movedim(dim, 0).contiguous()
     recv = send.new_empty((world * send.shape[0],) + tuple(send.shape[1:]))
-    with _guard("all_gather", group):
-        _run(_flat("all_gather_single", "all_gather_into_tensor"), recv, send, group=group, timeout=timeout)
+    _run(_flat("all_gather_single", "all_gather_into_tensor"), "all_gather", recv, send,
+         group=group, timeout=timeout)
     return recv.movedim(0, dim)
 
 
@@ -151,8 +163,8 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group, timeout) -> torch.Tensor:
         )
     send = x.movedim(dim, 0).contiguous()
     recv = send.new_empty((send.shape[0] // world,) + tuple(send.shape[1:]))
-    with _guard("reduce_scatter", group):
-        _run(_flat("reduce_scatter_single", "reduce_scatter_tensor"), recv, send, group=group, timeout=timeout)
+    _run(_flat("reduce_scatter_single", "reduce_scatter_tensor"), "reduce_scatter", recv, send,
+         group=group, timeout=timeout)
     return recv.movedim(0, dim)
 
 
@@ -194,9 +206,8 @@ def reduce_scatter(x: torch.Tensor, dim: int, group, *, timeout=None) -> torch.T
 def _all_reduce(x: torch.Tensor, group, timeout) -> torch.Tensor:
     if group_size(group) == 1:
         return x
-    out = x.clone()
-    with _guard("all_reduce", group):
-        _run(dist.all_reduce, out, group=group, timeout=timeout)
+    out = x.clone(memory_format=torch.contiguous_format)  # gloo reduces contiguous tensors only
+    _run(dist.all_reduce, "all_reduce", out, group=group, timeout=timeout)
     return out
 
 
@@ -225,16 +236,25 @@ def _peer(group, rank_in_group: int) -> int:
 class Pending:
     """Receives posted by `RingComm.post`; `wait()` returns the received tensors."""
 
-    def __init__(self, works, received, timeout, op, group):
+    def __init__(self, works, received, timeout, op, group, staged=()):
         self._works, self._received = works, received
         self._timeout, self._op, self._group = timeout, op, group
+        self._staged = staged  # (contiguous buffer received into, the caller's buffer)
 
     def wait(self):
         with _guard(self._op, self._group):
             for work in self._works:
                 _wait(work, self._timeout)
         self._works = []
+        for got, dst in self._staged:
+            dst.copy_(got)
+        self._staged = ()
         return self._received
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """`t` as gloo and NCCL send it: contiguous (a copy only when t is not)."""
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def exchange(
@@ -248,16 +268,22 @@ def exchange(
     """Post sends (tensor, dst) and receives (buffer, src), ranks given inside `group`.
 
     Returns at once; `wait()` on the result blocks until all complete and returns the
-    receive buffers in order.
+    receive buffers in order. Tensors and buffers may be any views (a transposed K, a head
+    slice of dK): they go through contiguous copies where they are not contiguous.
     """
-    ops = [dist.P2POp(dist.isend, t.contiguous(), _peer(group, d), group) for t, d in sends]
-    ops += [dist.P2POp(dist.irecv, b, _peer(group, s), group) for b, s in recvs]
+    ops = [dist.P2POp(dist.isend, _wire(t), _peer(group, d), group) for t, d in sends]
     buffers = [b for b, _ in recvs]
+    # a buffer that is not contiguous receives into a fresh one, copied over in wait()
+    staged = [(b if b.is_contiguous() else torch.empty(b.shape, dtype=b.dtype, device=b.device),
+               b) for b in buffers]
+    ops += [dist.P2POp(dist.irecv, wire, _peer(group, s), group)
+            for (wire, _), (_, s) in zip(staged, recvs)]
+    staged = [(wire, b) for wire, b in staged if wire is not b]
     if not ops:
         return Pending([], buffers, timeout, op, group)
-    with _guard(op, group):
+    with _guard(op, group, posting=True):
         works = dist.batch_isend_irecv(ops)
-    return Pending(works, buffers, timeout, op, group)
+    return Pending(works, buffers, timeout, op, group, staged)
 
 
 class RingComm:
