@@ -98,8 +98,8 @@ def _bad_window(rank, world):
         ShardedAttention(m, causal=True, layout="striped", window=3)
     with pytest.raises(ValueError, match="block=0"):
         window_attention(q, q, q, m, window=3, block=0)
-    with pytest.raises(ValueError, match=r"shape \(1, 2, 0, 8\)"):
-        window_attention(q[:, :, :0], q[:, :, :0], q[:, :, :0], m, window=3)
+    # no tokens: an empty result, as torch's SDPA gives (tests/test_attention_inputs.py)
+    assert window_attention(q[:, :, :0], q[:, :, :0], q[:, :, :0], m, window=3).shape == (1, 2, 0, 8)
     with pytest.raises(ValueError, match="doc_lens"):
         sharded_attention(q, q, q, m, causal=True, window=3, doc_lens=[5, 5])
     # the drop-in forwards the window: equal to the op's result

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from .checks import check_qkv
+
 # The exact schemas this module was written against; a test compares them with torch's.
 FUSED_CPU_SCHEMAS = (
     "aten::_scaled_dot_product_flash_attention_for_cpu(Tensor query, Tensor key, Tensor value, "
@@ -48,12 +50,24 @@ MASK_KINDS = ("full", "causal", "strict")
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    """scale, or D^-1/2. With D = 0 every logit is an empty sum (0) whatever the scale: 1."""
+    if scale is not None:
+        return float(scale)
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
-def _use_fused(q: torch.Tensor) -> bool:
-    return (FUSED_CPU is not None and q.device.type == "cpu"
+def _use_fused(q: torch.Tensor, k: torch.Tensor) -> bool:
+    # empty blocks (B, N or D = 0) take the plain path: the fused kernel divides by them
+    return (FUSED_CPU is not None and q.device.type == "cpu" and q.numel() > 0
+            and k.numel() > 0
             and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """t with stride 1 in its last dim, which the private fused kernel assumes without
+    checking (public SDPA ensures it before calling it). Copies only when needed: a
+    transposed or head-sliced view already has it; x[..., ::2] or an expanded grad does not."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
@@ -116,10 +130,11 @@ def block_forward(q, k, v, kind: str, scale: float, mask=None):
     """
     hq = q.shape[1]
     k, v = _expand_kv(k, hq), _expand_kv(v, hq)
-    if mask is not None or not _use_fused(q):
+    if mask is not None or not _use_fused(q, k):
         mask = _plain_mask(kind, mask, q.shape[2], k.shape[2], q.device)
         return _plain_fwd(q, k, v, scale, mask)
     fwd, _ = FUSED_CPU
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
     if kind != "strict":
         out, lse = fwd(q, k, v, 0.0, kind == "causal", scale=scale)
         return out, lse.float()
@@ -140,12 +155,13 @@ def block_backward(do, q, k, v, out, lse, kind: str, scale: float, mask=None):
     """
     hq, hkv = q.shape[1], k.shape[1]
     ke, ve = _expand_kv(k, hq), _expand_kv(v, hq)
-    if mask is not None or not _use_fused(q):
+    if mask is not None or not _use_fused(q, k):
         mask = _plain_mask(kind, mask, q.shape[2], k.shape[2], q.device)
         dq, dk, dv = _plain_bwd(do, q, ke, ve, out, lse, scale, mask)
         return dq, _fold_kv(dk, hkv), _fold_kv(dv, hkv)
     _, bwd = FUSED_CPU
-    do, out = do.to(q.dtype), out.to(q.dtype)
+    do, q, ke, ve, out = (_unit_stride(t.to(q.dtype)) for t in (do, q, ke, ve, out))
+    lse = _unit_stride(lse)
     if kind != "strict":
         dq, dk, dv = bwd(do, q, ke, ve, out, lse, 0.0, kind == "causal", scale=scale)
     else:
@@ -208,8 +224,27 @@ def local_attention(q, k, v, causal: bool = False, scale: float | None = None):
     >>> out, lse = local_attention(q, k, v, causal=True)
     >>> out.sum().backward()
     """
-    if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"query heads {q.shape[1]} not divisible by key/value heads {k.shape[1]}")
+    check_qkv(q, k, v, same_len=False)
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal local_attention needs N == N_k, got {q.shape[2]} and {k.shape[2]}")
     return _LocalAttention.apply(q, k, v, causal, default_scale(q.shape[-1], scale))
+
+
+class _Empty(torch.autograd.Function):
+    """The output of attention on empty inputs (like q), with zero-size gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.like = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return q.new_empty(q.shape)
+
+    @staticmethod
+    def backward(ctx, _do):
+        return tuple(torch.zeros(s, dtype=dt, device=dev) for s, dt, dev in ctx.like)
+
+
+def empty_attention(q, k, v) -> torch.Tensor:
+    """Attention where q, k or v has no elements (B, N or D = 0): an empty out [B, Hq, N, D]
+    like torch's SDPA, every gradient empty too. Needs no communication: with B, N or D
+    zero on one rank (and ranks agreeing), every rank holds nothing."""
+    return _Empty.apply(q, k, v)

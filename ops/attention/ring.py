@@ -130,7 +130,9 @@ def _ring_bwd(do, q, k, v, out, lse, plans, scale, group, timeout):
     def fetch(tick):  # send my K/V group to rank r + s, receive rank r - s's
         s, sl = tick
         sends = [(kv_part(t, sl), peer(s)[0]) for t in (k, v)]
-        recvs = [(torch.empty_like(kv_part(t, sl)), peer(s)[1]) for t in (k, v)]
+        # fresh contiguous buffers: empty_like would copy a transposed K's strides
+        recvs = [(torch.empty(kv_part(t, sl).shape, dtype=t.dtype, device=t.device), peer(s)[1])
+                 for t in (k, v)]
         return exchange(sends, recvs, group, timeout=timeout, op="ring_attention backward")
 
     f32 = dict(dtype=torch.float32, device=q.device)

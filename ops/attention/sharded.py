@@ -22,7 +22,10 @@ import torch
 
 from seqshard.dist import Mesh, all_gather, get_layout
 
-from .kernels import default_scale, local_attention
+from seqshard.dist.agree import agree, digest
+
+from .checks import check_qkv
+from .kernels import default_scale, empty_attention, local_attention
 from .naive import doc_ids
 from .plan import cached_plan
 from .ring import ring_attention
@@ -31,28 +34,7 @@ from .window import check_window, window_attention
 STRATEGIES = ("auto", "ring", "ulysses", "hybrid", "allgather")
 
 
-# --- checks ------------------------------------------------------------------------------------
-def _check_inputs(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a 4-D tensor [B, H, N_local, D], got {shape}")
-    if k.shape != v.shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    b, hq, n, d = q.shape
-    if (k.shape[0], k.shape[2], k.shape[3]) != (b, n, d):
-        raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, local sequence "
-            f"length and head dim ([B, H, N_local, D])"
-        )
-    if hq % k.shape[1] != 0:
-        raise ValueError(f"query heads {hq} are not divisible by key/value heads {k.shape[1]}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v have different dtypes: {q.dtype}, {k.dtype}, {v.dtype}")
-
-
+# --- checks ---------------------------------------------------------------------------------------
 def _check_heads(hq: int, degree: int, strategy: str) -> None:
     if hq % degree != 0:
         raise ValueError(
@@ -113,15 +95,36 @@ def _allgather(q, k, v, mesh, layout, *, causal, scale, doc_lens):
     return ring_attention(q, k_all, v_all, [plan], scale)
 
 
+def _facts(q, k, *, causal, scale, layout, strategy, doc_lens, window) -> dict:
+    """What every rank must pass alike (compared by `seqshard.dist.agree.agree`)."""
+    b, hq, n, d = q.shape
+    docs = None if doc_lens is None else digest(torch.as_tensor(doc_lens).flatten().tolist())
+    return {"B": b, "Hq": hq, "Hkv": k.shape[1], "N_local": n, "D": d, "dtype": q.dtype,
+            "causal": bool(causal), "strategy": strategy, "layout": repr(get_layout(layout)),
+            "window": window, "scale": scale, "doc_lens": docs,
+            "grad": torch.is_grad_enabled() and q.requires_grad}
+
+
+def _validate(q, k, v, mesh, *, causal, layout, strategy, window) -> None:
+    """Everything one rank can check about its own arguments (ValueError on a problem)."""
+    check_qkv(q, k, v)
+    if window is not None:
+        check_window(window, causal=causal, layout=layout, strategy=strategy, world=mesh.size)
+    get_layout(layout)
+    resolve_strategy(strategy, mesh, q.shape[1])
+
+
 def sharded_attention(q, k, v, mesh: Mesh | None = None, *, causal: bool = False,
                       scale: float | None = None, layout="contiguous", strategy: str = "auto",
-                      doc_lens=None, window: int | None = None) -> torch.Tensor:
+                      doc_lens=None, window: int | None = None,
+                      check_agreement: bool = True) -> torch.Tensor:
     """Exact attention over a sequence sharded across `mesh`'s sequence-parallel ranks.
 
     q [B, Hq, N_local, D]; k, v [B, Hkv, N_local, D] with Hq % Hkv == 0 (GQA/MQA); each rank
     passes its own shard (N = N_local * P tokens in all, placed by `layout`: 'contiguous',
     'zigzag', 'striped' or a seqshard.dist.Layout). Returns out [B, Hq, N_local, D], this
-    rank's rows of softmax(scale q k^T + mask) v over the GLOBAL sequence.
+    rank's rows of softmax(scale q k^T + mask) v over the GLOBAL sequence. Any strides are
+    fine (transposed, head-sliced, expanded views); dtype float16/bfloat16/float32/float64.
 
     causal: each token sees itself and earlier global positions. scale: default D^-1/2.
     strategy: 'auto' | 'ring' | 'ulysses' | 'hybrid' | 'allgather' (auto: see module doc).
@@ -129,7 +132,15 @@ def sharded_attention(q, k, v, mesh: Mesh | None = None, *, causal: bool = False
     attend across a document boundary. mesh None or Mesh.single(): plain local attention.
     window: causal sliding window of W tokens including the token itself (token t reads
     t-W+1 .. t); needs causal=True, strategy='auto' and, sharded, layout='contiguous'
-    (a halo exchange with the previous ranks, see ops/attention/window.py).
+    (a halo exchange with the previous ranks, see ops/attention/window.py). W >= N is
+    plain causal attention.
+    check_agreement: with P > 1, first check with one small all-gather that every rank
+    passed the same shapes, dtype and options, so a mismatch (or bad input on one rank)
+    raises the same ValueError on every rank instead of hanging; pass False in hot loops
+    whose arguments are known to agree.
+
+    Empty inputs (B, N_local or D = 0) return an empty output with empty gradients, as
+    torch's scaled_dot_product_attention does (no communication).
 
     Example (one process; with P ranks every rank passes its shard and the same mesh):
 
@@ -137,10 +148,25 @@ def sharded_attention(q, k, v, mesh: Mesh | None = None, *, causal: bool = False
     >>> out = sharded_attention(q, k, v, None, causal=True, strategy="ring")
     >>> out.sum().backward()
     """
-    _check_inputs(q, k, v)
-    mesh = Mesh.single(q.device) if mesh is None else mesh
+    if mesh is None:
+        check_qkv(q, k, v)  # before q.device is read
+        mesh = Mesh.single(q.device)
+    opts = dict(causal=causal, layout=layout, strategy=strategy, window=window)
+    if mesh.size > 1 and check_agreement:
+        try:
+            _validate(q, k, v, mesh, **opts)
+            problem, facts = None, _facts(q, k, scale=scale, doc_lens=doc_lens, **opts)
+        except ValueError as err:
+            problem, facts = str(err), {}
+        agree(facts, mesh.group, what="sharded_attention", problem=problem,
+              timeout=mesh.timeout)
+    else:
+        _validate(q, k, v, mesh, **opts)
+    if q.numel() == 0:
+        return empty_attention(q, k, v)
+    if window is not None and window >= q.shape[2] * mesh.size:
+        window = None  # the window covers the whole sequence: plain causal attention
     if window is not None:
-        check_window(window, causal=causal, layout=layout, strategy=strategy, world=mesh.size)
         return window_attention(q, k, v, mesh, window=window, scale=scale, doc_lens=doc_lens)
     layout = get_layout(layout)
     strategy = resolve_strategy(strategy, mesh, q.shape[1])
@@ -171,10 +197,11 @@ def sharded_attention(q, k, v, mesh: Mesh | None = None, *, causal: bool = False
 
 # --- drop-ins ----------------------------------------------------------------------------------
 def make_sdpa(mesh: Mesh | None = None, layout="contiguous", strategy: str = "auto",
-              window: int | None = None):
+              window: int | None = None, check_agreement: bool = True):
     """A function with `torch.nn.functional.scaled_dot_product_attention`'s signature that
     computes sharded attention over `mesh` (query/key/value are this rank's shards).
     `window` makes it a causal sliding window of that many tokens (then is_causal=True).
+    check_agreement: see `sharded_attention`.
 
     attn_mask must be None (use causal or doc_lens in `sharded_attention`), dropout_p must be 0.
 
@@ -198,13 +225,15 @@ def make_sdpa(mesh: Mesh | None = None, layout="contiguous", strategy: str = "au
                 f"query heads {query.shape[1]} != key heads {key.shape[1]}: pass enable_gqa=True"
             )
         return sharded_attention(query, key, value, mesh, causal=is_causal, scale=scale,
-                                 layout=layout, strategy=strategy, window=window)
+                                 layout=layout, strategy=strategy, window=window,
+                                 check_agreement=check_agreement)
 
     return sdpa
 
 
 class ShardedAttention(torch.nn.Module):
     """`sharded_attention` as a module (no parameters): forward(q, k, v, doc_lens=None).
+    check_agreement: see `sharded_attention`.
 
     >>> attn = ShardedAttention(None, causal=True)
     >>> out = attn(*(torch.randn(1, 4, 12, 32) for _ in range(3)))
@@ -212,9 +241,10 @@ class ShardedAttention(torch.nn.Module):
 
     def __init__(self, mesh: Mesh | None = None, *, causal: bool = False,
                  scale: float | None = None, layout="contiguous", strategy: str = "auto",
-                 window: int | None = None):
+                 window: int | None = None, check_agreement: bool = True):
         super().__init__()
         self.mesh, self.causal, self.scale, self.window = mesh, causal, scale, window
+        self.check_agreement = check_agreement
         self.layout, self.strategy = get_layout(layout), strategy
         resolve_strategy(strategy, mesh or Mesh.single(), 1)  # reject unknown names early
         if window is not None:
@@ -224,7 +254,7 @@ class ShardedAttention(torch.nn.Module):
     def forward(self, q, k, v, doc_lens=None):
         return sharded_attention(q, k, v, self.mesh, causal=self.causal, scale=self.scale,
                                  layout=self.layout, strategy=self.strategy, doc_lens=doc_lens,
-                                 window=self.window)
+                                 window=self.window, check_agreement=self.check_agreement)
 
     def extra_repr(self) -> str:
         size = 1 if self.mesh is None else self.mesh.size

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from seqshard.dist import Mesh, get_layout, ring_shift
 
-from .kernels import default_scale
+from .checks import check_qkv
+from .kernels import default_scale, empty_attention
 from .naive import doc_ids
 
 # Query rows per block: max(W // 2, MIN_BLOCK). A row computes block + W - 1 scores of which
@@ -183,14 +184,17 @@ def window_attention(q, k, v, mesh: Mesh | None = None, *, window: int,
     >>> out = window_attention(q, k, v, None, window=16)
     >>> out.sum().backward()
     """
+    check_qkv(q, k, v)
     mesh = Mesh.single(q.device) if mesh is None else mesh
     window = check_window(window, causal=True, layout="contiguous", strategy="auto",
                           world=mesh.size)
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise ValueError(f"block={block!r} must be a positive integer")
+    if q.numel() == 0:  # B, n or D = 0 (on every rank: they hold equal shapes)
+        return empty_attention(q, k, v)
     n = q.shape[2]
-    if n == 0:
-        raise ValueError(f"window attention needs local tokens, got q of shape {tuple(q.shape)}")
+    # W >= N is plain causal attention: W = N gives it too, and sizes the blocks by N, not W
+    window = min(window, n * mesh.size)
     doc = None if doc_lens is None else doc_ids(doc_lens, n * mesh.size, q.device)
     k_halo, v_halo = gather_halo(k, v, mesh, window)  # [B, Hkv, h, D]
     if k_halo.shape[2] or mesh.size > 1:
