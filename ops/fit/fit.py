@@ -37,6 +37,11 @@ def _check_count(**values) -> None:
             raise ValueError(f"{name}={value!r} must be a non-negative integer")
 
 
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The parameters' dtype, which x must share (a mix fails deep inside torch)."""
+    return next(module.parameters()).dtype
+
+
 def latent_mask(num_groups: int, num_latents: int, rows: range | None = None, device=None,
                 dtype=torch.float32) -> torch.Tensor:
     """Additive mask of the causal global layers, 0 = may attend, -inf = not.
@@ -126,8 +131,10 @@ class FITBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor, mesh: Mesh | None = None,
                 global_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        t = check_tokens(x, self.dim, self.group_size, mesh)
+        t = check_tokens(x, self.dim, self.group_size, mesh, _dtype(self))
         b, n, m = x.shape[0], self.group_size, self.num_latents
+        if latents.dtype != x.dtype:
+            raise ValueError(f"latents are {latents.dtype} but x is {x.dtype}")
         if tuple(latents.shape) != (b, t, m, self.dim):
             raise ValueError(
                 f"latents have shape {tuple(latents.shape)}, expected (batch, groups, "
@@ -220,7 +227,7 @@ class FIT(nn.Module):
             block.group_size = group_size
 
     def forward(self, x: torch.Tensor, mesh: Mesh | None = None) -> torch.Tensor:
-        t = check_tokens(x, self.dim, self.group_size, mesh)
+        t = check_tokens(x, self.dim, self.group_size, mesh, _dtype(self))
         b, n, m = x.shape[0], self.group_size, self.num_latents
         x = (x.reshape(b, t, n, self.dim) + self.token_pos[:n]).reshape(b, t * n, self.dim)
         slots = group_embedding(group_index(t, mesh, x.device), self.dim).to(x.dtype)  # [t, D]

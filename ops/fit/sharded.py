@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from seqshard.dist import Mesh, all_gather, check_same_shape
+from seqshard.dist import Mesh, all_gather
+from seqshard.dist.agree import agree
 
 
 def world_and_rank(mesh: Mesh | None) -> tuple[int, int]:
@@ -27,27 +28,50 @@ def world_and_rank(mesh: Mesh | None) -> tuple[int, int]:
     return (1, 0) if mesh is None else (mesh.size, mesh.rank)
 
 
-def check_tokens(x: torch.Tensor, dim: int, group_size: int, mesh: Mesh | None) -> int:
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _token_problem(x, dim: int, group_size: int, dtype: torch.dtype | None) -> str | None:
+    """What is wrong with this rank's shard x on its own (None: nothing)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        what = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        return f"x must be [batch, seq_local, dim], got shape {what}"
+    if x.dtype not in _FLOATS:
+        return f"x has dtype {x.dtype}: expected float16, bfloat16, float32 or float64"
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        return (f"x is {x.dtype} but FIT's parameters are {dtype}: cast one to the other "
+                f"(or run under autocast)")
+    if x.shape[-1] != dim:
+        return f"x has width {x.shape[-1]} (shape {tuple(x.shape)}), expected dim={dim}"
+    n_local = x.shape[1]
+    if n_local == 0:
+        return (f"N_local=0: FIT needs at least one group of group_size={group_size} tokens "
+                f"per rank (an empty sequence has no latents for the global layers)")
+    if n_local % group_size != 0:
+        return (f"shard length N_local={n_local} is not a positive multiple of group_size="
+                f"{group_size}: groups must not straddle ranks (pad the global sequence to a "
+                f"multiple of world x group_size, e.g. with seqshard.dist.pad_to_multiple)")
+    return None
+
+
+def check_tokens(x: torch.Tensor, dim: int, group_size: int, mesh: Mesh | None,
+                 dtype: torch.dtype | None = None) -> int:
     """Validate a token shard [B, N_local, dim]; return the number of local groups.
 
-    Raises ValueError (with the values) on a wrong rank, width, a shard that splits a group,
-    or shards whose shapes differ across ranks (which would otherwise hang the gather).
+    dtype: the parameters' (x must match it unless autocast is on). Raises ValueError (with
+    the values) on a wrong rank, width or dtype, a shard that splits a group or is empty,
+    and, on EVERY rank, when any rank's shard is bad or the ranks' shards differ in shape,
+    dtype or group size (which would otherwise hang or garble the latent gathers).
     """
-    if x.dim() != 3:
-        raise ValueError(f"x must be [batch, seq_local, dim], got shape {tuple(x.shape)}")
-    if x.shape[-1] != dim:
-        raise ValueError(f"x has width {x.shape[-1]} (shape {tuple(x.shape)}), expected dim={dim}")
-    n_local = x.shape[1]
-    if n_local == 0 or n_local % group_size != 0:
-        raise ValueError(
-            f"shard length N_local={n_local} is not a positive multiple of group_size="
-            f"{group_size}: groups must not straddle ranks (pad the global sequence to a "
-            f"multiple of world x group_size, e.g. with seqshard.dist.pad_to_multiple)"
-        )
+    problem = _token_problem(x, dim, group_size, dtype)
     world, _ = world_and_rank(mesh)
     if world > 1:
-        check_same_shape(x, mesh.group, "FIT input shard", timeout=mesh.timeout)
-    return n_local // group_size
+        facts = {"x shape": tuple(x.shape), "x dtype": x.dtype, "group_size": group_size}
+        agree(facts if problem is None else {}, mesh.group, what="FIT", problem=problem,
+              timeout=mesh.timeout)
+    elif problem is not None:
+        raise ValueError(problem)
+    return x.shape[1] // group_size
 
 
 def group_index(t_local: int, mesh: Mesh | None, device=None) -> torch.Tensor:
