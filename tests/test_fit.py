@@ -140,7 +140,8 @@ def test_fit_block_alone_sharded():
 def _check_mismatched_shards(rank: int, world: int) -> None:
     fit = FIT(dim=16, num_heads=2, group_size=5, num_latents=2)
     x = torch.randn(1, 10 if rank == 0 else 15, 16)
-    with pytest.raises(ValueError, match=r"rank 1 has x shape=\(1, 15, 16\) \(rank 0: \(1, 10, 16\)\)"):
+    shapes = r"rank 1 has x shape=\(1, 15, 16\) \(rank 0: \(1, 10, 16\)\)"
+    with pytest.raises(ValueError, match=shapes):
         fit(x, mesh())
 
 
