@@ -113,6 +113,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope_tables(ctx.positions, self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # the model checked once per forward that every rank's token shard agrees
         out = sharded_attention(q, k, v, ctx.mesh, causal=True, layout=ctx.layout,
-                                strategy=self.strategy, window=self.window)  # [B, Hq, N_local, D]
+                                strategy=self.strategy, window=self.window,
+                                check_agreement=False)  # [B, Hq, N_local, D]
         return self.wo(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seqshard.dist import Mesh
+from seqshard.dist.agree import agree
 
 from .config import LMConfig
 from .layers import ShardContext, RMSNorm
@@ -94,8 +95,17 @@ class CausalLM(nn.Module):
         shard's logits never exist at once. Both go through forward so that wrappers such as
         DeepSpeed's engine (ZeRO-3 parameter gathering) see the call.
         """
+        problem = None
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, N_local], got {tuple(input_ids.shape)}")
+            problem = f"input_ids must be [B, N_local], got {tuple(input_ids.shape)}"
+        if self.mesh.size > 1:
+            # once per forward, so that the layers below (whose shapes all follow from the
+            # token shard and the config) can skip their own per-call agreement gathers
+            agree({"input_ids": tuple(input_ids.shape), "targets": targets is not None,
+                   "loss_mask": loss_mask is not None}, self.mesh.group,
+                  what=type(self).__name__, problem=problem, timeout=self.mesh.timeout)
+        elif problem is not None:
+            raise ValueError(problem)
         ctx = self.context(input_ids)
         x = self.mix(self.embed(input_ids), ctx)  # [B, N_local, C]
         hidden = self.norm(x)  # [B, N_local, C]

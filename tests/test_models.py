@@ -193,3 +193,25 @@ PIECE_CASES = [
 def test_loss_path_in_pieces_equals_plain_path(world):
     for counts in run_ranks(_loss_path_cases, world, PIECE_CASES):
         assert len(counts) == len(PIECE_CASES) and min(counts) > 10
+
+
+def _lm_with_disagreeing_shards(rank, world, kind):
+    from seqshard.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(kind, dict(TRANSFORMER, layout="contiguous"), mesh())
+    ids = torch.zeros(1, 6 + 2 * rank, dtype=torch.long)  # rank 1 holds 8 tokens, rank 0 6
+    try:
+        model(ids)
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_lm_ranks_that_disagree_raise_on_every_rank():
+    # the model checks its token shards once per forward; its attention layers skip their
+    # own checks, so without the model's check one rank would hang or read garbage
+    said = run_ranks(_lm_with_disagreeing_shards, 2, "transformer")
+    for text in said:
+        assert "ranks were called with different arguments" in text, text
+        assert "input_ids=(1, 8) (rank 0: (1, 6))" in text, text
