@@ -4,6 +4,7 @@
 collectives and process-group start-up through DeepSpeed's comm. Knows nothing about models.
 """
 
+from .agree import agree, digest
 from .collectives import (
     CollectiveError,
     RingComm,
@@ -41,8 +42,8 @@ from .rank_pool import RankDied, RankFailure, RankPool
 __all__ = [
     "Block", "CollectiveError", "Contiguous", "LAYOUTS", "Layout", "Mesh", "MeshShape",
     "RankDied", "RankFailure", "RankPool", "RingComm", "Striped", "Zigzag", "all_gather",
-    "all_reduce", "all_to_all", "check_same_shape", "default_backend",
-    "destroy_process_group", "exchange", "exclusive_scan", "free_port", "get_layout",
+    "agree", "all_reduce", "all_to_all", "check_same_shape", "default_backend",
+    "destroy_process_group", "digest", "exchange", "exclusive_scan", "free_port", "get_layout",
     "heads_to_seq", "init_process_group", "local_rank_env", "pad_to_multiple",
     "reduce_scatter", "ring_shift", "seq_to_heads",
 ]

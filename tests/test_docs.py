@@ -27,10 +27,7 @@ FENCE = re.compile(r"^```(?P<lang>\S*)\s*$")
 
 # Blocks in files this test's owner does not edit, broken today (names undefined on one
 # process). strict: once a block is fixed its entry must go, so the list never goes stale.
-KNOWN_BROKEN = {
-    ("ops/attention/README.md", 1): "q, k, v and mesh are undefined",
-    ("ops/fit/README.md", 1): "dim, num_heads, ... and x are undefined; `...` is not an argument",
-}
+KNOWN_BROKEN: dict[tuple[str, int], str] = {}  # (path, block index) -> why it cannot run yet
 
 
 def fenced_blocks(path: str | Path, language: str) -> list[tuple[int, int, str, str | None]]:
