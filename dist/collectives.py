@@ -15,12 +15,22 @@
   combine, in ceil(log2 P) rounds (forward values; ops define their own backward with
   `reverse=True`).
 
-Every call waits at most `timeout` and raises `CollectiveError` naming the rank and the op.
+Every call waits at most `timeout` and raises `CollectiveError` naming the rank and the op
+(on NCCL too: a timed `wait` raises a RuntimeError there, which becomes the same error).
+
+Wire device: each backend communicates tensors of one kind -- gloo host tensors, NCCL CUDA
+tensors. A tensor on the other kind of device is staged: copied to the wire device,
+communicated, and the result copied back. So two ranks sharing one GPU over gloo (NCCL
+refuses two ranks on one device) still run the sharded ops' compute on CUDA tensors, and
+small host-side messages (`agree`) work on NCCL. Ring exchanges go through
+`dist.batch_isend_irecv`, which NCCL needs to pair sends and receives without deadlock and
+gloo also accepts.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
@@ -80,11 +90,51 @@ def _flat(new_name: str, old_name: str):
     return getattr(dist, new_name, None) or getattr(dist, old_name)
 
 
-def _run(op, name: str, *args, group, timeout, **kwargs) -> None:
+# Test-only: stage host tensors through a fresh host copy too, so the staging path (copy out,
+# communicate, copy back) runs and is checked on a CPU-only machine. Read per call.
+FORCE_STAGING_ENV = "SEQSHARD_FORCE_STAGING"
+
+
+def wire_device(group, device: torch.device) -> torch.device | None:
+    """The device `group`'s backend communicates on when handed a tensor on `device`, or None
+    when the tensor goes on the wire where it is.
+
+    gloo: the host (its CUDA support is partial and build-dependent, so CUDA tensors are
+    staged through host memory). NCCL: the current CUDA device. A backend string that names
+    a backend per device ('cpu:gloo,cuda:nccl') takes every tensor where it is.
+    """
+    backend = str(dist.get_backend(group))
+    if ":" in backend:
+        return None
+    if backend == "gloo":
+        if device.type != "cpu" or os.environ.get(FORCE_STAGING_ENV) == "1":
+            return torch.device("cpu")
+        return None
+    if backend == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def _staged(t: torch.Tensor, wire: torch.device | None) -> torch.Tensor:
+    """`t` as it goes on the wire: contiguous, on `wire` (a fresh copy whenever staged)."""
+    if wire is None:
+        return t if t.is_contiguous() else t.contiguous()
+    return t.to(wire, memory_format=torch.contiguous_format, copy=True)
+
+
+def _run(op, name: str, out: torch.Tensor, *inputs: torch.Tensor, group, timeout) -> None:
+    """`op(out, *inputs)` with the timeout and error naming; `out` is written in place (it is
+    every flat collective's first argument), through a staged copy where the backend needs it.
+    """
+    wire = wire_device(group, out.device)
+    wire_out = out if wire is None else _staged(out, wire)
+    wire_inputs = [x if wire is None else _staged(x, wire) for x in inputs]
     with _guard(name, group, posting=True):
-        work = op(*args, group=group, async_op=True, **kwargs)
+        work = op(wire_out, *wire_inputs, group=group, async_op=True)
     with _guard(name, group):
         _wait(work, timeout)
+    if wire_out is not out:
+        out.copy_(wire_out)
 
 
 # --- all-to-all ------------------------------------------------------------------------------
@@ -252,11 +302,6 @@ class Pending:
         return self._received
 
 
-def _wire(t: torch.Tensor) -> torch.Tensor:
-    """`t` as gloo and NCCL send it: contiguous (a copy only when t is not)."""
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def exchange(
     sends: Sequence[tuple[torch.Tensor, int]],
     recvs: Sequence[tuple[torch.Tensor, int]],
@@ -269,16 +314,25 @@ def exchange(
 
     Returns at once; `wait()` on the result blocks until all complete and returns the
     receive buffers in order. Tensors and buffers may be any views (a transposed K, a head
-    slice of dK): they go through contiguous copies where they are not contiguous.
+    slice of dK) on any device: they go through contiguous copies on the backend's wire
+    device where they are not already so (see `wire_device`). All are posted as one
+    `batch_isend_irecv`, so NCCL pairs them without deadlock.
     """
-    ops = [dist.P2POp(dist.isend, _wire(t), _peer(group, d), group) for t, d in sends]
+    ops = [dist.P2POp(dist.isend, _staged(t, wire_device(group, t.device)), _peer(group, d),
+                      group) for t, d in sends]
     buffers = [b for b, _ in recvs]
-    # a buffer that is not contiguous receives into a fresh one, copied over in wait()
-    staged = [(b if b.is_contiguous() else torch.empty(b.shape, dtype=b.dtype, device=b.device),
-               b) for b in buffers]
+    # a buffer that is not contiguous, or not on the wire device, receives into a fresh one,
+    # copied over in wait()
+    wires = []
+    for b in buffers:
+        wire = wire_device(group, b.device)
+        if wire is None and b.is_contiguous():
+            wires.append(b)
+        else:
+            wires.append(torch.empty(b.shape, dtype=b.dtype, device=wire or b.device))
     ops += [dist.P2POp(dist.irecv, wire, _peer(group, s), group)
-            for (wire, _), (_, s) in zip(staged, recvs)]
-    staged = [(wire, b) for wire, b in staged if wire is not b]
+            for wire, (_, s) in zip(wires, recvs)]
+    staged = [(wire, b) for wire, b in zip(wires, buffers) if wire is not b]
     if not ops:
         return Pending([], buffers, timeout, op, group)
     with _guard(op, group, posting=True):
@@ -305,10 +359,6 @@ class RingComm:
         self.size, self.rank = group_size(group), group_rank(group)
         self.send_to = (self.rank + shift) % self.size
         self.recv_from = (self.rank - shift) % self.size
-
-    def source(self, step: int) -> int:
-        """The rank whose block this rank holds after `step` exchanges."""
-        return (self.rank - step) % self.size
 
     def post(self, *tensors: torch.Tensor) -> Pending:
         if self.send_to == self.rank:  # one rank, or a shift by a multiple of the ring size
@@ -390,13 +440,10 @@ def exclusive_scan(
     return exclusive[0] if single else exclusive
 
 
+
 def check_same_shape(x: torch.Tensor, group, name: str, *, timeout=None) -> None:
-    """Raise ValueError on every rank if `x` does not have the same shape on all ranks."""
-    world = group_size(group)
-    if world == 1:
-        return
-    shape = torch.tensor([x.dim()] + list(x.shape) + [0] * (8 - x.dim()), dtype=torch.int64)
-    shapes = _all_gather(shape.unsqueeze(0), 0, group, timeout)
-    if not bool((shapes == shapes[0]).all()):
-        listed = [tuple(s[1 : 1 + int(s[0])].tolist()) for s in shapes]
-        raise ValueError(f"{name} has different shapes across ranks: {listed}")
+    """Deprecated alias of `seqshard.dist.agree` on one fact (the shape), kept only while
+    `seqshard.dist` still exports it; new code calls `agree` directly."""
+    from .agree import agree  # agree imports this module
+
+    agree({"shape": tuple(x.shape)}, group, what=name, timeout=timeout)

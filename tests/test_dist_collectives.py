@@ -11,8 +11,8 @@ import torch
 from seqshard.dist import (
     all_gather,
     all_reduce,
+    agree,
     all_to_all,
-    check_same_shape,
     exclusive_scan,
     get_layout,
     heads_to_seq,
@@ -83,6 +83,34 @@ def _collectives_case(rank, world):
         _check_op(rank, world, lambda x: ring_shift(x, group, shift),
                   lambda xs: [xs[(r - shift) % world] for r in range(world)], (4,), (4,))
     return True
+
+
+def _staged_case(rank, world):
+    """Every collective, the scan and an exchange into non-contiguous buffers with host
+    staging forced on (the path gloo takes for CUDA tensors): same values and gradients."""
+    import os
+
+    from seqshard.dist.collectives import FORCE_STAGING_ENV, exchange
+
+    os.environ[FORCE_STAGING_ENV] = "1"
+    try:
+        assert _collectives_case(rank, world) and _scan_case(rank, world)
+        group = mesh().group
+        # receive a transposed block into a non-contiguous view: [3, 4] buffer's transpose
+        sent = torch.arange(12.0).reshape(4, 3) + 100 * rank
+        buffer = torch.zeros(3, 4).t()
+        src, dst = (rank - 1) % world, (rank + 1) % world
+        (got,) = exchange([(sent, dst)], [(buffer, src)], group).wait()
+        assert got is buffer
+        torch.testing.assert_close(buffer, torch.arange(12.0).reshape(4, 3) + 100 * src)
+    finally:
+        del os.environ[FORCE_STAGING_ENV]
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_collectives_with_host_staging(world):
+    assert run_ranks(_staged_case, world) == [True] * world
 
 
 def _layout_gather_case(rank, world):
@@ -178,9 +206,10 @@ def _bad_input_case(rank, world):
         seq_to_heads(torch.zeros(1, 3, 2, 4), group)
     except ValueError as err:
         errors.append(str(err))
-    # shapes that differ across ranks are named, on every rank
+    # shapes that differ across ranks are named, on every rank (through dist.agree, the one
+    # agreement mechanism)
     try:
-        check_same_shape(torch.zeros(2, 3 + rank), group, "q")
+        agree({"q.shape": (2, 3 + rank)}, group, what="q")
     except ValueError as err:
         errors.append(str(err))
     # a Ulysses degree that does not divide the world
@@ -199,5 +228,6 @@ def test_bad_inputs_raise_clear_errors():
     for errors in results:
         assert len(errors) == 3, errors
         assert "(1, 3, 2, 4)" in errors[0] and "3" in errors[0] and "group size 2" in errors[0]
-        assert "q has different shapes across ranks: [(2, 3), (2, 4)]" == errors[1]
+        assert errors[1].startswith("q: the ranks were called with different arguments")
+        assert "rank 1 has q.shape=(2, 4) (rank 0: (2, 3))" in errors[1]
         assert "world size 2 is not divisible by dp=1 x ulysses=3" in errors[2]
