@@ -1,4 +1,5 @@
-"""Process-group start-up through DeepSpeed's comm (gloo on CPU, NCCL on CUDA).
+"""Process-group start-up through DeepSpeed's comm or torch.distributed (gloo on CPU, NCCL on
+CUDA).
 
 This is the only place seqshard starts a process group. Everything else receives a
 `Mesh` built on top of it. The environment follows torchrun's convention
@@ -55,23 +56,49 @@ def _env_int(name: str, default: int | None = None) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def select_cuda_device(backend: str) -> torch.device | None:
+    """Make GPU number LOCAL_RANK this process's current CUDA device (before any CUDA work and
+    before the group starts); None on a machine without CUDA.
+
+    NCCL needs one GPU per rank: a LOCAL_RANK past the device count is a ValueError. gloo ranks
+    may share GPUs (LOCAL_RANK modulo the count): the one-GPU check of sharded code runs two
+    gloo ranks on GPU 0, the collectives staging through host memory.
+    """
+    if not torch.cuda.is_available():
+        if backend == "nccl":
+            raise ValueError("backend='nccl' needs a CUDA device, and this process sees none")
+        return None
+    count = torch.cuda.device_count()
+    local = _env_int("LOCAL_RANK", 0)
+    if backend == "nccl" and local >= count:
+        raise ValueError(f"LOCAL_RANK={local} but this process sees {count} CUDA device(s): "
+                         f"NCCL needs one GPU per rank (use gloo to share a GPU)")
+    torch.cuda.set_device(local % count)
+    return torch.device("cuda", local % count)
+
+
 def init_process_group(
-    backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+    backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, *, deepspeed: bool = True
 ) -> None:
     """Join the default process group from the environment, or adopt one already started.
 
-    Goes through `deepspeed.comm.init_distributed`, so DeepSpeed's engine later finds the same
-    group. On a machine without CUDA, DeepSpeed's CPU accelerator is selected
-    (`DS_ACCELERATOR=cpu`) and the backend is gloo.
+    deepspeed=True goes through `deepspeed.comm.init_distributed`, so DeepSpeed's engine
+    later finds the same group; on a machine without CUDA, DeepSpeed's CPU accelerator is
+    selected (`DS_ACCELERATOR=cpu`) and the backend is gloo. deepspeed=False starts the group
+    with torch.distributed alone and never imports DeepSpeed (a bare GPU box; DeepSpeed's
+    engine adopts such a group too). On every path with CUDA, the current device is set from
+    LOCAL_RANK first (`select_cuda_device`).
 
     A rank that never joins makes the others fail after `timeout_s` with a `RuntimeError`
     naming the rank, the world size and the rendezvous address, instead of hanging.
     """
-    if dist.is_initialized():
-        return
     backend = backend or default_backend()
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend={backend!r}: expected 'gloo' or 'nccl'")
+    if dist.is_initialized():
+        if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+            select_cuda_device(str(dist.get_backend()))  # an adopted group: same device rule
+        return
     if backend == "gloo" and not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     rank = _env_int("RANK")
@@ -82,24 +109,27 @@ def init_process_group(
     port = _env_int("MASTER_PORT", 29500)
     os.environ.setdefault("MASTER_ADDR", addr)
     os.environ.setdefault("MASTER_PORT", str(port))
-    if backend == "nccl":
-        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
-
-    import deepspeed.comm as ds_comm  # deferred: importing deepspeed costs ~1 s
-
+    select_cuda_device(backend)
     timeout = datetime.timedelta(seconds=timeout_s)
+    init_method = f"tcp://{addr}:{port}"
     try:
         with _store_on(addr, port, rank, world_size, timeout):
-            ds_comm.init_distributed(
-                dist_backend=backend,
-                auto_mpi_discovery=False,
-                distributed_port=port,
-                verbose=False,
-                timeout=timeout,
-                init_method=f"tcp://{addr}:{port}",
-                rank=rank,
-                world_size=world_size,
-            )
+            if deepspeed:
+                import deepspeed.comm as ds_comm  # deferred: importing deepspeed costs ~1 s
+
+                ds_comm.init_distributed(
+                    dist_backend=backend,
+                    auto_mpi_discovery=False,
+                    distributed_port=port,
+                    verbose=False,
+                    timeout=timeout,
+                    init_method=init_method,
+                    rank=rank,
+                    world_size=world_size,
+                )
+            else:
+                dist.init_process_group(backend, init_method=init_method, timeout=timeout,
+                                        rank=rank, world_size=world_size)
     except Exception as err:  # torch raises DistStoreError / RuntimeError on rendezvous timeout
         raise RuntimeError(
             f"rank {rank} of {world_size} could not join the process group at {addr}:{port} "

@@ -45,7 +45,7 @@ class RankFailure(RuntimeError):
 
 
 def _rank_main(rank: int, world: int, port: int, threads: int, timeout_s: float,
-               setup: Callable[[], None] | None, tasks, results) -> None:
+               setup: Callable[[], None] | None, deepspeed: bool, tasks, results) -> None:
     if setup is not None:
         setup()  # e.g. allocator settings, before the rank allocates anything large
     os.environ.update(local_rank_env(rank, world, port))
@@ -55,7 +55,7 @@ def _rank_main(rank: int, world: int, port: int, threads: int, timeout_s: float,
     from .process_group import init_process_group
 
     try:
-        init_process_group("gloo", timeout_s=timeout_s)
+        init_process_group("gloo", timeout_s=timeout_s, deepspeed=deepspeed)
         results.put((rank, "ok", None))
     except Exception:
         results.put((rank, "error", traceback.format_exc()))
@@ -79,11 +79,15 @@ class RankPool:
 
     threads: torch threads per rank (default: this machine's cores split over the ranks).
     timeout_s: the group's collective timeout. setup: a module-level function each rank calls
-    first. Raises RankFailure / TimeoutError when a rank cannot join within start_timeout_s.
+    first. deepspeed: join through DeepSpeed's comm (False: torch.distributed only, DeepSpeed
+    never imported). On a CUDA machine each rank's current device is GPU LOCAL_RANK modulo
+    the device count (ranks may share a GPU: gloo stages CUDA tensors through host memory).
+    Raises RankFailure / TimeoutError when a rank cannot join within start_timeout_s.
     """
 
     def __init__(self, world: int, *, threads: int | None = None, timeout_s: float = 60.0,
-                 start_timeout_s: float = 300.0, setup: Callable[[], None] | None = None):
+                 start_timeout_s: float = 300.0, setup: Callable[[], None] | None = None,
+                 deepspeed: bool = True):
         if world < 1:
             raise ValueError(f"RankPool world={world} must be >= 1")
         threads = threads or max(1, (os.cpu_count() or 1) // world)
@@ -93,7 +97,7 @@ class RankPool:
         self.tasks = [ctx.Queue() for _ in range(world)]
         port = free_port()
         self.procs = [ctx.Process(target=_rank_main, daemon=True,
-                                  args=(r, world, port, threads, timeout_s, setup,
+                                  args=(r, world, port, threads, timeout_s, setup, deepspeed,
                                         self.tasks[r], self.results))
                       for r in range(world)]
         for p in self.procs:

@@ -21,28 +21,51 @@ def _short_timeout_group(seconds: float):
 
 def _rank_one_fails(rank, world, mode: str, timeout_s: float):
     """Rank 1 skips the collective ('skip') or dies ('die'); rank 0 reports what it saw."""
+    from seqshard.dist import RingComm
+
     group = _short_timeout_group(timeout_s)
+    ring_group = _short_timeout_group(timeout_s)  # a fresh group: the first may be wedged
     if rank == 1:
         if mode == "die":
             os._exit(3)
         return "skipped the collective"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    seen = []
     try:
-        all_reduce(torch.ones(3), group, timeout=datetime.timedelta(seconds=timeout_s))
+        all_reduce(torch.ones(3), group, timeout=timeout)
     except CollectiveError as err:
-        return str(err)
-    return "no error"
+        seen.append(str(err))
+    if mode == "skip":  # the batched P2P ring exchange times out the same way
+        try:
+            RingComm(ring_group, timeout).post(torch.ones(3)).wait()
+        except CollectiveError as err:
+            seen.append(str(err))
+    return seen or "no error"
 
 
 def test_rank_that_never_arrives_times_out():
     results = run_ranks(_rank_one_fails, 2, "skip", 2.0, isolated=True, timeout=120)
     assert results[1] == "skipped the collective"
-    assert results[0].startswith("rank 0: all_reduce over a group of 2 ranks failed"), results[0]
+    reduce_error, ring_error = results[0]
+    assert reduce_error.startswith("rank 0: all_reduce over a group of 2 ranks failed"), results[0]
+    assert ring_error.startswith("rank 0: ring_exchange over a group of 2 ranks failed"), results[0]
+
+
+def test_cuda_device_choice_without_a_gpu():
+    from seqshard.dist.process_group import select_cuda_device
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only answers")
+    assert select_cuda_device("gloo") is None
+    with pytest.raises(ValueError, match="backend='nccl' needs a CUDA device"):
+        select_cuda_device("nccl")
 
 
 def test_rank_that_dies_gives_an_error():
     results = run_ranks(_rank_one_fails, 2, "die", 10.0, isolated=True, timeout=120)
     assert results[1] == RankDied(1, 3)
-    assert results[0].startswith("rank 0: all_reduce over a group of 2 ranks failed"), results[0]
+    (error,) = results[0]
+    assert error.startswith("rank 0: all_reduce over a group of 2 ranks failed"), error
 
 
 def test_rank_that_never_joins_fails_within_the_timeout():
