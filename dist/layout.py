@@ -7,7 +7,7 @@
 
 A layout answers three questions and nobody re-derives them: which global positions a rank
 holds (`positions`), which pieces of the sequence those are (`runs`), and, for causal ops,
-which (query piece, key piece) pairs of two ranks meet under which mask (`causal_blocks`).
+which (query piece, key piece) pairs of two ranks meet under which block kind (`causal_blocks`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .collectives import all_gather
 class Block:
     """A (query piece, key piece) pair that meets in causal attention.
 
-    Offsets index the *local* shards (query rank's and key rank's). mask is
+    Offsets index the *local* shards (query rank's and key rank's). kind is
     'full' (every query sees every key), 'causal' (query i sees keys <= i, same length), or
     'strict' (query i sees keys < i, same length).
     """
@@ -32,7 +32,7 @@ class Block:
     q_len: int
     k_start: int
     k_len: int
-    mask: str
+    kind: str
 
 
 class Layout:

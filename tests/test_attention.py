@@ -36,14 +36,6 @@ def _grads(fn, q, k, v, g):
 
 
 # --- single process ----------------------------------------------------------------------------
-def test_fused_kernel_schema():
-    """Fails loudly when a torch release renames or changes the private fused CPU kernels."""
-    assert kernels.FUSED_CPU is not None, (
-        "torch's _scaled_dot_product_flash_attention_for_cpu(_backward) changed; expected "
-        f"{kernels.FUSED_CPU_SCHEMAS}; seqshard runs on the slower plain-torch fallback"
-    )
-
-
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("hkv", [4, 2, 1])
 def test_local_attention_matches_naive_and_sdpa(causal, hkv):
@@ -70,19 +62,24 @@ def test_plain_fallback_when_fused_kernels_are_missing(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["full", "causal", "strict"])
-def test_block_kernel_fused_matches_plain_path(kind):
-    """The fused and plain block paths agree, given a final out/lse from a larger softmax."""
+def test_block_kernel_fused_matches_plain_path(kind, monkeypatch):
+    """The fused and plain (query-tiled) block paths agree, given a final out/lse from a
+    larger softmax; tiles of 4 rows make the 9-row block span three tiles."""
+    from seqshard.ops.attention import plain
+
+    monkeypatch.setattr(plain, "TILE_ROWS", 4)
     (q, k, v), g = _inputs(1, 1, 4, 2, 9, 32)
     scale = 32 ** -0.5
-    mask = kernels.kind_mask(kind, 9, 9)
     o1, l1 = kernels.block_forward(q, k, v, kind, scale)
-    o2, l2 = kernels.block_forward(q, k, v, kind, scale, mask)
+    ke, ve = (kernels._expand_kv(t, 4) for t in (k, v))
+    o2, l2 = plain.plain_forward(q, ke, ve, kind, scale)
     assert_close("out", o2, o1, 2e-5)
     finite = ~l2.isinf()
     assert torch.equal(finite, ~l1.isinf()) and torch.allclose(l1[finite], l2[finite], atol=2e-5)
     lse = torch.logaddexp(l1, torch.randn_like(l1))  # as if other blocks had contributed
-    for a, b in zip(kernels.block_backward(g, q, k, v, o1, lse, kind, scale),
-                    kernels.block_backward(g, q, k, v, o1, lse, kind, scale, mask)):
+    fused = kernels.block_backward(g, q, k, v, o1, lse, kind, scale)
+    dq, dk, dv = plain.plain_backward(g, q, ke, ve, o1, lse, kind, scale)
+    for a, b in zip(fused, (dq, kernels._fold_kv(dk, 2), kernels._fold_kv(dv, 2))):
         assert_close("grad", b, a, 2e-5)
 
 
@@ -293,10 +290,30 @@ def test_plans_stay_on_the_fused_kernel():
     for name in ("contiguous", "zigzag"):
         for a, b in itertools.product(range(4), range(4)):
             plan = build_plan(lay[name], 64, 4, (a,), (b,), causal=True, doc_lens=[9, 1, 30, 24])
-            assert all(p.mask is None for p in plan), (name, a, b)
-    # a document boundary that is not aligned between striped shards does need a mask
-    plan = build_plan(lay["striped"], 64, 4, (0,), (1,), causal=True, doc_lens=[9, 55])
-    assert any(p.mask is not None for p in plan)
+            assert all(p.kind in ("full", "causal", "strict") for p in plan), (name, a, b)
+    # a document boundary that is not aligned between striped shards: its diagonal becomes
+    # 'full' and 'causal' pieces whose visible pairs are exactly the oracle mask's
+    for doc_lens in ([9, 55], [3, 20, 41], [64]):
+        for a, b in itertools.product(range(4), range(4)):
+            plan = build_plan(lay["striped"], 64, 4, (a,), (b,), causal=True, doc_lens=doc_lens)
+            assert torch.equal(_plan_pairs(plan), _oracle_pairs(lay["striped"], a, b, doc_lens)), (a, b)
+
+
+def _plan_pairs(plan) -> torch.Tensor:
+    """How many pieces cover each (local query, local key) pair (pieces may share rows)."""
+    count = torch.zeros(16, 16, dtype=torch.int64)
+    reach = {"full": 16, "causal": 0, "strict": -1}
+    for p in plan:
+        i, j = torch.arange(p.q_len)[:, None], torch.arange(p.k_len)[None, :]
+        count[p.q_slice, p.k_slice] += (j - i <= reach[p.kind]).long()
+    return count
+
+
+def _oracle_pairs(layout, a, b, doc_lens) -> torch.Tensor:
+    from seqshard.ops.attention.naive import attention_mask
+
+    full = attention_mask(64, 64, causal=True, doc_lens=doc_lens)
+    return full[layout.positions(64, a, 4)][:, layout.positions(64, b, 4)].long()
 
 
 def _streaming(rank, world, stream_from: int = 0):

@@ -50,9 +50,9 @@ def test_positions_by_hand():
 def _mask_from_blocks(blocks, n_local):
     mask = torch.zeros(n_local, n_local, dtype=torch.bool)
     for b in blocks:
-        if b.mask == "full":
+        if b.kind == "full":
             piece = torch.ones(b.q_len, b.k_len, dtype=torch.bool)
-        elif b.mask == "causal":
+        elif b.kind == "causal":
             piece = torch.ones(b.q_len, b.k_len, dtype=torch.bool).tril()
         else:
             piece = torch.ones(b.q_len, b.k_len, dtype=torch.bool).tril(-1)

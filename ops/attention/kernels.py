@@ -1,52 +1,146 @@
 """Local block attention that also returns the log-sum-exp, and the exact LSE merge.
 
-This is the ONLY module that touches torch's private fused kernels
-(`aten._scaled_dot_product_flash_attention_for_cpu` and its `_backward`): they return the
-row log-sum-exp that sharded attention needs to merge partial results, and their backward
-accepts the *final* output and LSE, so a block's gradient is recomputed flash-attention style
-without storing its probabilities. If a torch release renames or changes them, `FUSED_CPU`
-becomes None, everything falls back to the plain-torch path below, and
-tests/test_attention.py::test_fused_kernel_schema fails loudly.
+This is the ONLY module that touches torch's private fused kernels. They return the row
+log-sum-exp that sharded attention needs to merge partial results, and their backward accepts
+the *final* output and LSE, so a block's gradient is recomputed flash-attention style without
+storing its probabilities (what PyTorch's own context parallel does). Per block, `choose_path`
+picks one of:
+
+- 'cpu':       `_scaled_dot_product_flash_attention_for_cpu` (any float dtype, any head dim);
+- 'flash':     CUDA bf16/fp16 with head dim <= 256: `_scaled_dot_product_flash_attention`;
+- 'efficient': other CUDA float16/bfloat16/float32 blocks: `_scaled_dot_product_efficient_attention`
+               with compute_log_sumexp=True (its LSE comes padded along N: sliced to the rows);
+- 'plain':     plain torch in query tiles (plain.py): float64 on CUDA, empty blocks, or a torch
+               whose private kernels changed. On CUDA it warns once, saying why.
+
+Every private schema is pinned in SCHEMAS and compared with torch's by
+tests/test_kernel_schemas.py; a changed one makes its path unavailable (the plain path runs).
 
 A block is a piece of queries [B, Hq, nq, D] meeting a piece of keys/values [B, Hkv, nk, D]
-under one mask kind: 'full', 'causal' (query i sees keys <= i, nq == nk) or 'strict'
-(query i sees keys < i) -- optionally refined by an explicit boolean mask (packed documents),
-which always takes the plain path.
+under one kind: 'full', 'causal' (query i sees keys <= i, nq == nk) or 'strict' (keys < i).
+Packed documents never reach here as masks: plans cut them into such blocks (plan.py).
+Dropout is always 0: attention here is exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import torch
+import torch.nn.functional as F
 
 from .checks import check_qkv
+from .plain import check_kind, plain_backward, plain_forward
 
-# The exact schemas this module was written against; a test compares them with torch's.
-FUSED_CPU_SCHEMAS = (
+# The exact schemas this module was written against; tests/test_kernel_schemas.py compares
+# them with torch's (the CUDA ops' schemas are registered in CPU builds too).
+SCHEMAS = {
+    "_scaled_dot_product_flash_attention_for_cpu":
     "aten::_scaled_dot_product_flash_attention_for_cpu(Tensor query, Tensor key, Tensor value, "
     "float dropout_p=0., bool is_causal=False, *, Tensor? attn_mask=None, float? scale=None) "
     "-> (Tensor output, Tensor logsumexp)",
+    "_scaled_dot_product_flash_attention_for_cpu_backward":
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward(Tensor grad_out, Tensor query, "
     "Tensor key, Tensor value, Tensor out, Tensor logsumexp, float dropout_p, bool is_causal, *, "
     "Tensor? attn_mask=None, float? scale=None) -> (Tensor grad_query, Tensor grad_key, "
     "Tensor grad_value)",
-)
+    "_scaled_dot_product_flash_attention":
+    "aten::_scaled_dot_product_flash_attention(Tensor query, Tensor key, Tensor value, "
+    "float dropout_p=0., bool is_causal=False, bool return_debug_mask=False, *, "
+    "float? scale=None) -> (Tensor output, Tensor logsumexp, Tensor cum_seq_q, "
+    "Tensor cum_seq_k, SymInt max_q, SymInt max_k, Tensor rng_state, Tensor unused, "
+    "Tensor debug_attn_mask)",
+    "_scaled_dot_product_flash_attention_backward":
+    "aten::_scaled_dot_product_flash_attention_backward(Tensor grad_out, Tensor query, "
+    "Tensor key, Tensor value, Tensor out, Tensor logsumexp, Tensor cum_seq_q, "
+    "Tensor cum_seq_k, SymInt max_q, SymInt max_k, float dropout_p, bool is_causal, "
+    "Tensor philox_seed, Tensor philox_offset, *, float? scale=None) -> (Tensor grad_query, "
+    "Tensor grad_key, Tensor grad_value)",
+    "_scaled_dot_product_efficient_attention":
+    "aten::_scaled_dot_product_efficient_attention(Tensor query, Tensor key, Tensor value, "
+    "Tensor? attn_bias, bool compute_log_sumexp, float dropout_p=0., bool is_causal=False, *, "
+    "float? scale=None) -> (Tensor output, Tensor log_sumexp, Tensor philox_seed, "
+    "Tensor philox_offset)",
+    "_scaled_dot_product_efficient_attention_backward":
+    "aten::_scaled_dot_product_efficient_attention_backward(Tensor grad_out_, Tensor query, "
+    "Tensor key, Tensor value, Tensor attn_bias, Tensor out, Tensor logsumexp, "
+    "Tensor philox_seed, Tensor philox_offset, float dropout_p, bool[4] grad_input_mask, "
+    "bool is_causal=False, *, float? scale=None) -> (Tensor, Tensor, Tensor, Tensor)",
+}
 
 
-def _load_fused_cpu():
+def _load(fwd_name: str):
+    """(forward, backward) overloads of a private kernel, or None when torch lacks them or
+    their schemas differ from SCHEMAS."""
+    ops = []
+    for name in (fwd_name, fwd_name + "_backward"):
+        try:
+            op = getattr(torch.ops.aten, name).default
+        except (AttributeError, RuntimeError):
+            return None
+        if str(op._schema) != SCHEMAS[name]:
+            return None
+        ops.append(op)
+    return tuple(ops)
+
+
+FUSED_CPU = _load("_scaled_dot_product_flash_attention_for_cpu")
+FLASH_CUDA = _load("_scaled_dot_product_flash_attention")
+EFFICIENT_CUDA = _load("_scaled_dot_product_efficient_attention")
+
+FLASH_MAX_HEAD_DIM = 256  # the largest head dim torch's flash kernel takes
+HEAD_DIM_MULTIPLE = 8  # the CUDA kernels want a head dim that divides by this: pad with zeros
+# The efficient kernel's LSE is padded along N to a multiple of this (some builds; we slice)
+EFFICIENT_LSE_ROWS = 32
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Test-only: route `meta` tensors through the CUDA branch (see `cuda_paths_on_meta`)
+_META_AS_CUDA = [False]
+_WARNED: set = set()  # plain-path reasons already warned about (once per process each)
+
+
+@contextlib.contextmanager
+def cuda_paths_on_meta():
+    """Test-only switch: while active, blocks on the `meta` device take the CUDA paths, so
+    CPU-only CI checks their shapes, dtypes, LSE slicing and GQA folding. Never on by default."""
+    _META_AS_CUDA[0] = True
     try:
-        fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-        bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
-    except (AttributeError, RuntimeError):
-        return None
-    if (str(fwd._schema), str(bwd._schema)) != FUSED_CPU_SCHEMAS:
-        return None
-    return fwd, bwd
+        yield
+    finally:
+        _META_AS_CUDA[0] = False
 
 
-FUSED_CPU = _load_fused_cpu()
-MASK_KINDS = ("full", "causal", "strict")
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" or (t.device.type == "meta" and _META_AS_CUDA[0])
+
+
+def choose_path(q: torch.Tensor, k: torch.Tensor) -> tuple[str, str]:
+    """(path, why) for a block q [B, Hq, nq, D] against k [B, Hkv, nk, D]: 'cpu', 'flash',
+    'efficient' or 'plain' (see the module docstring). `why` explains a plain path."""
+    if q.numel() == 0 or k.numel() == 0:
+        return "plain", "empty block"  # the fused kernels divide by B, N or D
+    if _on_cuda(q):
+        if q.dtype not in CUDA_DTYPES:
+            return "plain", f"dtype {q.dtype} has no fused CUDA attention kernel"
+        if (q.dtype != torch.float32 and q.shape[-1] <= FLASH_MAX_HEAD_DIM
+                and FLASH_CUDA is not None):
+            return "flash", ""
+        if EFFICIENT_CUDA is not None:
+            return "efficient", ""
+        return "plain", "torch's fused CUDA kernels changed (see SCHEMAS)"
+    if q.device.type == "cpu" and FUSED_CPU is not None:
+        return "cpu", ""
+    return "plain", f"no fused kernel for device {q.device.type}"
+
+
+def _plain_warning(q, why: str) -> None:
+    if _on_cuda(q) and why != "empty block" and why not in _WARNED:
+        _WARNED.add(why)
+        warnings.warn(f"seqshard attention runs the plain-torch path on CUDA ({why}): "
+                      f"O(tile x keys) memory but much slower than the fused kernels",
+                      RuntimeWarning, stacklevel=3)
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
@@ -56,16 +150,9 @@ def default_scale(head_dim: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
-def _use_fused(q: torch.Tensor, k: torch.Tensor) -> bool:
-    # empty blocks (B, N or D = 0) take the plain path: the fused kernel divides by them
-    return (FUSED_CPU is not None and q.device.type == "cpu" and q.numel() > 0
-            and k.numel() > 0
-            and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
-
-
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
-    """t with stride 1 in its last dim, which the private fused kernel assumes without
-    checking (public SDPA ensures it before calling it). Copies only when needed: a
+    """t with stride 1 in its last dim, which the private fused kernels assume without
+    checking (public SDPA ensures it before calling them). Copies only when needed: a
     transposed or head-sliced view already has it; x[..., ::2] or an expanded grad does not."""
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
@@ -82,67 +169,83 @@ def _fold_kv(dx: torch.Tensor, hkv: int) -> torch.Tensor:
     return dx if group == 1 else dx.unflatten(1, (hkv, group)).sum(2)
 
 
-def kind_mask(kind: str, nq: int, nk: int, device=None) -> torch.Tensor:
-    """Boolean [nq, nk] mask of a block kind (True = may attend)."""
-    full = torch.ones(nq, nk, dtype=torch.bool, device=device)
-    return full if kind == "full" else full.tril(0 if kind == "causal" else -1)
+def _pad_head_dim(t: torch.Tensor) -> torch.Tensor:
+    """Zero columns up to a head dim the CUDA kernels take: zeros add nothing to q k^T (the
+    scale is always passed explicitly), give zero output columns and zero gradient columns,
+    which are sliced away."""
+    extra = -t.shape[-1] % HEAD_DIM_MULTIPLE
+    return t if extra == 0 else F.pad(t, (0, extra))
 
 
-# --- plain torch (any device, explicit masks) --------------------------------------------------
-def _plain_mask(kind, mask, nq, nk, device):
-    if mask is not None:
-        return mask.to(device)  # plans are built (and cached) on the CPU
-    return None if kind == "full" else kind_mask(kind, nq, nk, device)
+# --- the fused kernels: one call = 'full' or square 'causal' on expanded heads ------------------
+def _fused_fwd(path, q, k, v, causal: bool, scale: float):
+    """(out [B, H, nq, Dv] in q's dtype, lse [B, H, nq] fp32) of one fused call."""
+    if path == "cpu":
+        out, lse = FUSED_CPU[0](q, k, v, 0.0, causal, scale=scale)
+        return out, lse.float()
+    d = q.shape[-1]
+    q, k, v = (_unit_stride(_pad_head_dim(t)) for t in (q, k, v))
+    if path == "flash":
+        out, lse = FLASH_CUDA[0](q, k, v, 0.0, causal, False, scale=scale)[:2]
+    else:  # efficient: its LSE has (some builds) padded rows beyond nq
+        out, lse = EFFICIENT_CUDA[0](q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+        lse = lse[:, :, :q.shape[2]]
+    return out[..., :d], lse.float()
 
 
-def _plain_scores(q, k, scale, mask):
-    s = scale * (q.float() @ k.float().transpose(-1, -2))  # [B, Hq, nq, nk]
-    return s if mask is None else s.masked_fill(~mask, float("-inf"))
+def _fused_bwd(path, do, q, k, v, out, lse, causal: bool, scale: float):
+    """(dq, dk, dv) of one fused call from the FINAL out and lse of its rows."""
+    if path == "cpu":
+        return FUSED_CPU[1](do, q, k, v, out, lse.contiguous(), 0.0, causal, scale=scale)
+    d, (nq, nk) = q.shape[-1], (q.shape[2], k.shape[2])
+    do, q, k, v, out = (_unit_stride(_pad_head_dim(t)) for t in (do, q, k, v, out))
+    lse = lse.float().contiguous()
+    if path == "flash":
+        # dropout is 0, so the kernel never reads the RNG state: empty stand-ins
+        seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+        offset = torch.empty((), dtype=torch.uint64, device=q.device)
+        grads = FLASH_CUDA[1](do, q, k, v, out, lse, None, None, nq, nk, 0.0, causal,
+                              seed, offset, scale=scale)
+    else:  # efficient: give back the LSE in the padded shape its forward returns
+        lse = F.pad(lse, (0, -nq % EFFICIENT_LSE_ROWS))
+        seed = torch.empty((), dtype=torch.int64, device=q.device)
+        grads = EFFICIENT_CUDA[1](do, q, k, v, None, out, lse, seed, seed, 0.0,
+                                  [True, True, True, False], causal, scale=scale)[:3]
+    return tuple(g[..., :d] for g in grads)
 
 
-def _plain_fwd(q, k, v, scale, mask):
-    s = _plain_scores(q, k, scale, mask)
-    lse = torch.logsumexp(s, dim=-1)  # [B, Hq, nq]
-    # rows that see no key in this block: lse -inf, weights 0 (not NaN)
-    p = torch.exp(s - lse.masked_fill(lse.isinf(), 0.0).unsqueeze(-1))
-    return (p @ v.float()).to(q.dtype), lse
+# --- one block, whichever path -------------------------------------------------------------------
+def _prepare(q, k, v, kind: str, mask):
+    if mask is not None:  # plans carry no masks since documents became blocks (plan.py)
+        raise ValueError("block kernels take no explicit mask: plans describe documents as "
+                         f"'full'/'causal'/'strict' blocks (got a mask of type {type(mask)})")
+    check_kind(kind)
+    path, why = choose_path(q, k)
+    if path == "plain":
+        _plain_warning(q, why)
+    return path
 
 
-def _plain_bwd(do, q, k, v, o, lse, scale, mask):
-    # P from the *final* lse gives this block's share of the softmax; delta = rowsum(dO * O)
-    s = _plain_scores(q, k, scale, mask)
-    p = torch.exp(s - lse.masked_fill(lse.isinf(), 0.0).unsqueeze(-1))  # [B, Hq, nq, nk]
-    dof = do.float()
-    delta = (dof * o.float()).sum(-1, keepdim=True)  # [B, Hq, nq, 1]
-    dv = p.transpose(-1, -2) @ dof
-    ds = p * (dof @ v.float().transpose(-1, -2) - delta)
-    dq = scale * (ds @ k.float())
-    dk = scale * (ds.transpose(-1, -2) @ q.float())
-    return dq, dk, dv
-
-
-# --- one block, either path ------------------------------------------------------------------
 def block_forward(q, k, v, kind: str, scale: float, mask=None):
     """Attention of one block. q [B, Hq, nq, D], k/v [B, Hkv, nk, D].
 
     Returns (out [B, Hq, nq, D] in q's dtype, lse [B, Hq, nq] fp32); rows that see no key
-    get out 0 and lse -inf, which the merge treats as 'nothing here'.
+    get out 0 and lse -inf, which the merge treats as 'nothing here'. `mask` must be None
+    (kept while ring.py passes it positionally).
     """
+    path = _prepare(q, k, v, kind, mask)
     hq = q.shape[1]
     k, v = _expand_kv(k, hq), _expand_kv(v, hq)
-    if mask is not None or not _use_fused(q, k):
-        mask = _plain_mask(kind, mask, q.shape[2], k.shape[2], q.device)
-        return _plain_fwd(q, k, v, scale, mask)
-    fwd, _ = FUSED_CPU
+    if path == "plain":
+        return plain_forward(q, k, v, kind, scale)
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     if kind != "strict":
-        out, lse = fwd(q, k, v, 0.0, kind == "causal", scale=scale)
-        return out, lse.float()
+        return _fused_fwd(path, q, k, v, kind == "causal", scale)
     # strict = causal between queries 1.. and keys ..-2; query 0 sees nothing here
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
     if q.shape[2] > 1:
-        o1, l1 = fwd(q[:, :, 1:], k[:, :, :-1], v[:, :, :-1], 0.0, True, scale=scale)
+        o1, l1 = _fused_fwd(path, q[:, :, 1:], k[:, :, :-1], v[:, :, :-1], True, scale)
         out[:, :, 1:] = o1
         lse[:, :, 1:] = l1
     return out, lse
@@ -153,24 +256,22 @@ def block_backward(do, q, k, v, out, lse, kind: str, scale: float, mask=None):
 
     Returns fp32 (dq [B, Hq, nq, D], dk [B, Hkv, nk, D], dv [B, Hkv, nk, D]).
     """
+    path = _prepare(q, k, v, kind, mask)
     hq, hkv = q.shape[1], k.shape[1]
     ke, ve = _expand_kv(k, hq), _expand_kv(v, hq)
-    if mask is not None or not _use_fused(q, k):
-        mask = _plain_mask(kind, mask, q.shape[2], k.shape[2], q.device)
-        dq, dk, dv = _plain_bwd(do, q, ke, ve, out, lse, scale, mask)
+    if path == "plain":
+        dq, dk, dv = plain_backward(do, q, ke, ve, out, lse, kind, scale)
         return dq, _fold_kv(dk, hkv), _fold_kv(dv, hkv)
-    _, bwd = FUSED_CPU
     do, q, ke, ve, out = (_unit_stride(t.to(q.dtype)) for t in (do, q, ke, ve, out))
-    lse = _unit_stride(lse)
     if kind != "strict":
-        dq, dk, dv = bwd(do, q, ke, ve, out, lse, 0.0, kind == "causal", scale=scale)
+        dq, dk, dv = _fused_bwd(path, do, q, ke, ve, out, lse, kind == "causal", scale)
     else:
         dq = torch.zeros_like(q)
         dk, dv = torch.zeros_like(ke), torch.zeros_like(ve)
         if q.shape[2] > 1:
             sl_q, sl_k = slice(1, None), slice(None, -1)
-            g = bwd(do[:, :, sl_q], q[:, :, sl_q], ke[:, :, sl_k], ve[:, :, sl_k],
-                    out[:, :, sl_q], lse[:, :, sl_q].contiguous(), 0.0, True, scale=scale)
+            g = _fused_bwd(path, do[:, :, sl_q], q[:, :, sl_q], ke[:, :, sl_k], ve[:, :, sl_k],
+                           out[:, :, sl_q], lse[:, :, sl_q], True, scale)
             dq[:, :, sl_q], dk[:, :, sl_k], dv[:, :, sl_k] = g
     return dq.float(), _fold_kv(dk.float(), hkv), _fold_kv(dv.float(), hkv)
 

@@ -1,4 +1,4 @@
-"""Plans: which local query pieces meet which key pieces, under which mask.
+"""Plans: which local query pieces meet which key pieces, under which block kind.
 
 Every strategy ends in the same situation: this rank holds the queries of some sequence
 shards ("members", sp ranks whose shards are concatenated in rank order) and, at each ring
@@ -6,6 +6,11 @@ step, the keys of some other members. A plan lists the blocks to compute. It is 
 `layout.causal_blocks` of the member pairs (so contiguous, zigzag and striped layouts are
 data, not code), refined by packed-document boundaries, and then coalesced so that, e.g.,
 contiguous Ulysses runs as one causal kernel call instead of u^2 small ones.
+
+Documents never become masks: a block is cut at document boundaries into same-document
+sub-blocks, and a sub-block whose diagonal is misaligned (striped shards) into at most three
+'full'/'causal' pieces (`_band_pieces`). So every piece runs on a fused kernel and a plan
+costs O(pieces) memory, never an [nq, nk] mask.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from .naive import doc_ids
 class Piece:
     """q[..., q_start:q_start+q_len, :] meets k/v[..., k_start:k_start+k_len, :].
 
-    kind: 'full' | 'causal' | 'strict' (see dist.Block). mask: optional bool [q_len, k_len]
-    (True = may attend) that already includes the kind's mask; set for document boundaries.
+    kind: 'full' | 'causal' | 'strict' (see dist.Block); pieces of one plan may share query
+    rows (their results merge by log-sum-exp).
     """
 
     q_start: int
@@ -33,7 +38,9 @@ class Piece:
     k_start: int
     k_len: int
     kind: str
-    mask: torch.Tensor | None = None
+    # Transitional, not a field: ring.py still passes `p.mask` to the block kernels, which
+    # accept only None. Delete once ring.py stops passing it.
+    mask = None
 
     @property
     def q_slice(self) -> slice:
@@ -53,7 +60,7 @@ def _member_blocks(layout, seq_len, world, q_members, k_members, causal) -> list
         for ki, b in enumerate(k_members):
             for blk in layout.causal_blocks(seq_len, a, b, world):
                 pieces.append(Piece(qi * n + blk.q_start, blk.q_len, ki * n + blk.k_start,
-                                    blk.k_len, blk.mask))
+                                    blk.k_len, blk.kind))
     return pieces
 
 
@@ -75,7 +82,7 @@ def _coalesce(pieces: list[Piece]) -> list[Piece]:
         out: list[Piece] = []
         for p in pieces:
             last = out[-1] if out else None
-            if last is not None and last.kind == p.kind == "full" and last.mask is None and p.mask is None:
+            if last is not None and last.kind == p.kind == "full":
                 if last.q_slice == p.q_slice and last.k_start + last.k_len == p.k_start:
                     out[-1] = Piece(last.q_start, last.q_len, last.k_start, last.k_len + p.k_len, "full")
                     changed = True
@@ -97,36 +104,44 @@ def _doc_runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(a, b - a, int(ids[a])) for a, b in zip(starts, ends)]
 
 
-def _doc_piece(p: Piece, qa: int, qn: int, ka: int, kn: int) -> Piece | None:
+def _band_pieces(q0: int, qn: int, k0: int, kn: int, off: int) -> list[Piece]:
+    """Pieces for rows [q0, q0+qn) x keys [k0, k0+kn) where local key j is visible from local
+    query i iff j - i <= off (a diagonal anywhere): rows i < -off see nothing; rows that reach
+    the last key see every key ('full'); the rows between see keys [0, i + off] -- a 'full'
+    rectangle of the keys they all see and a square 'causal' diagonal."""
+    r0 = max(0, -off)
+    r1 = min(max(kn - off, r0), qn)  # rows [r1, qn) see every key
+    pieces = [Piece(q0 + r1, qn - r1, k0, kn, "full")] if r1 < qn else []
+    m, seen = r1 - r0, r0 + off  # rows [r0, r1) all see keys [0, seen), then a diagonal
+    if m > 0:
+        if seen > 0:
+            pieces.append(Piece(q0 + r0, m, k0, seen, "full"))
+        pieces.append(Piece(q0 + r0, m, k0 + seen, m, "causal"))
+    return pieces
+
+
+def _doc_pieces(p: Piece, qa: int, qn: int, ka: int, kn: int) -> list[Piece]:
     """The part of block p between rows [qa, qa+qn) and columns [ka, ka+kn) (block
-    coordinates, one document on both sides), as a fused-kernel piece where possible."""
+    coordinates, one document on both sides), as fused-kernel pieces."""
     q0, k0 = p.q_start + qa, p.k_start + ka
     if p.kind == "full":
-        return Piece(q0, qn, k0, kn, "full")
+        return [Piece(q0, qn, k0, kn, "full")]
     reach = 0 if p.kind == "causal" else -1  # key j visible from query i iff j - i <= reach
-    if (ka + kn - 1) - qa <= reach:
-        return Piece(q0, qn, k0, kn, "full")  # every key before every query
-    if ka - (qa + qn - 1) > reach:
-        return None  # every key after every query
     if qa == ka and qn == kn:
-        return Piece(q0, qn, k0, kn, p.kind)  # the diagonal of one document
-    # misaligned diagonal (striped shards): an explicit mask for this sub-block only
-    rows = torch.arange(qa, qa + qn)[:, None]
-    cols = torch.arange(ka, ka + kn)[None, :]
-    return Piece(q0, qn, k0, kn, p.kind, cols - rows <= reach)
+        return [Piece(q0, qn, k0, kn, p.kind)]  # the diagonal of one document
+    return _band_pieces(q0, qn, k0, kn, qa + reach - ka)
 
 
 def _split_docs(pieces, q_docs, k_docs) -> list[Piece]:
     """Cut every block at document boundaries into same-document sub-blocks; keep those that
-    have a visible pair. Sub-blocks keep the fused kernel unless a diagonal is misaligned."""
+    have a visible pair."""
     out = []
     for p in pieces:
         k_runs = _doc_runs(k_docs[p.k_slice])
         for qa, qn, doc in _doc_runs(q_docs[p.q_slice]):
             for ka, kn, k_doc in k_runs:
-                piece = _doc_piece(p, qa, qn, ka, kn) if k_doc == doc else None
-                if piece is not None:
-                    out.append(piece)
+                if k_doc == doc:
+                    out.extend(_doc_pieces(p, qa, qn, ka, kn))
     return out
 
 

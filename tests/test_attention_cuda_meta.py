@@ -1,0 +1,112 @@
+"""The CUDA block kernels, exercised without a GPU: `kernels.cuda_paths_on_meta()` routes
+`meta` tensors through the CUDA branch, so the real private CUDA ops run their meta
+implementations. Checks the path chosen, the shapes and dtypes of out, LSE (the efficient
+kernel's padded LSE sliced to the rows) and gradients, for every block kind, GQA, fp32 /
+bf16 / fp16, odd head dims, and every block that each strategy's plans ask for."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from seqshard.dist import get_layout
+from seqshard.ops.attention import kernels
+from seqshard.ops.attention.plan import build_plan
+
+META = dict(device="meta")
+
+
+def _meta(b, h, n, d, dtype):
+    return torch.empty(b, h, n, d, dtype=dtype, **META)
+
+
+def _check_block(q, k, v, kind, path):
+    """Forward and backward of one block on the CUDA branch: shapes, dtypes and the path."""
+    with kernels.cuda_paths_on_meta():
+        assert kernels.choose_path(q, k)[0] == path
+        out, lse = kernels.block_forward(q, k, v, kind, 0.125)
+        grads = kernels.block_backward(out, q, k, v, out, lse, kind, 0.125)
+    assert (out.shape, out.dtype) == (q.shape, q.dtype)
+    assert (lse.shape, lse.dtype) == (q.shape[:3], torch.float32)
+    for g, like in zip(grads, (q, k, v)):
+        assert (g.shape, g.dtype) == (like.shape, torch.float32)
+
+
+@pytest.mark.parametrize("dtype,d,path", [
+    (torch.bfloat16, 128, "flash"), (torch.float16, 64, "flash"),
+    (torch.bfloat16, 36, "flash"),  # head dim padded to a multiple of 8 and sliced back
+    (torch.float16, 320, "efficient"),  # beyond the flash kernel's largest head dim
+    (torch.float32, 64, "efficient"), (torch.float32, 37, "efficient")])
+@pytest.mark.parametrize("hkv", [4, 1])  # MHA and MQA (expanded K/V, folded gradients)
+def test_block_kinds_on_the_cuda_branch(dtype, d, path, hkv):
+    for kind, (nq, nk) in [("full", (37, 21)), ("causal", (37, 37)), ("strict", (37, 37)),
+                           ("strict", (1, 1))]:
+        _check_block(_meta(2, 4, nq, d, dtype), *(_meta(2, hkv, nk, d, dtype),) * 2, kind, path)
+
+
+def test_efficient_lse_padding_is_sliced():
+    """This torch's efficient kernel pads its LSE along N to a multiple of 32 (37 -> 64):
+    the block kernel returns exactly the 37 real rows and gives the backward the padded
+    shape back."""
+    q = _meta(1, 2, 37, 64, torch.float32)
+    raw = torch.ops.aten._scaled_dot_product_efficient_attention(q, q, q, None, True, 0.0,
+                                                                 False, scale=0.125)[1]
+    assert raw.shape[-1] % kernels.EFFICIENT_LSE_ROWS == 0 and raw.shape[-1] >= 37
+    _check_block(q, q, q, "full", "efficient")
+
+
+def test_plain_path_on_cuda_warns_once_with_the_reason():
+    q = _meta(1, 2, 9, 16, torch.float64)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        kernels._WARNED.discard(f"dtype {torch.float64} has no fused CUDA attention kernel")
+        _check_block(q, q, q, "causal", "plain")
+        _check_block(q, q, q, "full", "plain")
+    msgs = [str(w.message) for w in seen if "plain-torch path on CUDA" in str(w.message)]
+    assert len(msgs) == 1 and "torch.float64" in msgs[0], msgs
+    with warnings.catch_warnings(record=True) as seen:  # the CPU path never warns
+        warnings.simplefilter("always")
+        kernels.block_forward(*(torch.zeros(1, 1, 3, 4, dtype=torch.float64),) * 3, "full", 0.5)
+    assert not seen
+
+
+def _strategy_plans():
+    """(name, plan) for every block call the strategies make at P = 4, N = 64: ring steps
+    (contiguous, zigzag, striped), Ulysses / all-gather (all members), the 2 x 2 hybrid,
+    with and without packed documents."""
+    world, n = 4, 64
+    for layout, docs in itertools.product(("contiguous", "zigzag", "striped"),
+                                          (None, [9, 1, 30, 24])):
+        lay = get_layout(layout)
+        members = [(r,) for r in range(world)]  # ring
+        members += [tuple(range(world))]  # ulysses
+        members += [(0, 1), (2, 3)]  # hybrid with u = 2
+        for qm, km in itertools.product(members, members):
+            if len(qm) != len(km):
+                continue
+            yield (layout, docs, qm, km), build_plan(lay, n, world, qm, km, causal=True,
+                                                     doc_lens=docs)
+        for r in range(world):  # all-gather: own queries against every rank's keys
+            yield (layout, docs, "ag", r), build_plan(lay, n, world, (r,), range(world),
+                                                      causal=True, doc_lens=docs)
+
+
+@pytest.mark.parametrize("dtype,path", [(torch.bfloat16, "flash"),
+                                        (torch.float32, "efficient")])
+def test_every_strategy_block_on_the_cuda_branch(dtype, path):
+    """Every piece of every plan is a block the CUDA kernels take (no masks, square
+    diagonals) and comes back with the right shapes (GQA 4:2, D = 40)."""
+    calls = 0
+    for name, plan in _strategy_plans():
+        for p in plan:
+            assert p.kind in ("full", "causal", "strict"), (name, p)
+            if p.kind != "full":
+                assert p.q_len == p.k_len, (name, p)  # the kernels' diagonal is square
+            q = _meta(1, 4, p.q_len, 40, dtype)
+            kv = _meta(1, 2, p.k_len, 40, dtype)
+            _check_block(q, kv, kv, p.kind, path)
+            calls += 1
+    assert calls > 100
