@@ -8,7 +8,7 @@ growing global sequence length N, sharded over 2 gloo ranks on this CPU (or one 
     python benchmarks/models.py --models deltanet --sizes 65536 --mixer-pieces none,16384
 
 --layer measures one DeltaNet layer alone instead (forward + backward, no checkpointing) for
-each --pieces value of its piece_tokens: seconds, CPU seconds and peak memory per rank above
+each --pieces value of its mixer_piece_tokens: seconds, CPU seconds and peak memory per rank above
 the inputs, per local token.
 
 Prints per row: seconds of the step (wall, and the most CPU seconds one rank used: on a
@@ -94,26 +94,24 @@ def _rank_task(task: str) -> None:
     task = json.loads(task)
     from seqshard.dist import Mesh
 
-    m = Mesh.from_env(timeout_s=task["collective_timeout"])
-    result = globals()[task["fn"]](m.rank, m.size, m, *task["args"])
-    with open(os.path.join(task["out"], f"rank{m.rank}.json"), "w") as f:
+    mesh = Mesh.from_env(timeout_s=task["collective_timeout"])
+    result = globals()[task["fn"]](mesh.rank, mesh.size, mesh, *task["args"])
+    with open(os.path.join(task["out"], f"rank{mesh.rank}.json"), "w") as f:
         json.dump(result, f)
 
 
 def _one_step(rank, world, mesh, kind: str, config: dict, seq_len: int, steps: int,
               strategy: str, mixer_pieces: str = ""):
     from seqshard.models import Trainer
-    from seqshard.ops.delta_rule import DeltaNet
 
     train = {"seq_len": seq_len, "steps": steps, "task": "random", "vocab_size": 256,
              "activation_checkpointing": True, "warmup_steps": 0}
     if kind != "fit":
         train["strategy"] = strategy
+    if mixer_pieces and kind == "deltanet":  # else the config's default; 0: the whole shard
+        config = dict(config, mixer_piece_tokens=0 if mixer_pieces == "none"
+                      else int(mixer_pieces))
     trainer = Trainer(kind, config, train, mesh)
-    if mixer_pieces:  # override the DeltaNet layers' own default
-        for module in trainer.engine.module.modules():
-            if isinstance(module, DeltaNet):
-                module.piece_tokens = None if mixer_pieces == "none" else int(mixer_pieces)
     for _ in range(steps):  # report the last step: the first also pays one-time allocations
         cpu = time.process_time()  # every thread of this rank's process
         metrics = trainer.step()
@@ -121,32 +119,31 @@ def _one_step(rank, world, mesh, kind: str, config: dict, seq_len: int, steps: i
     return {k: metrics[k] for k in ("seconds", "cpu_seconds", "peak_mem_bytes")}
 
 
-def _layer_step(rank, world, m, dim: int, heads: int, seq_len: int, piece_tokens):
+def _layer_step(rank, world, mesh, dim: int, heads: int, seq_len: int, mixer_piece_tokens):
     import torch
 
-    from seqshard.models.trainer import peak_memory_bytes, reset_peak_memory
+    from seqshard.dist.memory import PeakWindow
     from seqshard.ops.delta_rule import DeltaNet
 
     torch.manual_seed(0)
-    layer = DeltaNet(dim, heads, chunk_size=64, piece_tokens=piece_tokens)
+    layer = DeltaNet(dim, heads, chunk_size=64, mixer_piece_tokens=mixer_piece_tokens)
     x = torch.randn(1, seq_len // world, dim, requires_grad=True)  # this rank's shard
     dy = torch.randn(x.shape)
-    reset_peak_memory(m.device)
-    base = peak_memory_bytes(m.device)
     start, cpu = time.perf_counter(), time.process_time()
-    layer(x, mesh=m).backward(dy)
+    with PeakWindow(mesh.device) as window:  # the rise above the inputs
+        layer(x, mesh=mesh).backward(dy)
     return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-            "peak_mem_bytes": peak_memory_bytes(m.device) - base}
+            "peak_mem_bytes": window.rise}
 
 
 def layer_table(args) -> None:
-    print(f"{'piece_tokens':>12}{'N':>10}{'seconds':>10}{'cpu s/rank':>12}"
+    print(f"{'mixer pieces':>12}{'N':>10}{'seconds':>10}{'cpu s/rank':>12}"
           f"{'MiB/rank':>10}{'KB/local token':>16}{'load':>7}")
     for seq_len in [int(s) for s in args.sizes.split(",")]:
         for piece in args.pieces.split(","):
-            piece_tokens = None if piece == "none" else int(piece)
+            mixer_piece_tokens = None if piece == "none" else int(piece)
             results = run_ranks(_layer_step, args.world, args.dim, args.heads, seq_len,
-                                piece_tokens, timeout=args.budget_s + 120,
+                                mixer_piece_tokens, timeout=args.budget_s + 120,
                                 collective_timeout=args.collective_timeout)
             peak = max(r["peak_mem_bytes"] for r in results)
             print(f"{piece:>12}{seq_len:>10}{max(r['seconds'] for r in results):>10.1f}"
@@ -171,11 +168,11 @@ def main() -> None:
     parser.add_argument("--layer", action="store_true",
                         help="one DeltaNet layer alone, for each --pieces value")
     parser.add_argument("--pieces", default="none,65536,16384",
-                        help="with --layer: comma-separated piece_tokens ('none': whole shard)")
+                        help="with --layer: comma-separated mixer_piece_tokens ('none': whole shard)")
     parser.add_argument("--collective-timeout", type=float, default=3600.0,
                         help="seconds a rank waits in a collective before failing")
     parser.add_argument("--mixer-pieces", default="",
-                        help="comma-separated piece_tokens for the DeltaNet layers ('none': "
+                        help="comma-separated mixer_piece_tokens for the DeltaNet layers ('none': "
                              "whole shard), each measured at every size (default: theirs)")
     parser.add_argument("--rank-task", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()

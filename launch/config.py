@@ -17,14 +17,20 @@ count raise ValueError naming the key or the degrees, so a typo never reaches a 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from seqshard.dist import MeshShape, get_layout
+from seqshard.models import RecallTask, TrainConfig, merged_model_config, model_class
+from seqshard.models.config import CONFIGS
+from seqshard.models.fill import fill, suggest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package (declared for < 3.11)
+    import tomli as tomllib
 
 TASKS = ("train", "probe")
 
@@ -147,51 +153,6 @@ class JobConfig:
 SECTIONS = {"job": JobSection, "mesh": MeshSection, "launch": LaunchSection, "fault": FaultSection}
 
 
-def _check_type(where: str, value: Any, default: Any) -> Any:
-    """Coerce int -> float where a float is expected; reject anything else of the wrong type."""
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    else:
-        ok = True
-    if not ok:
-        raise ValueError(
-            f"config key {where} = {value!r}: expected {type(default).__name__}, "
-            f"got {type(value).__name__}"
-        )
-    return value
-
-
-def suggest(word: str, choices, fmt: str = "{}") -> str:
-    """' (did you mean X?)' for the closest of `choices`, or '' when none is close."""
-    close = difflib.get_close_matches(word, sorted(choices), n=1)
-    return f" (did you mean {fmt.format(close[0])}?)" if close else ""
-
-
-def fill(cls, table: dict, section: str):
-    """Build dataclass `cls` from a TOML table, naming any unknown key (and its likely spelling)."""
-    if not isinstance(table, dict):
-        raise ValueError(f"config [{section}] must be a table, got {table!r}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - set(names))
-    if unknown:
-        named = ", ".join(f"{section}.{k}" + suggest(k, names, f"{section}.{{}}") for k in unknown)
-        raise ValueError(
-            f"unknown config key(s) {named}; [{section}] accepts {', '.join(sorted(names))}"
-        )
-    defaults = cls()
-    values = {
-        k: _check_type(f"{section}.{k}", v, getattr(defaults, k)) for k, v in table.items()
-    }
-    return cls(**values)
-
-
 def parse_override(text: str) -> tuple[str, str, Any]:
     """'train.steps=10' -> ('train', 'steps', 10). The value is read as TOML, else a string."""
     if "=" not in text:
@@ -277,10 +238,10 @@ def validate(cfg: JobConfig) -> None:
     if cfg.fault.mode not in ("kill", "stall"):
         raise ValueError(f"fault.mode = {cfg.fault.mode!r}: expected 'kill' or 'stall'")
     train = train_config(cfg)
-    steps, seq_len = _get(train, "steps"), _get(train, "seq_len")
+    steps, seq_len = train.steps, train.seq_len
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"train.steps = {steps!r}: must be a positive integer")
-    layout = get_layout(_get(train, "layout") or "contiguous")
+    layout = get_layout(train.layout)
     for key, n in (("train.seq_len", seq_len), ("job.exactness_seq_len", cfg.job.exactness_seq_len)):
         if isinstance(n, int) and n > 0 and n % layout.divisor(shape.sp) != 0:
             raise ValueError(
@@ -292,48 +253,25 @@ def validate(cfg: JobConfig) -> None:
         _validate_model(cfg, shape)
 
 
-def _get(obj, key):
-    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
-
-
 def train_config(cfg: JobConfig):
-    """The task's checked training config: ProbeConfig, models.TrainConfig, or the dict."""
+    """The task's checked training config: ProbeConfig or models.TrainConfig."""
     if cfg.job.task == "probe":
         return fill(ProbeConfig, cfg.train, "train")
-    TrainConfig = _models_attr("TrainConfig")
-    if TrainConfig is not None and dataclasses.is_dataclass(TrainConfig):
-        return fill(TrainConfig, cfg.train, "train")
-    return cfg.train
-
-
-def _models_attr(name: str):
-    """An attribute of seqshard.models, or None while that package does not provide it."""
-    try:
-        import seqshard.models as models
-    except ImportError:
-        return None
-    return getattr(models, name, None)
+    return fill(TrainConfig, cfg.train, "train")
 
 
 def _validate_model(cfg: JobConfig, shape: MeshShape) -> None:
     kind = cfg.model.get("kind")
     if not isinstance(kind, str):
         raise ValueError(f"model.kind = {kind!r}: name the model, e.g. 'transformer'")
-    try:
-        from seqshard.models.config import CONFIGS
-    except ImportError:  # models not installed: the worker's Trainer checks the rest
-        return
     if kind not in CONFIGS:
         raise ValueError(f"model.kind = {kind!r}: expected one of {sorted(CONFIGS)}")
-    values = {k: v for k, v in cfg.model.items() if k != "kind"}
-    fill(CONFIGS[kind], values, "model")  # names unknown keys as model.<key>
+    values = {key: value for key, value in cfg.model.items() if key != "kind"}
     tc = train_config(cfg)
     _validate_task(tc)
-    from seqshard.models import model_class
-    from seqshard.models.trainer import _model_config
-
-    # the Trainer's own merge of [model] and [train] (layout, strategy), so we check what runs
-    mc = _model_config(kind, values, tc)
+    # the Trainer's own merge of [model] and [train] (layout, strategy), so we check what
+    # runs; unknown keys are named as model.<key>
+    mc = merged_model_config(kind, values, tc, section="model")
     supported = model_class(kind).supported_layouts
     if mc.layout not in supported:
         raise ValueError(f"train.layout = {mc.layout!r}: model.kind = {kind!r} runs on the "
@@ -368,10 +306,7 @@ def _validate_strategy(mc, shape: MeshShape) -> None:
 
 def _validate_task(tc) -> None:
     """The synthetic recall task's own limits (the Trainer would find them only in a worker)."""
-    if _get(tc, "task") != "recall":
-        return
-    RecallTask = _models_attr("RecallTask")
-    if RecallTask is None:
+    if tc.task != "recall":
         return
     try:
         task = RecallTask(tc.vocab_size, tc.recall_pairs, tc.recall_queries)
@@ -420,15 +355,12 @@ def resume_meta(cfg: JobConfig) -> dict:
     state (per-rank files, ZeRO shards). The ulysses / ring split may change: state is the same."""
     shape = cfg.mesh.shape()
     tc = train_config(cfg)
-    train = dataclasses.asdict(tc) if dataclasses.is_dataclass(tc) else dict(tc)
+    train = dataclasses.asdict(tc)
     model = dict(cfg.model)
-    try:
-        from seqshard.models.config import CONFIGS
-    except ImportError:
-        CONFIGS = {}
-    if model.get("kind") in CONFIGS:  # with defaults filled in, so spelling a default out is no change
-        values = {k: v for k, v in model.items() if k != "kind"}
-        model = {"kind": model["kind"], **dataclasses.asdict(fill(CONFIGS[model["kind"]], values, "model"))}
+    kind = model.get("kind")
+    if kind in CONFIGS:  # with defaults filled in, so spelling a default out is no change
+        values = {key: value for key, value in model.items() if key != "kind"}
+        model = {"kind": kind, **dataclasses.asdict(fill(CONFIGS[kind], values, "model"))}
     return {"task": cfg.job.task, "model": model,
             "train": {k: v for k, v in train.items() if k not in RESUMABLE_TRAIN_KEYS},
             "mesh": {"workers": shape.world_size, "dp": shape.dp}}

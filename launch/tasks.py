@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from seqshard.dist import Mesh, all_reduce, get_layout
+from seqshard.models.fill import fill
 
-from .config import JobConfig, ProbeConfig, fill
+from .config import JobConfig, ProbeConfig
 
 
 def make_task(cfg: JobConfig, mesh: Mesh):

@@ -19,15 +19,16 @@ from .config import (
     TransformerConfig,
     make_config,
     make_train_config,
+    merged_model_config,
 )
 from .data import RecallTask, random_batch, recall_batch
 from .loss import next_token_targets, sharded_accuracy, sharded_lm_loss
-from .pieces import chunked_lm_loss, in_pieces
+from .tokenwise import in_pieces, lm_loss_in_pieces
 from .trainer import Trainer
 
 __all__ = [
     "DeltaNetConfig", "FITConfig", "LMConfig", "RecallTask", "TrainConfig", "Trainer",
-    "TransformerConfig", "build_model", "chunked_lm_loss", "in_pieces", "make_config",
-    "make_train_config", "model_class",
+    "TransformerConfig", "build_model", "in_pieces", "lm_loss_in_pieces", "make_config",
+    "make_train_config", "merged_model_config", "model_class",
     "next_token_targets", "random_batch", "recall_batch", "sharded_accuracy", "sharded_lm_loss",
 ]

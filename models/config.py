@@ -1,13 +1,21 @@
 """Typed configs: one dataclass per model kind, and the training config.
 
 Every field has a docstring-style comment; `make_config(kind, dict)` turns a plain dict (from
-TOML or the launcher) into the right dataclass and rejects unknown keys with ValueError.
+TOML or the launcher) into the right dataclass and rejects unknown keys with ValueError;
+`merged_model_config` adds the train config's sharding choices, as the Trainer runs it.
+
+Two knobs cut work into sequence pieces, and they are different things:
+`tokenwise_piece_tokens` (every model) cuts the token-wise MLP, LM head and loss, with
+recomputation; `mixer_piece_tokens` (DeltaNet) cuts the delta-rule mixer, which carries its
+state from piece to piece.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
+
+from .fill import fill
 
 STRATEGIES = ("auto", "ring", "ulysses", "hybrid", "allgather")
 DTYPES = ("fp32", "bf16")
@@ -42,13 +50,19 @@ class LMConfig:
     """Share the token embedding with the output head."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of linear and embedding weights."""
-    piece_tokens: int = 8192
-    """Tokens per piece when token-wise work (LM head + loss, MLPs) runs piece by piece with
-    recomputation (see models/pieces.py); bounds its transient memory, same math."""
+    tokenwise_piece_tokens: int = 8192
+    """Tokens per piece when token-wise work (LM head + loss, MLPs; FIT's group-local work)
+    runs piece by piece with recomputation (see models/tokenwise.py); bounds its transient
+    memory, same math."""
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "piece_tokens": "tokenwise_piece_tokens for the MLP / head / loss pieces, or "
+                        "mixer_piece_tokens for the DeltaNet mixer's state-carrying pieces",
+    }
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "dim", "num_layers", "num_heads", "mlp_ratio",
-                  "piece_tokens")
+                  "tokenwise_piece_tokens")
 
 
 @dataclass
@@ -99,6 +113,10 @@ class DeltaNetConfig(LMConfig):
     """Chunk length of the WY/UT chunkwise kernel; None: per device (32 on CPU, 64 on GPUs)."""
     schedule: str = "scan"
     """How the state crosses ranks: 'scan' (log2 P prefix scan) or 'pass' (sequential)."""
+    mixer_piece_tokens: int = 65536
+    """A delta-rule layer whose shard is longer runs over it in pieces of this many tokens,
+    carrying the state from piece to piece (`DeltaNet(mixer_piece_tokens=)`): memory O(piece),
+    about 2x the wall time at P = 2. 0: never (the whole shard at once)."""
     attn_layers: tuple[int, ...] = ()
     """Indices of layers that use (global, causal) sharded attention instead of the delta rule:
     the hybrid of the DeltaNet paper."""
@@ -115,6 +133,9 @@ class DeltaNetConfig(LMConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive(self, "window")
+        if not isinstance(self.mixer_piece_tokens, int) or self.mixer_piece_tokens < 0:
+            raise ValueError(f"DeltaNetConfig.mixer_piece_tokens={self.mixer_piece_tokens!r} "
+                             f"must be a positive integer, or 0 for the whole shard")
         self.attn_layers = tuple(int(i) for i in self.attn_layers)
         self.window_layers = tuple(int(i) for i in self.window_layers)
         for name in ("attn_layers", "window_layers"):
@@ -218,30 +239,48 @@ CONFIGS: dict[str, type[LMConfig]] = {
 }
 
 
-def _from_dict(cls, values: dict | object):
-    if isinstance(values, cls):
-        return values
-    if not isinstance(values, dict):
-        raise ValueError(f"expected a dict or {cls.__name__}, got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
-    return cls(**values)
-
-
-def make_config(kind: str, values: dict | LMConfig) -> LMConfig:
-    """The config dataclass of a model `kind` ('transformer' | 'deltanet' | 'fit')."""
+def make_config(kind: str, values: dict | LMConfig, section: str | None = None) -> LMConfig:
+    """The config dataclass of a model `kind` ('transformer' | 'deltanet' | 'fit').
+    section: where `values` came from (e.g. 'model'), for the key names in errors."""
     if kind not in CONFIGS:
         raise ValueError(f"model kind={kind!r}: expected one of {sorted(CONFIGS)}")
-    return _from_dict(CONFIGS[kind], values)
+    return fill(CONFIGS[kind], values, section)
 
 
-def make_train_config(values: dict | TrainConfig) -> TrainConfig:
-    return _from_dict(TrainConfig, values)
+def make_train_config(values: dict | TrainConfig, section: str | None = None) -> TrainConfig:
+    return fill(TrainConfig, values, section)
+
+
+def merged_model_config(kind: str, values: dict | LMConfig, train: TrainConfig,
+                        section: str | None = None) -> LMConfig:
+    """The model config with the sharding / memory choices of the train config filled in
+    (layout, activation checkpointing, the attention strategy; vocab_size when unset): what
+    the Trainer builds, so the launcher checks the same thing before any worker starts.
+
+    A choice set in both configs must agree, unless the train config left it at its default
+    (then the model's stands); a conflict is a ValueError naming both values.
+    """
+    values = dict(vars(values)) if isinstance(values, LMConfig) else dict(values)
+    shared = {"layout": train.layout, "activation_checkpointing": train.activation_checkpointing}
+    if kind != "fit":
+        shared["strategy"] = train.strategy
+    defaults = TrainConfig()
+    for key, value in shared.items():
+        if key in values and values[key] != value:
+            if value == getattr(defaults, key):
+                continue  # the train config left it at its default: the model's choice stands
+            raise ValueError(f"model config {key}={values[key]!r} conflicts with the train "
+                             f"config's {key}={value!r}; set it in one place")
+        values[key] = value
+    values.setdefault("vocab_size", train.vocab_size)
+    config = make_config(kind, values, section)
+    if config.vocab_size < train.vocab_size:
+        raise ValueError(f"model vocab_size={config.vocab_size} < the task's vocab_size="
+                         f"{train.vocab_size}")
+    return config
 
 
 __all__ = [
     "CONFIGS", "DeltaNetConfig", "FITConfig", "LMConfig", "TrainConfig", "TransformerConfig",
-    "make_config", "make_train_config",
+    "make_config", "make_train_config", "merged_model_config",
 ]

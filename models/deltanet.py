@@ -19,7 +19,7 @@ from seqshard.ops.delta_rule import DeltaNet
 from .config import DeltaNetConfig
 from .layers import Attention, RMSNorm, ShardContext, SwiGLU
 from .lm import CausalLM
-from .pieces import in_pieces
+from .tokenwise import in_pieces
 
 
 class DeltaNetBlock(nn.Module):
@@ -38,10 +38,11 @@ class DeltaNetBlock(nn.Module):
             self.mixer = DeltaNet(cfg.dim, cfg.num_heads, head_dim=cfg.head_dim,
                                   use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size,
                                   allow_neg_eigval=cfg.allow_neg_eigval, use_gate=cfg.use_gate,
-                                  chunk_size=cfg.chunk_size, schedule=cfg.schedule)
+                                  chunk_size=cfg.chunk_size, schedule=cfg.schedule,
+                                  mixer_piece_tokens=cfg.mixer_piece_tokens or None)
         self.mlp_norm = RMSNorm(cfg.dim)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_ratio)
-        self.piece_tokens = cfg.piece_tokens
+        self.tokenwise_piece_tokens = cfg.tokenwise_piece_tokens
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.mlp_norm(x))
@@ -50,8 +51,8 @@ class DeltaNetBlock(nn.Module):
         h = self.mixer_norm(x)
         x = x + (self.mixer(h, ctx) if self.is_attention else self.mixer(h, ctx.mesh))
         del h  # the mixer has what it needs; do not hold [B, N_local, C] through the MLP
-        # token-wise: in pieces, so its hidden activations are O(piece) (models/pieces.py)
-        return in_pieces(self._mlp, x, self.piece_tokens)
+        # token-wise: in pieces, so its hidden activations are O(piece) (models/tokenwise.py)
+        return in_pieces(self._mlp, x, self.tokenwise_piece_tokens)
 
 
 class DeltaNetLM(CausalLM):

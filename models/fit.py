@@ -34,8 +34,8 @@ class FITLM(CausalLM):
                        depth=config.num_layers, local_layers=config.local_layers,
                        global_layers=config.global_layers, causal=True,
                        mlp_ratio=config.mlp_ratio,
-                       # group-local work in pieces of about piece_tokens tokens
-                       piece_groups=max(1, config.piece_tokens // config.group_size))
+                       # group-local work in pieces of about tokenwise_piece_tokens tokens
+                       piece_groups=max(1, config.tokenwise_piece_tokens // config.group_size))
         self.finish([])
 
     def checkpoint_units(self):

@@ -18,7 +18,7 @@ from seqshard.dist.agree import agree
 
 from .config import LMConfig
 from .layers import ShardContext, RMSNorm
-from .pieces import chunked_lm_loss
+from .tokenwise import lm_loss_in_pieces
 
 
 def checkpoint_each(modules) -> None:
@@ -91,7 +91,7 @@ class CausalLM(nn.Module):
 
         With targets [B, N_local] (from `next_token_targets`; loss_mask optional) it returns
         (loss, predictions [B, N_local]) instead, equal to `sharded_lm_loss` of the logits and
-        their argmax, but with the head and loss run in pieces (`chunked_lm_loss`) so the
+        their argmax, but with the head and loss run in pieces (`lm_loss_in_pieces`) so the
         shard's logits never exist at once. Both go through forward so that wrappers such as
         DeepSpeed's engine (ZeRO-3 parameter gathering) see the call.
         """
@@ -111,5 +111,5 @@ class CausalLM(nn.Module):
         hidden = self.norm(x)  # [B, N_local, C]
         if targets is None:
             return self.head(hidden)  # [B, N_local, V]
-        return chunked_lm_loss(hidden, self.head, targets, self.mesh, loss_mask=loss_mask,
-                               piece_tokens=self.config.piece_tokens)
+        return lm_loss_in_pieces(hidden, self.head, targets, self.mesh, loss_mask=loss_mask,
+                                 piece_tokens=self.config.tokenwise_piece_tokens)

@@ -11,131 +11,33 @@ so backpropagating sp * loss gives exactly (1 / dp) sum_replicas g_replica.
 Data: every rank of a replica builds the same global batch from (seed, step, replica) and keeps
 its shard, so the data position is just the step counter; `save` / `load` store it with the
 DeepSpeed checkpoint (model, optimizer, LR schedule) so a resumed run continues identically.
+
+The optimizer and LR schedule live in optim.py, DeepSpeed's config in engine_config.py, the
+one-rank process group for a Trainer without a launcher in bootstrap.py, the config merge in
+config.py and the peak-memory probe in seqshard.dist.memory.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
-import resource
 import time
 
 import torch
-import torch.distributed as dist
 
-from seqshard.dist import Mesh, get_layout, init_process_group
+from seqshard.dist import Mesh, all_gather, all_reduce, get_layout
+from seqshard.dist.memory import peak_bytes, reset_peak
 
+from .bootstrap import ensure_single_process_group
 from .build import build_model
-from .config import LMConfig, TrainConfig, make_config, make_train_config
+from .config import LMConfig, TrainConfig, make_train_config, merged_model_config
 from .data import RecallTask, random_batch, recall_batch
+from .engine_config import deepspeed_config
 from .loss import next_token_targets, sharded_accuracy, sharded_lm_loss
+from .optim import make_optimizer
 from .safe_load import check_checkpoint, install_safe_engine, raise_on_every_rank
 
 _TAG = re.compile(r"^step\d+$")  # the tags `save` writes; anything else in `latest` is refused
-
-
-def lr_lambda(tc: TrainConfig):
-    """Linear warm-up to 1, then cosine decay to min_lr_ratio at tc.steps (a LambdaLR factor)."""
-
-    def factor(step: int) -> float:
-        if step < tc.warmup_steps:
-            return (step + 1) / tc.warmup_steps
-        span = max(1, tc.steps - tc.warmup_steps)
-        progress = min(1.0, (step - tc.warmup_steps) / span)
-        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig):
-    """AdamW or SGD (weight decay on matrices only) and its LambdaLR schedule."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    if tc.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=tc.lr)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
-
-
-def deepspeed_config(tc: TrainConfig) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": tc.batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": tc.grad_clip,
-        "zero_optimization": {"stage": tc.zero_stage},
-        "zero_allow_untested_optimizer": True,  # our torch AdamW, wrapped by ZeRO
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-
-
-def _single_process_group() -> None:
-    """A one-rank gloo group, so DeepSpeed runs when no launcher started one."""
-    if dist.is_initialized():
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
-        os.environ.setdefault(key, value)
-    init_process_group()
-
-
-def _model_config(kind: str, values: dict | LMConfig, tc: TrainConfig) -> LMConfig:
-    """The model config with the sharding / memory choices of the train config filled in."""
-    values = dict(vars(values)) if isinstance(values, LMConfig) else dict(values)
-    shared = {"layout": tc.layout, "activation_checkpointing": tc.activation_checkpointing}
-    if kind != "fit":
-        shared["strategy"] = tc.strategy
-    defaults = TrainConfig()
-    for key, value in shared.items():
-        if key in values and values[key] != value:
-            if value == getattr(defaults, key):
-                continue  # the train config left it at its default: the model's choice stands
-            raise ValueError(f"model config {key}={values[key]!r} conflicts with the train "
-                             f"config's {key}={value!r}; set it in one place")
-        values[key] = value
-    values.setdefault("vocab_size", tc.vocab_size)
-    cfg = make_config(kind, values)
-    if cfg.vocab_size < tc.vocab_size:
-        raise ValueError(f"model vocab_size={cfg.vocab_size} < the task's vocab_size="
-                         f"{tc.vocab_size}")
-    return cfg
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window (per step). On Linux CPU, writing 5 to clear_refs resets
-    the resident-set high-water mark; where that is not allowed the peak stays process-wide."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated accelerator memory, or on CPU the peak resident set (VmHWM)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class Trainer:
@@ -155,10 +57,10 @@ class Trainer:
 
         self.tc = tc = make_train_config(train_config)
         if mesh is None or mesh.world_size == 1:
-            _single_process_group()
+            ensure_single_process_group()
         self.mesh = mesh or Mesh.single()
         self.kind = kind
-        self.model_config = _model_config(kind, model_config, tc)
+        self.model_config = merged_model_config(kind, model_config, tc)
         self.layout = get_layout(self.model_config.layout)  # the train config's, or the model's
         self.layout.check(tc.seq_len, self.mesh.size)
         self.task = RecallTask(tc.vocab_size, tc.recall_pairs, tc.recall_queries)
@@ -195,17 +97,17 @@ class Trainer:
         return self.layout.shard(x, 1, self.mesh.rank, self.mesh.size).to(self.mesh.device)
 
     def _dp_mean(self, value: float) -> float:
-        if self.mesh.dp_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, group=self.mesh.dp_group)
-        return float(t) / self.mesh.dp_size
+        """The mean of `value` over the dp replicas (a timed collective: a dead or stalled
+        replica raises CollectiveError instead of hanging)."""
+        total = all_reduce(torch.tensor([value], dtype=torch.float64), self.mesh.dp_group,
+                           timeout=self.mesh.timeout)
+        return float(total) / self.mesh.dp_size
 
     # --- training ----------------------------------------------------------------------------
     def step(self) -> dict:
         """One optimizer step. Returns step, loss (global mean), accuracy, lr, tokens, seconds,
         peak_mem_bytes; loss and accuracy are the same on every rank."""
-        reset_peak_memory(self.mesh.device)
+        reset_peak(self.mesh.device)
         start = time.perf_counter()
         ids, mask = self.global_batch(self.step_count)
         ids, mask = self.shard(ids), self.shard(mask)  # [B, N_local]
@@ -226,7 +128,7 @@ class Trainer:
             "lr": lr,
             "tokens": self.tc.batch_size * self.tc.seq_len * self.mesh.dp_size,
             "seconds": time.perf_counter() - start,
-            "peak_mem_bytes": peak_memory_bytes(self.mesh.device),
+            "peak_mem_bytes": peak_bytes(self.mesh.device),
         }
 
     # --- checkpoints -------------------------------------------------------------------------
@@ -300,9 +202,11 @@ class Trainer:
         reference.load_state_dict(self.full_state_dict())
         full_logits = reference(ids.to(self.mesh.device)).float()  # [1, N, V]
         full_loss = sharded_lm_loss(full_logits, ids.to(self.mesh.device))
-        err = max(float((loss - full_loss).abs()),
-                  float((logits - self.shard(full_logits)).abs().max()))
-        result = torch.tensor([err], dtype=torch.float64)
-        if self.mesh.world_size > 1:
-            dist.all_reduce(result, op=dist.ReduceOp.MAX)
-        return float(result)
+        error = max(float((loss - full_loss).abs()),
+                    float((logits - self.shard(full_logits)).abs().max()))
+        # the max over every rank: over this sp group, then over the dp replicas (timed
+        # collectives; each is a no-op on a group of one)
+        errors = torch.tensor([error], dtype=torch.float64)
+        for group in (self.mesh.group, self.mesh.dp_group):
+            errors = all_gather(errors.amax().reshape(1), 0, group, timeout=self.mesh.timeout)
+        return float(errors.amax())

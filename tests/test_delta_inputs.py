@@ -255,7 +255,7 @@ def test_disagreeing_ranks_all_raise():
         for case, (_, needle) in DISAGREE.items():
             text = messages[case]
             assert needle in text, f"rank {rank}, {case}: {text!r}"
-            assert "rank 1" in text or "rank(s) [1]" in text, f"rank {rank}, {case}: {text!r}"
+            assert "rank 1" in text, f"rank {rank}, {case}: {text!r}"
         assert messages["empty batch"] == ((0, H, 6, DV), (0, H, DK, DV))
 
 
@@ -265,9 +265,9 @@ def _layer_views(rank, world):
     against an fp64 copy of the layer on the whole (contiguous) sequence."""
     m = mesh()
     n, hidden = 8, 16
-    for i, piece_tokens in enumerate((None, 3)):
+    for i, pieces in enumerate((None, 3)):
         torch.manual_seed(60 + i)
-        layer = DeltaNet(hidden, 2, use_gate=True, chunk_size=4, piece_tokens=piece_tokens)
+        layer = DeltaNet(hidden, 2, use_gate=True, chunk_size=4, mixer_piece_tokens=pieces)
         ref_layer = copy.deepcopy(layer).double()
         x_full = torch.randn(n * world, 2, hidden, dtype=torch.float64)  # [N, B, hidden]
         w = torch.randn(2, n * world, hidden, dtype=torch.float64)
@@ -276,7 +276,7 @@ def _layer_views(rank, world):
         g_ref = torch.autograd.grad((y_ref * w).sum(), [xr] + list(ref_layer.parameters()))
         leaf = x_full[rank * n:(rank + 1) * n].float().requires_grad_()
         y = layer(leaf.transpose(0, 1), mesh=m)
-        where = f"layer pieces={piece_tokens} rank {rank}/{world}"
+        where = f"layer pieces={pieces} rank {rank}/{world}"
         assert_close(f"{where} y", y_ref[:, rank * n:(rank + 1) * n], y, TOL)
         grads = torch.autograd.grad((y * w[:, rank * n:(rank + 1) * n].float()).sum(),
                                     [leaf] + list(layer.parameters()))

@@ -16,12 +16,12 @@ from tests.harness import mesh, run_ranks
 
 TOL = {"y": 1e-5, "grad": 2e-5}
 
-CASES = [  # DeltaNet kwargs, N_local, piece_tokens
-    (dict(hidden_size=96, num_heads=2, chunk_size=3), 11, 4),  # head dim 48; pieces 4, 4, 3
-    (dict(hidden_size=32, num_heads=2, chunk_size=4, use_gate=True, allow_neg_eigval=True),
+CASES = [  # DeltaNet kwargs, N_local, mixer_piece_tokens
+    (dict(dim=96, num_heads=2, chunk_size=3), 11, 4),  # head dim 48; pieces 4, 4, 3
+    (dict(dim=32, num_heads=2, chunk_size=4, use_gate=True, allow_neg_eigval=True),
      7, 2),  # pieces shorter than the halo of 3: the conv reads two pieces and the last rank's
-    (dict(hidden_size=32, num_heads=4, chunk_size=4, use_gate=True, use_short_conv=False), 9, 4),
-    (dict(hidden_size=24, num_heads=3, head_dim=5, chunk_size=8, conv_size=2), 6, 5),
+    (dict(dim=32, num_heads=4, chunk_size=4, use_gate=True, use_short_conv=False), 9, 4),
+    (dict(dim=24, num_heads=3, head_dim=5, chunk_size=8, conv_size=2), 6, 5),
 ]
 
 
@@ -30,14 +30,14 @@ def _pieces_vs_whole(rank, world):
     layout = Contiguous()
     for i, (kwargs, n, piece) in enumerate(CASES):
         torch.manual_seed(70 + i)
-        layer = DeltaNet(piece_tokens=None, **kwargs)  # same weights on every rank
-        x = torch.randn(2, n * world, kwargs["hidden_size"], requires_grad=True)
+        layer = DeltaNet(mixer_piece_tokens=None, **kwargs)  # same weights on every rank
+        x = torch.randn(2, n * world, kwargs["dim"], requires_grad=True)
         w = torch.randn(x.shape)
         params = list(layer.parameters())
         y_ref = layer(x)  # one process, the whole sequence, no pieces
         g_ref = torch.autograd.grad((y_ref * w).sum(), [x] + params)
 
-        layer.piece_tokens = piece
+        layer.mixer_piece_tokens = piece
         xs = layout.shard(x.detach(), 1, rank, world).requires_grad_()
         y = layer(xs, mesh=m)
         where = f"case {i} rank {rank}/{world}"
@@ -67,11 +67,12 @@ def _model_with_checkpointing(rank, world):
     config = dict(vocab_size=37, dim=32, num_layers=2, num_heads=2, chunk_size=4,
                   use_gate=True, activation_checkpointing=True)
     torch.manual_seed(11)
-    model = build_model("deltanet", config, m)
-    whole = build_model("deltanet", config, Mesh.single())
+    # the mixer's pieces set from the model config (0: the whole shard at once)
+    model = build_model("deltanet", dict(config, mixer_piece_tokens=4), m)
+    whole = build_model("deltanet", dict(config, mixer_piece_tokens=0), Mesh.single())
     whole.load_state_dict(model.state_dict())
     for block, ref_block in zip(model.blocks, whole.blocks):
-        block.mixer.piece_tokens, ref_block.mixer.piece_tokens = 4, None
+        assert (block.mixer.mixer_piece_tokens, ref_block.mixer.mixer_piece_tokens) == (4, None)
     ids = torch.randint(0, 37, (1, 13 * world), generator=torch.Generator().manual_seed(11))
     ids_local = Contiguous().shard(ids, 1, rank, world)
     loss = sharded_lm_loss(model(ids_local), ids_local, m)
@@ -94,7 +95,7 @@ def test_model_with_checkpointing_in_pieces():
 @pytest.mark.parametrize("gate", [False, True])
 def test_gradcheck_float64(gate):
     torch.manual_seed(3)
-    layer = DeltaNet(8, 2, chunk_size=2, use_gate=gate, piece_tokens=3).double()
+    layer = DeltaNet(8, 2, chunk_size=2, use_gate=gate, mixer_piece_tokens=3).double()
     x = torch.randn(1, 8, 8, dtype=torch.float64, requires_grad=True)
     params = tuple(layer.parameters())
     assert type(layer(x).grad_fn).__name__ == "_LayerInPiecesBackward"
@@ -105,7 +106,7 @@ def test_gradcheck_float64(gate):
 
 def test_frozen_parameters_and_no_grad():
     torch.manual_seed(4)
-    layer = DeltaNet(16, 2, chunk_size=4, piece_tokens=5)
+    layer = DeltaNet(16, 2, chunk_size=4, mixer_piece_tokens=5)
     x = torch.randn(1, 12, 16, requires_grad=True)
     with torch.no_grad():
         ref = layer(x)
@@ -121,13 +122,13 @@ def test_bf16_autocast_close_to_fp32():
     """Under autocast the pieces recompute in bf16 as the forward did and the state between
     pieces stays fp32; the result is as close to fp32 as the whole layer's (~1e-2)."""
     torch.manual_seed(6)
-    layer = DeltaNet(32, 2, chunk_size=4, use_gate=True, piece_tokens=None)
+    layer = DeltaNet(32, 2, chunk_size=4, use_gate=True, mixer_piece_tokens=None)
     x = torch.randn(1, 30, 32, requires_grad=True)
     w = torch.randn(x.shape)
     params = list(layer.parameters())
     y_ref = layer(x)
     g_ref = torch.autograd.grad((y_ref * w).sum(), [x] + params)
-    layer.piece_tokens = 7
+    layer.mixer_piece_tokens = 7
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
@@ -139,13 +140,13 @@ def test_bf16_autocast_close_to_fp32():
 
 def test_bad_piece_tokens():
     for bad in (0, -3, 2.5):
-        with pytest.raises(ValueError, match=f"piece_tokens={bad!r} must be a positive"):
-            DeltaNet(16, 2, piece_tokens=bad)
+        with pytest.raises(ValueError, match=f"mixer_piece_tokens={bad!r} must be a positive"):
+            DeltaNet(16, 2, mixer_piece_tokens=bad)
 
 
 def _bad_on_one_rank(rank, world):
     torch.manual_seed(5)
-    layer = DeltaNet(16, 2, chunk_size=4, piece_tokens=6)
+    layer = DeltaNet(16, 2, chunk_size=4, mixer_piece_tokens=6)
     messages = []
     # NaN on rank 1; then rank 1's shard (5 tokens) too short for pieces, rank 0's (8) not
     for x in (torch.randn(1, 8, 16), torch.randn(1, 8 - 3 * rank, 16)):
@@ -162,7 +163,7 @@ def _bad_on_one_rank(rank, world):
 
 def test_bad_input_on_one_rank_raises_on_every_rank():
     (nan0, paths0), (nan1, paths1) = run_ranks(_bad_on_one_rank, 2)
-    assert "bad input on rank(s) [1]" in nan0
+    assert "bad input on 1 rank(s): rank 1: x has 1 NaN/inf values" in nan0
     assert "rank 1: x has 1 NaN/inf values" in nan1
-    assert "ranks disagree on path (rank 0 pieces, rank 1 whole shard)" in paths0
-    assert "ranks disagree" in paths1
+    for said in (paths0, paths1):
+        assert "rank 1 has path=whole shard (rank 0: pieces)" in said, said

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import msgpack
@@ -21,6 +23,34 @@ DEMO = CONFIGS / "demo.toml"
 def test_shipped_configs_validate(path):
     cfg = config.load(path)
     assert cfg.mesh.shape().world_size == cfg.mesh.workers
+
+
+PYTHON_310 = """
+import sys, tomllib
+sys.modules["tomli"] = tomllib  # tomli is the package tomllib came from: the same API
+sys.modules["tomllib"] = None  # what Python 3.10 lacks: importing it raises ImportError
+from seqshard.launch import config
+assert config.tomllib is sys.modules["tomli"]
+print(config.load(sys.argv[1], ["train.steps=3"]).train["steps"])
+"""
+
+
+def test_config_loads_without_tomllib_as_on_python_310():
+    """Python 3.10 has no tomllib: config falls back to tomli (declared for < 3.11)."""
+    done = subprocess.run([sys.executable, "-c", PYTHON_310, str(DEMO)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "3", done.stderr[-2000:]
+
+
+def test_old_piece_tokens_key_names_the_new_keys():
+    with pytest.raises(ValueError) as err:
+        config.load(DEMO, ["model.piece_tokens=64"])
+    said = str(err.value)
+    assert "model.piece_tokens (renamed: tokenwise_piece_tokens" in said, said
+    assert "mixer_piece_tokens" in said, said
+    cfg = config.load(DEMO, ["model.kind=deltanet", "train.layout=contiguous",
+                             "model.mixer_piece_tokens=64", "model.tokenwise_piece_tokens=32"])
+    assert cfg.model["mixer_piece_tokens"] == 64
 
 
 def test_demo_config_values_and_overrides():

@@ -142,7 +142,7 @@ def _loss_path_cases(rank, world, cases):
         layout = get_layout(config.get("layout", "contiguous"))
         torch.manual_seed(seed)
         sharded = build_model(kind, config, m)
-        reference = build_model(kind, dict(config, piece_tokens=8192), Mesh.single())
+        reference = build_model(kind, dict(config, tokenwise_piece_tokens=8192), Mesh.single())
         reference.load_state_dict(sharded.state_dict())
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, sharded.config.vocab_size, (2, seq_len), generator=gen)
@@ -156,7 +156,7 @@ def _loss_path_cases(rank, world, cases):
         full_loss = sharded_lm_loss(full_logits, ids, loss_mask=mask)
         full_loss.backward()
 
-        tag = f"{kind} P={m.size} pieces={config['piece_tokens']}"
+        tag = f"{kind} P={m.size} pieces={config['tokenwise_piece_tokens']}"
         assert_close(f"{tag} loss", full_loss.detach(), loss.detach(), TOL["loss"])
         local_logits = layout.shard(full_logits.detach(), 1, m.rank, m.size)
         chosen = local_logits.gather(-1, predictions[..., None])[..., 0]  # [B, N_local]
@@ -169,23 +169,23 @@ def _loss_path_cases(rank, world, cases):
             assert_close(f"{tag} grad {name}", ref_params[name].grad, grad, TOL["grad"])
         compared.append(len(ref_params))
 
-    from seqshard.models.pieces import chunked_lm_loss, in_pieces
+    from seqshard.models.tokenwise import in_pieces, lm_loss_in_pieces
 
     with pytest.raises(ValueError, match="piece_tokens=0"):
         in_pieces(torch.nn.Identity(), torch.zeros(1, 4, 8), 0)
     with pytest.raises(ValueError, match=r"hidden \(1, 5, 8\) does not match"):
-        chunked_lm_loss(torch.zeros(1, 5, 8), torch.nn.Linear(8, 3), torch.zeros(1, 4).long())
+        lm_loss_in_pieces(torch.zeros(1, 5, 8), torch.nn.Linear(8, 3), torch.zeros(1, 4).long())
     return compared
 
 
 PIECE_CASES = [
     # pieces of 3 tokens: odd, so pieces end inside a shard and the last one is short
-    ("deltanet", dict(DELTANET, piece_tokens=3, activation_checkpointing=True), 26),
-    ("deltanet", dict(DELTANET, piece_tokens=5, attn_layers=(0,)), 22),
-    # FIT pieces of one group (piece_tokens < group_size) and of two groups
-    ("fit", dict(FIT_LM, piece_tokens=2, activation_checkpointing=True), 24),
-    ("fit", dict(FIT_LM, piece_tokens=6), 24),
-    ("transformer", dict(TRANSFORMER, layout="zigzag", piece_tokens=3), 20),
+    ("deltanet", dict(DELTANET, tokenwise_piece_tokens=3, activation_checkpointing=True), 26),
+    ("deltanet", dict(DELTANET, tokenwise_piece_tokens=5, attn_layers=(0,)), 22),
+    # FIT pieces of one group (tokenwise_piece_tokens < group_size) and of two groups
+    ("fit", dict(FIT_LM, tokenwise_piece_tokens=2, activation_checkpointing=True), 24),
+    ("fit", dict(FIT_LM, tokenwise_piece_tokens=6), 24),
+    ("transformer", dict(TRANSFORMER, layout="zigzag", tokenwise_piece_tokens=3), 20),
 ]
 
 

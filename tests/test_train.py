@@ -21,7 +21,7 @@ def _reference_params(trainer, steps: int) -> dict:
     full sequences, gradients averaged over replicas."""
     from seqshard.dist import Mesh
     from seqshard.models import build_model, recall_batch, sharded_lm_loss
-    from seqshard.models.trainer import make_optimizer
+    from seqshard.models.optim import make_optimizer
 
     tc = trainer.tc
     torch.manual_seed(tc.seed)
@@ -136,8 +136,14 @@ def test_bad_configs_raise():
 
     with pytest.raises(ValueError, match="zero_stage=5"):
         make_train_config({"zero_stage": 5})
-    with pytest.raises(ValueError, match="unknown TrainConfig keys \\['stpes'\\]"):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) stpes \(did you mean steps\?\)"):
         make_train_config({"stpes": 3})
+    # the knob that named two things: the error names both new keys
+    with pytest.raises(ValueError, match="piece_tokens .renamed: tokenwise_piece_tokens .*"
+                                         "mixer_piece_tokens"):
+        make_config("deltanet", {"piece_tokens": 3})
+    with pytest.raises(ValueError, match="mixer_piece_tokens=-1"):
+        make_config("deltanet", {"mixer_piece_tokens": -1})
     with pytest.raises(ValueError, match="strategy='spiral'"):
         make_config("transformer", {"strategy": "spiral"})
     with pytest.raises(ValueError, match="kind='rnn'"):

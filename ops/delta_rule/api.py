@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from seqshard.dist import Mesh, all_gather
+from seqshard.dist import Mesh, agree
 
 from .chunk import LocalSchedule, default_chunk_size, run
 from .sharded import SCHEDULES, sharded_delta_rule
@@ -87,65 +87,17 @@ def _positive_gate(gate: torch.Tensor | None) -> list[str]:
     return [f"gate must be <= 0 (a log-decay), got max {top:g}"] if top > 0 else []
 
 
-# What every rank of a sharded call must agree on, in this order: the whole-shard path and
-# the layer's pieces path (pieces.py) gather the same fixed-length row, so ranks that took
-# different paths raise instead of mixing their collectives.
-FACTS = ("path", "B", "H", "Dk", "Dv", "q dtype", "k dtype", "v dtype", "beta dtype",
-         "gate given", "gate dtype", "scale", "chunk_size", "schedule", "output_final_state")
-_SCHEDULE_NAMES = sorted(SCHEDULES)
-_PATHS = ("whole shard", "pieces")
-_TEXT = 400  # bytes of each rank's problems that travel with its facts
-
-
-def facts(path: str, B: int, H: int, Dk: int, Dv: int, dtypes, gate_given: bool, scale: float,
-          chunk_size: int, schedule: str, want_final: bool) -> list[int]:
-    """The FACTS row as int64s. dtypes: those of q, k, v, beta, gate (None: absent)."""
-    codes = [_FLOATS.index(d) if d is not None else -1 for d in dtypes]
-    bits = int(torch.tensor(float(scale), dtype=torch.float64).view(torch.int64))
-    return [_PATHS.index(path), B, H, Dk, Dv, *codes[:4], int(gate_given), codes[4], bits,
-            chunk_size, _SCHEDULE_NAMES.index(schedule), int(want_final)]
-
-
-def _show(name: str, code: int) -> str:
-    """One FACTS entry as the user wrote it."""
-    if name.endswith("dtype"):
-        return str(_FLOATS[code]) if code >= 0 else "absent"
-    if name == "scale":
-        return f"{float(torch.tensor(code, dtype=torch.int64).view(torch.float64)):g}"
-    if name == "schedule":
-        return repr(_SCHEDULE_NAMES[code])
-    if name == "path":
-        return _PATHS[code]
-    if name in ("gate given", "output_final_state"):
-        return str(bool(code))
-    return str(code)
-
-
-def _agree(problems: list[str], row: list[int] | None, mesh: Mesh, who: str = "delta_rule"
-           ) -> None:
-    """Every rank raises together, each with every rank's complaint (a lone raising rank
-    would leave the others waiting in the scan). row: this rank's `facts` (None when its
-    arguments are too broken to say)."""
-    text = "; ".join(problems).encode()[:_TEXT]
-    text_codes = list(text) + [0] * (_TEXT - len(text))
-    row = row if row is not None else [-1] * len(FACTS)
-    mine = torch.tensor([[len(problems)] + row + text_codes], dtype=torch.int64)
-    with torch.no_grad():
-        everyone = all_gather(mine, 0, mesh.group, timeout=mesh.timeout)  # [P, 1 + F + T]
-    failing = [r for r in range(mesh.size) if everyone[r, 0] > 0]
-    if failing:
-        said = [f"rank {r}: " + bytes(c for c in everyone[r, 1 + len(FACTS):].tolist() if c)
-                .decode(errors="replace") for r in failing]
-        raise ValueError(f"{who}: bad input on rank(s) {failing}: " + "; ".join(said))
-    facts_all = everyone[:, 1:1 + len(FACTS)]
-    differ = []
-    for i, name in enumerate(FACTS):
-        codes = facts_all[:, i].tolist()
-        if any(c != codes[0] for c in codes):
-            odd = ", ".join(f"rank {r} {_show(name, c)}" for r, c in enumerate(codes))
-            differ.append(f"{name} ({odd})")
-    if differ:
-        raise ValueError(f"{who}: ranks disagree on " + "; ".join(differ))
+def agreement_facts(path: str, batch: int, heads: int, key_dim: int, value_dim: int, dtypes,
+                    scale: float, chunk_size: int, schedule: str, want_final: bool) -> dict:
+    """What every rank of a sharded call must agree on, for `dist.agree`. The whole-shard
+    path and the layer's pieces path (pieces.py) send the same facts, so ranks that took
+    different paths raise instead of mixing their collectives.
+    dtypes: those of q, k, v, beta, gate (None: absent)."""
+    names = ("q", "k", "v", "beta", "gate")
+    return {"path": path, "B": batch, "H": heads, "Dk": key_dim, "Dv": value_dim,
+            **{f"{name} dtype": dtype for name, dtype in zip(names, dtypes)},
+            "gate given": dtypes[4] is not None, "scale": float(scale),
+            "chunk_size": chunk_size, "schedule": schedule, "output_final_state": want_final}
 
 
 def delta_rule(
@@ -212,11 +164,14 @@ def delta_rule(
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         chunk_size = default_chunk_size(q.device) if chunk_size is None else chunk_size
     if sharded and check:
-        row = None if problems else facts(
+        # every rank raises together, each with every rank's complaint: a lone raising rank
+        # would leave the others waiting in the scan
+        facts = {} if problems else agreement_facts(
             "whole shard", q.shape[0], q.shape[1], q.shape[3], v.shape[3],
             [t.dtype if t is not None else None for t in (q, k, v, beta, gate)],
-            gate is not None, scale, chunk_size, schedule, output_final_state)
-        _agree(problems, row, mesh)
+            scale, chunk_size, schedule, output_final_state)
+        agree(facts, mesh.group, what="delta_rule", problem="; ".join(problems) or None,
+              timeout=mesh.timeout)
     elif problems:
         raise ValueError("delta_rule: " + "; ".join(problems))
     if q.shape[0] == 0 or q.shape[2] == 0:

@@ -12,7 +12,7 @@ rank's last conv_size - 1 tokens (the halo), fetched with `ring_shift` (`causal_
 The layer's math lives once, in `DeltaNet._mix` (rows with their conv context and an optional
 incoming state -> outputs and the state after them). `forward` runs it over the whole shard
 (the state crossing ranks inside `delta_rule`), or, when the shard is longer than
-`piece_tokens`, pieces.py runs it piece by piece so that the layer's memory is O(piece).
+`mixer_piece_tokens`, pieces.py runs it piece by piece so that the layer's memory is O(piece).
 """
 
 from __future__ import annotations
@@ -77,12 +77,12 @@ class ShortConv(nn.Module):
 
 
 class DeltaNet(nn.Module):
-    """DeltaNet / Gated DeltaNet token mixer: x [B, N_local, hidden] -> [B, N_local, hidden].
+    """DeltaNet / Gated DeltaNet token mixer: x [B, N_local, dim] -> [B, N_local, dim].
 
     Pass the same `mesh` on every rank (sequence sharded contiguously); None = one process.
     chunk_size (None: per device, see `delta_rule`) and schedule go to `delta_rule`.
 
-    piece_tokens: when the local shard is longer, the layer runs over it in pieces of this
+    mixer_piece_tokens: when the local shard is longer, the layer runs over it in pieces of this
     many tokens (pieces.py: one autograd.Function, recomputed piece by piece in backward), so
     its activations are O(piece) instead of O(N_local): ~16 KB per token of the shard drop to
     the input, output and their gradients (see README.md). None: never. The default, 65536,
@@ -91,56 +91,57 @@ class DeltaNet(nn.Module):
     runs out; pass a smaller value (e.g. 16384) for the least memory. Every rank must hold
     the same N_local (the contiguous layout does), so all take the same path.
 
-    >>> layer = DeltaNet(hidden_size=32, num_heads=2)
+    >>> layer = DeltaNet(dim=32, num_heads=2)
     >>> layer(torch.randn(1, 50, 32)).shape
     torch.Size([1, 50, 32])
-    >>> DeltaNet(32, 2, piece_tokens=16)(torch.randn(1, 50, 32)).shape  # 4 pieces
+    >>> DeltaNet(32, 2, mixer_piece_tokens=16)(torch.randn(1, 50, 32)).shape  # 4 pieces
     torch.Size([1, 50, 32])
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int | None = None,
+    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None,
                  use_short_conv: bool = True, conv_size: int = 4, allow_neg_eigval: bool = False,
                  use_gate: bool = False, *, chunk_size: int | None = None, schedule: str = "scan",
-                 norm_eps: float = 1e-5, piece_tokens: int | None = 65536):
+                 norm_eps: float = 1e-5, mixer_piece_tokens: int | None = 65536):
         super().__init__()
-        if num_heads < 1 or hidden_size < 1:
-            raise ValueError(f"hidden_size={hidden_size}, num_heads={num_heads} must be >= 1")
-        if piece_tokens is not None and (not isinstance(piece_tokens, int) or piece_tokens < 1):
-            raise ValueError(f"piece_tokens={piece_tokens!r} must be a positive integer or None")
+        if num_heads < 1 or dim < 1:
+            raise ValueError(f"dim={dim}, num_heads={num_heads} must be >= 1")
+        pieces = mixer_piece_tokens
+        if pieces is not None and (not isinstance(pieces, int) or pieces < 1):
+            raise ValueError(f"mixer_piece_tokens={pieces!r} must be a positive integer or None")
         if head_dim is None:
-            if hidden_size % num_heads:
-                raise ValueError(f"hidden_size={hidden_size} is not divisible by "
-                                 f"num_heads={num_heads}; pass head_dim")
-            head_dim = hidden_size // num_heads
+            if dim % num_heads:
+                raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}; "
+                                 f"pass head_dim")
+            head_dim = dim // num_heads
         self.num_heads, self.head_dim = num_heads, head_dim
         self.allow_neg_eigval, self.use_gate = allow_neg_eigval, use_gate
         self.chunk_size, self.schedule, self.norm_eps = chunk_size, schedule, norm_eps
-        self.piece_tokens = piece_tokens
+        self.mixer_piece_tokens = mixer_piece_tokens
         self.halo = conv_size - 1 if use_short_conv else 0  # context rows the conv reads
         inner = num_heads * head_dim
-        self.q_proj = nn.Linear(hidden_size, inner, bias=False)
-        self.k_proj = nn.Linear(hidden_size, inner, bias=False)
-        self.v_proj = nn.Linear(hidden_size, inner, bias=False)
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.q_proj = nn.Linear(dim, inner, bias=False)
+        self.k_proj = nn.Linear(dim, inner, bias=False)
+        self.v_proj = nn.Linear(dim, inner, bias=False)
+        self.b_proj = nn.Linear(dim, num_heads, bias=False)
         self.convs = nn.ModuleList(
             [ShortConv(inner, conv_size) for _ in range(3)] if use_short_conv else [])
         if use_gate:
-            self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+            self.a_proj = nn.Linear(dim, num_heads, bias=False)
             # per-head decay rates spread over [1, 16] and time steps over [1e-3, 1e-1]
             self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
             dt = torch.empty(num_heads).uniform_(math.log(1e-3), math.log(1e-1)).exp()
             self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-            self.g_proj = nn.Linear(hidden_size, inner, bias=False)
+            self.g_proj = nn.Linear(dim, inner, bias=False)
         self.o_norm = nn.Parameter(torch.ones(head_dim))
-        self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+        self.o_proj = nn.Linear(inner, dim, bias=False)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, H * D] -> [B, H, N, D]"""
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def _features(self, x: torch.Tensor, context: torch.Tensor):
-        """The delta-rule inputs of n tokens x [B, n, hidden], given the `self.halo` tokens
-        before them, context [B, halo, hidden], that the conv reads.
+        """The delta-rule inputs of n tokens x [B, n, dim], given the `self.halo` tokens
+        before them, context [B, halo, dim], that the conv reads.
         Returns q, k [B, H, n, Dk], v [B, H, n, Dv], beta and gate (or None) [B, H, n]."""
         if self.convs:  # no bias: the halo's zero rows on rank 0 project to zero
             qkv = [conv.padded(torch.cat([proj(context), proj(x)], dim=1))  # [B, n, H * D]
@@ -159,7 +160,7 @@ class DeltaNet(nn.Module):
         return q, k, v, beta, gate
 
     def _readout(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Delta-rule outputs o [B, H, n, Dv] of the tokens x [B, n, hidden] -> y [B, n, hidden]."""
+        """Delta-rule outputs o [B, H, n, Dv] of the tokens x [B, n, dim] -> y [B, n, dim]."""
         o = F.rms_norm(o, (self.head_dim,), self.o_norm, self.norm_eps)  # [B, H, n, D]
         o = o.transpose(1, 2).flatten(2)  # [B, n, H * D]
         if self.use_gate:
@@ -168,10 +169,10 @@ class DeltaNet(nn.Module):
 
     def _mix(self, x: torch.Tensor, context: torch.Tensor, state: torch.Tensor | None = None,
              mesh: Mesh | None = None, check: bool = True):
-        """The layer on n tokens x [B, n, hidden] with their conv context [B, halo, hidden].
+        """The layer on n tokens x [B, n, dim] with their conv context [B, halo, dim].
 
         state: the delta-rule state before the n tokens [B, H, Dk, Dv] (None: zeros, or the
-        state across ranks with a mesh). Returns (y [B, n, hidden], the state after the n
+        state across ranks with a mesh). Returns (y [B, n, dim], the state after the n
         tokens [B, H, Dk, Dv], or None with a mesh)."""
         features = self._features(x, context)  # q, k, v, beta, gate
         # one dtype for all (delta_rule rejects a mix): under autocast the projections come
@@ -192,8 +193,9 @@ class DeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, mesh: Mesh | None = None) -> torch.Tensor:
         if x.dim() != 3:
-            raise ValueError(f"DeltaNet expects x [B, N_local, hidden], got {tuple(x.shape)}")
-        halo = causal_halo(x, self.halo, mesh)  # [B, halo, hidden]
-        if self.piece_tokens is not None and x.shape[1] > self.piece_tokens:
-            return deltanet_in_pieces(self, x, halo, mesh, self.piece_tokens)
+            raise ValueError(f"DeltaNet expects x [B, N_local, dim], got {tuple(x.shape)}")
+        halo = causal_halo(x, self.halo, mesh)  # [B, halo, dim]
+        pieces = self.mixer_piece_tokens
+        if pieces is not None and x.shape[1] > pieces:
+            return deltanet_in_pieces(self, x, halo, mesh, pieces)
         return self._mix(x, halo, mesh=mesh)[0]

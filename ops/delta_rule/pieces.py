@@ -31,36 +31,38 @@ from __future__ import annotations
 
 import torch
 
-from seqshard.dist import Mesh, exclusive_scan
+from seqshard.dist import Mesh, agree, exclusive_scan
 
-from .api import _FLOATS, _agree, _nonfinite, facts
+from .api import _FLOATS, _nonfinite, agreement_facts
 from .chunk import default_chunk_size, prepare_blocked, shard_map
 from .sharded import compose
 
 
-def _spans(n: int, piece: int) -> list[tuple[int, int]]:
-    """Token ranges [a, b) of the pieces; the last one may be short."""
-    return [(a, min(a + piece, n)) for a in range(0, n, piece)]
+def _spans(length: int, piece_tokens: int) -> list[tuple[int, int]]:
+    """Token ranges [start, end) of the pieces; the last one may be short."""
+    return [(start, min(start + piece_tokens, length))
+            for start in range(0, length, piece_tokens)]
 
 
-def _context(x: torch.Tensor, halo: torch.Tensor, a: int) -> torch.Tensor:
-    """The halo-many tokens before token a of the shard x [B, N, C]: [B, halo, C]."""
-    h = halo.shape[1]
-    if a >= h:
-        return x[:, a - h:a]
-    return torch.cat([halo[:, a:], x[:, :a]], dim=1)
+def _context(x: torch.Tensor, halo: torch.Tensor, start: int) -> torch.Tensor:
+    """The halo-many tokens before token `start` of the shard x [B, N, C]: [B, halo, C]."""
+    rows = halo.shape[1]
+    if start >= rows:
+        return x[:, start - rows:start]
+    return torch.cat([halo[:, start:], x[:, :start]], dim=1)
 
 
-def _add_context_grad(dx: torch.Tensor, dhalo: torch.Tensor, g: torch.Tensor, a: int) -> None:
-    """Scatter the gradient g [B, halo, C] of `_context(x, halo, a)` into dx and dhalo."""
-    h = dhalo.shape[1]
-    if g is None:  # no context (no conv)
+def _add_context_grad(dx: torch.Tensor, dhalo: torch.Tensor, grad: torch.Tensor | None,
+                      start: int) -> None:
+    """Scatter the gradient grad [B, halo, C] of `_context(x, halo, start)` into dx, dhalo."""
+    rows = dhalo.shape[1]
+    if grad is None:  # no context (no conv)
         return
-    if a >= h:
-        dx[:, a - h:a] += g
+    if start >= rows:
+        dx[:, start - rows:start] += grad
     else:
-        dhalo[:, a:] += g[:, :h - a]
-        dx[:, :a] += g[:, h - a:]
+        dhalo[:, start:] += grad[:, :rows - start]
+        dx[:, :start] += grad[:, rows - start:]
 
 
 class _Shard:
@@ -72,8 +74,8 @@ class _Shard:
         self.first = self.mesh is None or self.mesh.rank == 0
         self.last = self.mesh is None or self.mesh.rank == self.mesh.size - 1
         self.work = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 chain
-        d = layer.head_dim
-        self.state_shape = (x.shape[0], layer.num_heads, d, d)  # [B, H, Dk, Dv]
+        head_dim = layer.head_dim
+        self.state_shape = (x.shape[0], layer.num_heads, head_dim, head_dim)  # [B, H, Dk, Dv]
         device = x.device.type  # backward recomputes the pieces under the forward's autocast
         self.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
                              dtype=torch.get_autocast_dtype(device))
@@ -83,19 +85,20 @@ class _Shard:
         state = x.new_zeros(self.state_shape, dtype=self.work)
         return state.new_zeros(self.state_shape[:3] + (self.state_shape[2],)), state
 
-    def chunks(self, x: torch.Tensor, halo: torch.Tensor, a: int, b: int):
-        """The chunk tensors of the piece [a, b) (no autograd): features, then the UT transform."""
-        inputs = [t.to(self.work) if t is not None else None
-                  for t in self.layer._features(x[:, a:b], _context(x, halo, a))]  # q, k, v, beta, gate
-        C = min(self.layer.chunk_size or default_chunk_size(x.device), b - a)
-        return prepare_blocked(inputs, inputs[0].shape[-1] ** -0.5, C)
+    def chunks(self, x: torch.Tensor, halo: torch.Tensor, start: int, end: int):
+        """The chunk tensors of the piece [start, end) (no autograd): features, then the UT
+        transform."""
+        features = self.layer._features(x[:, start:end], _context(x, halo, start))
+        inputs = [t.to(self.work) if t is not None else None for t in features]  # q, k, v, beta, gate
+        chunk = min(self.layer.chunk_size or default_chunk_size(x.device), end - start)
+        return prepare_blocked(inputs, inputs[0].shape[-1] ** -0.5, chunk)
 
     def shard_map(self, x: torch.Tensor, halo: torch.Tensor):
         """The shard's affine state map S -> A S + Bm, composed piece by piece:
         (A [B, H, Dk, Dk], Bm [B, H, Dk, Dv])."""
         pair = None
-        for a, b in self.spans:
-            step = shard_map(self.chunks(x, halo, a, b))
+        for start, end in self.spans:
+            step = shard_map(self.chunks(x, halo, start, end))
             pair = step if pair is None else compose(pair, step)
         return pair
 
@@ -108,7 +111,7 @@ class _Shard:
 
 
 def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor):
-    """Returns y [B, N, hidden], the state before each piece [pieces, B, H, Dk, Dv] and the
+    """Returns y [B, N, dim], the state before each piece [pieces, B, H, Dk, Dv] and the
     shard's transition A [B, H, Dk, Dk] (None where backward does not need it)."""
     layer, a_map = shard.layer, None
     state = x.new_zeros(shard.state_shape, dtype=shard.work)
@@ -119,14 +122,14 @@ def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor):
             pair = shard.shard_map(x, halo)
             a_map = pair[0]
         state = shard.scan(pair, reverse=False)
-    y = None  # [B, N, hidden], in the dtype of the layer's output (autocast may lower it)
+    y = None  # [B, N, dim], in the dtype of the layer's output (autocast may lower it)
     starts = x.new_empty((len(shard.spans),) + shard.state_shape, dtype=shard.work)
-    for i, (a, b) in enumerate(shard.spans):
+    for i, (start, end) in enumerate(shard.spans):
         starts[i] = state
-        y_part, state = layer._mix(x[:, a:b], _context(x, halo, a), state, check=False)
+        y_part, state = layer._mix(x[:, start:end], _context(x, halo, start), state, check=False)
         if y is None:
             y = y_part.new_empty(x.shape[:2] + y_part.shape[2:])
-        y[:, a:b] = y_part
+        y[:, start:end] = y_part
     if shard.mesh is not None and shard.first:
         # rank 0 joins with the constant map S -> S_end after its outputs: running its state
         # chain alone first (so rank 1 could start earlier) measured no faster at P = 2
@@ -137,34 +140,34 @@ def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor):
 
 def _sweep(shard: _Shard, x, halo, starts, params, dy, ds_end, grads):
     """Backward through the pieces in reverse, adding into grads = [dx, dhalo, *dparams].
-    dy [B, N, hidden] or None (zero), ds_end: gradient of the shard's last state or None.
+    dy [B, N, dim] or None (zero), ds_end: gradient of the shard's last state or None.
     Returns the gradient on the shard's incoming state."""
-    layer, g = shard.layer, ds_end
+    layer, grad_state = shard.layer, ds_end
     for i in range(len(shard.spans) - 1, -1, -1):
-        a, b = shard.spans[i]
-        x_part = x[:, a:b].detach().requires_grad_()
-        context = _context(x, halo, a).detach().requires_grad_()
+        start, end = shard.spans[i]
+        x_part = x[:, start:end].detach().requires_grad_()
+        context = _context(x, halo, start).detach().requires_grad_()
         state = starts[i].detach().requires_grad_()
         with torch.enable_grad(), torch.autocast(**shard.autocast):
             y, s_end = layer._mix(x_part, context, state, check=False)
         outs, pulls = [], []
         if dy is not None:
-            outs.append(y), pulls.append(dy[:, a:b].to(y.dtype))
-        if g is not None:
-            outs.append(s_end), pulls.append(g.to(s_end.dtype))
+            outs.append(y), pulls.append(dy[:, start:end].to(y.dtype))
+        if grad_state is not None:
+            outs.append(s_end), pulls.append(grad_state.to(s_end.dtype))
         got = torch.autograd.grad(outs, [x_part, context, state] + params, pulls,
                                   allow_unused=True)
-        grads[0][:, a:b] += got[0]
-        _add_context_grad(grads[0], grads[1], got[1], a)
-        for acc, d in zip(grads[2:], got[3:]):
-            if d is not None:
-                acc += d
-        g = got[2]
-    return g
+        grads[0][:, start:end] += got[0]
+        _add_context_grad(grads[0], grads[1], got[1], start)
+        for total, part in zip(grads[2:], got[3:]):
+            if part is not None:
+                total += part
+        grad_state = got[2]
+    return grad_state
 
 
 def _bwd(shard: _Shard, x, halo, starts, a_map, params, dy):
-    """Gradients of x [B, N, hidden], halo [B, halo, hidden] and every parameter."""
+    """Gradients of x [B, N, dim], halo [B, halo, dim] and every parameter."""
     grads = [torch.zeros_like(x), torch.zeros_like(halo)] + [torch.zeros_like(p) for p in params]
     if shard.mesh is None:
         _sweep(shard, x, halo, starts, params, dy, None, grads)
@@ -208,28 +211,30 @@ def deltanet_in_pieces(layer, x: torch.Tensor, halo: torch.Tensor, mesh: Mesh | 
                        piece_tokens: int) -> torch.Tensor:
     """`layer` (a `DeltaNet`) over its shard in pieces of `piece_tokens` tokens, exactly.
 
-    x [B, N_local, hidden]: this rank's contiguous shard; halo [B, conv_size - 1, hidden]: the
+    x [B, N_local, dim]: this rank's contiguous shard; halo [B, conv_size - 1, dim]: the
     tokens before it (`causal_halo` in layer.py: rank r - 1's last ones, zeros on rank 0),
-    through which the conv's gradient reaches rank r - 1. Returns y [B, N_local, hidden]. Every rank
-    of mesh calls this (mesh None or of size 1: one process). `DeltaNet.forward` calls it when
-    N_local > its piece_tokens.
+    through which the conv's gradient reaches rank r - 1. Returns y [B, N_local, dim]. Every
+    rank of mesh calls this (mesh None or of size 1: one process). `DeltaNet.forward` calls it
+    when N_local > its mixer_piece_tokens.
 
     >>> from seqshard.ops.delta_rule import DeltaNet
-    >>> layer, x = DeltaNet(32, 2, piece_tokens=None), torch.randn(1, 50, 32)
+    >>> layer, x = DeltaNet(32, 2, mixer_piece_tokens=None), torch.randn(1, 50, 32)
     >>> y = deltanet_in_pieces(layer, x, torch.zeros(1, layer.halo, 32), None, 16)
     >>> torch.allclose(y, layer(x), atol=1e-6)
     True
     """
     problems = _nonfinite([("x", x), ("halo", halo)])
     if mesh is not None and mesh.size > 1:
-        # the same all-gather as delta_rule's check on the whole-shard path (its "path" fact
-        # says which), so ranks that took different paths raise instead of mixing scans
-        d = layer.head_dim
+        # the same facts as delta_rule's check on the whole-shard path (the "path" fact says
+        # which), so ranks that took different paths raise instead of mixing scans
+        head_dim = layer.head_dim
         dtype = x.dtype if x.dtype in _FLOATS else None
         chunk = layer.chunk_size or default_chunk_size(x.device)
-        row = facts("pieces", x.shape[0], layer.num_heads, d, d, [dtype] * 4 + [
-            dtype if layer.use_gate else None], layer.use_gate, d ** -0.5, chunk, "scan", False)
-        _agree(problems, row, mesh, "DeltaNet")
+        facts = agreement_facts("pieces", x.shape[0], layer.num_heads, head_dim, head_dim,
+                                [dtype] * 4 + [dtype if layer.use_gate else None],
+                                head_dim ** -0.5, chunk, "scan", False)
+        agree(facts, mesh.group, what="DeltaNet", problem="; ".join(problems) or None,
+              timeout=mesh.timeout)
     elif problems:
         raise ValueError("DeltaNet: " + "; ".join(problems))
     params = list(layer.parameters())

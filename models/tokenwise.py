@@ -8,6 +8,10 @@ cross-entropy) give the same numbers when run piece by piece, so here each piece
 its own (nested, non-reentrant) checkpoint: forward keeps only the pieces' inputs (views of
 the input), backward recomputes one piece at a time. The math is unchanged; sums over pieces
 only reorder floating-point additions.
+
+The piece size is `LMConfig.tokenwise_piece_tokens`. These pieces hold no state between them;
+the DeltaNet mixer's own pieces (ops/delta_rule/pieces.py, `mixer_piece_tokens`) carry the
+delta-rule state from piece to piece and are a different mechanism.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def _piece_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     return (ce * weights.flatten()).sum(), logits.detach().argmax(-1)
 
 
-def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+def lm_loss_in_pieces(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
                     mesh: Mesh | None = None, *, loss_mask: torch.Tensor | None = None,
                     piece_tokens: int = 8192,
                     ignore_index: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +74,7 @@ def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor
     Example:
         >>> head = torch.nn.Linear(8, 10, bias=False)
         >>> h, t = torch.randn(1, 7, 8), torch.tensor([[1, 2, 3, 4, 5, 6, -100]])
-        >>> loss, pred = chunked_lm_loss(h, head, t, piece_tokens=3)
+        >>> loss, pred = lm_loss_in_pieces(h, head, t, piece_tokens=3)
         >>> from seqshard.models import sharded_lm_loss
         >>> torch.allclose(loss, sharded_lm_loss(head(h), targets=t))
         True
