@@ -15,6 +15,10 @@ pytest session: each joined the process group once (through DeepSpeed's comm),
 so hundreds of cases do not each pay for starting torch and a group. If any rank fails or
 the call times out, the pool is torn down (its group may be wedged) and the next call
 starts a fresh one. Failures raise AssertionError carrying every failing rank's traceback.
+
+`device()` is the device a rank puts its tensors on: the CPU, or with SEQSHARD_TEST_DEVICE=cuda
+the rank's CUDA device (GPU LOCAL_RANK modulo the GPU count, set when the rank joined; two
+ranks may share GPU 0, the gloo collectives staging through host memory).
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import os
 
 from seqshard.dist.rank_pool import RankDied, RankFailure, RankPool
 
-__all__ = ["RankDied", "mesh", "run_ranks"]
+__all__ = ["RankDied", "device", "mesh", "run_ranks"]
 
 TASK_TIMEOUT_S = float(os.environ.get("SEQSHARD_TEST_TIMEOUT", "300"))
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("SEQSHARD_COLLECTIVE_TIMEOUT", "60"))
+DEVICE_ENV = "SEQSHARD_TEST_DEVICE"  # 'cpu' (default) or 'cuda'
 
 _pools: dict[int, RankPool] = {}
 _meshes: dict = {}  # inside a rank process: Mesh objects by degrees
@@ -39,8 +44,23 @@ def mesh(*, dp: int = 1, ulysses: int = 1, ring: int | None = None):
 
     key = (dp, ulysses, ring)
     if key not in _meshes:
-        _meshes[key] = Mesh.new(dp=dp, ulysses=ulysses, ring=ring, timeout_s=COLLECTIVE_TIMEOUT_S)
+        _meshes[key] = Mesh.new(dp=dp, ulysses=ulysses, ring=ring, timeout_s=COLLECTIVE_TIMEOUT_S,
+                                device=device())
     return _meshes[key]
+
+
+def device():
+    """The device this process's test tensors go on (SEQSHARD_TEST_DEVICE: 'cpu' or 'cuda')."""
+    import torch
+
+    kind = os.environ.get(DEVICE_ENV, "cpu")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind != "cuda":
+        raise ValueError(f"{DEVICE_ENV}={kind!r}: expected 'cpu' or 'cuda'")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{DEVICE_ENV}=cuda but this process sees no CUDA device")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _seeded(rank: int, world: int, fn, *args, **kwargs):
