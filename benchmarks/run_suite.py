@@ -19,10 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from seqshard.launch.bench.commands import run_bench, write_report
-from seqshard.launch.bench.plan_cmd import scaling_table
-from seqshard.launch.bench.records import read_results
-from seqshard.launch.planner import H100_NODE
+from seqshard.launch.perf.bench_cmd import run_bench
+from seqshard.launch.perf.plan_cmd import scaling_table
+from seqshard.launch.perf.planner import H100_NODE
+from seqshard.launch.perf.report import write_report
+from seqshard.launch.perf.results import read_results
 
 HERE = Path(__file__).resolve().parent
 GPU_SHAPES = [
@@ -119,7 +120,7 @@ def render(out: Path, command: str, previous: str | None = None,
     m = results["machine"]
     repro = []
     if previous:
-        from seqshard.launch.bench.calibrate import reproducibility
+        from seqshard.launch.perf.calibrate import reproducibility
 
         r = reproducibility(results, read_results(previous))
         repro = [f"- run-to-run yardstick: the same {r['count']} points measured by an earlier "

@@ -4,5 +4,8 @@
 - `ray_launcher.launch(cfg)`: run a job on Ray with restarts and resume.
 - `worker.run_worker(cfg)`: one rank of a job; the same entry under Ray, torchrun, deepspeed.
 - `checkpoint`: atomic checkpoints with a msgpack manifest of sha256 checksums.
-- `records`: progress line, msgpack records, summary.md, loss plot.
+- `records`: a job's progress line, msgpack records, summary.md, loss plot.
+
+The performance subsystem (`seqshard bench`, `seqshard plan`, the cost-model planner) lives in
+its own package, `perf`.
 """

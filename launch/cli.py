@@ -194,9 +194,9 @@ command("env", "show versions, the backend and the devices a worker would use")(
 command("run", "run a job on Ray (embedded local Ray unless --address / RAY_ADDRESS)")(cmd_run)
 command("worker", "run one rank of a job under torchrun / deepspeed (reads RANK, WORLD_SIZE, ...)")(cmd_worker)
 
-from .bench import register as _register_bench  # noqa: E402  (seqshard bench, seqshard plan)
+from .perf import register as _register_perf  # noqa: E402  (seqshard bench, seqshard plan)
 
-_register_bench(command)
+_register_perf(command)
 
 
 def parser() -> argparse.ArgumentParser:

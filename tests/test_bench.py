@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from seqshard.launch.bench import records
-from seqshard.launch.bench.measure import CommCounter, PeakMemory, time_runs
-from seqshard.launch.bench.suites import spec
-from seqshard.launch.planner import CPU_DEFAULT, terms
+from seqshard.launch.perf import results
+from seqshard.launch.perf.measure import CommCounter, PeakMemory, time_runs
+from seqshard.launch.perf.planner import CPU_DEFAULT, terms
+from seqshard.launch.perf.suites import spec
 from dataclasses import replace
 
 MiB = 2**20
@@ -31,14 +31,14 @@ def _measure(world: int) -> dict:
 
 
 def test_records_roundtrip_and_rejections(tmp_path):
-    res = records.new_results("seqshard bench --suite x", machine_info={"cpu_count": 2})
-    res["points"].append(records.make_point("attention", "ring", 64, 2, 1, 2, ATTN,
+    res = results.new_results("seqshard bench --suite x", machine_info={"cpu_count": 2})
+    res["points"].append(results.make_point("attention", "ring", 64, 2, 1, 2, ATTN,
                                             fwd=_measure(2), fwdbwd=_measure(2)))
-    res["points"].append(records.make_point("fit", "fit", 64, 1, 1, 1, FIT, status="error",
+    res["points"].append(results.make_point("fit", "fit", 64, 1, 1, 1, FIT, status="error",
                                             error="boom"))
-    path = records.write_results(tmp_path / "r.msgpack", res)
-    back = records.read_results(path)
-    assert back["points"] == res["points"] and back["version"] == records.VERSION
+    path = results.write_results(tmp_path / "r.msgpack", res)
+    back = results.read_results(path)
+    assert back["points"] == res["points"] and back["version"] == results.VERSION
     assert back["command"] == "seqshard bench --suite x"
 
     bad_cases = [
@@ -55,10 +55,10 @@ def test_records_roundtrip_and_rejections(tmp_path):
          "host_cpu_s has 1 entries for 3 repeats"),
     ]
     for mutate, message in bad_cases:
-        broken = records.read_results(path)
+        broken = results.read_results(path)
         mutate(broken)
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
-            records.validate_results(broken)
+            results.validate_results(broken)
 
 
 def test_peak_memory_sees_a_torch_allocation_and_timing_checks_arguments():
@@ -111,17 +111,17 @@ def _specs() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    from seqshard.launch.bench.runner import run_points
+    from seqshard.launch.perf.runner import run_points
 
     specs = _specs()
-    res = records.new_results("pytest tiny sweep")
+    res = results.new_results("pytest tiny sweep")
     res["points"] = run_points(specs, warmup=0, repeats=1, point_timeout_s=120, log=lambda s: None)
     return specs, res, tmp_path_factory.mktemp("bench")
 
 
 def test_sweep_records_every_point_with_its_status(sweep):
     specs, res, _ = sweep
-    records.validate_results(res)
+    results.validate_results(res)
     by_status = [p["status"] for p in res["points"]]
     assert by_status[:-2] == ["ok"] * (len(specs) - 2), [
         (p["impl"], p["error"]) for p in res["points"] if p["status"] != "ok"]
@@ -129,7 +129,7 @@ def test_sweep_records_every_point_with_its_status(sweep):
     assert skipped["status"] == "skipped" and "heads=3" in skipped["error"]
     assert failed["status"] == "error" and "98" in failed["error"]
     for p in res["points"][:-2]:
-        for mode in records.MODES:
+        for mode in results.MODES:
             m = p[mode]
             assert m["time_s"] > 0 and m["tokens_per_s"] == pytest.approx(p["n"] / m["time_s"])
             assert len(m["mem_peak_bytes"]) == p["world"]
@@ -137,7 +137,7 @@ def test_sweep_records_every_point_with_its_status(sweep):
             assert [len(c) for c in m["cpu_times_s"]] == [len(m["times_s"])] * p["world"]
             assert len(m["host_cpu_s"]) == len(m["times_s"])
             assert all(c >= 0 for rank in m["cpu_times_s"] for c in rank)
-            assert records.cpu_seconds(m) > 0
+            assert results.cpu_seconds(m) > 0
 
 
 def test_counted_bytes_match_the_planner_model(sweep):
@@ -173,8 +173,7 @@ def test_peak_memory_per_rank_holds_the_inputs_and_falls_with_ranks(sweep):
 
 
 def test_report_writes_table_and_valid_pngs(sweep):
-    from seqshard.launch.bench.commands import write_report
-    from seqshard.launch.bench.report import peer_ratios
+    from seqshard.launch.perf.report import peer_ratios, write_report
 
     _, res, out = sweep
     path = write_report(res, out, log=lambda s: None)

@@ -63,3 +63,14 @@ def test_subcommand_registry_dispatches(capsys):
         assert capsys.readouterr().out == "planning 4096\n"
     finally:
         del cli.COMMANDS["fake-plan"]
+
+
+def test_perf_commands_are_registered(capsys):
+    """`seqshard bench` and `seqshard plan` come from launch/perf and keep their flags."""
+    assert {"bench", "plan"} <= set(cli.COMMANDS)
+    assert cli.main(["plan", "--n", "4K", "--world", "2", "--heads", "4", "--head-dim", "16",
+                     "--hardware", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "N = 4096 tokens on 2 ranks" in out and "| ring | 1x2 |" in out
+    assert cli.main(["plan", "--n", "0"]) == 2
+    assert "length '0' must be >= 1 token" in capsys.readouterr().err

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from seqshard.launch import planner
-from seqshard.launch.bench import calibrate, maxctx, records
-from seqshard.launch.bench.commands import parse_tokens
-from seqshard.launch.planner import H100_NODE, candidates, plan, predict
+from seqshard.launch.perf import planner
+from seqshard.launch.perf import calibrate, maxctx, results
+from seqshard.launch.perf.plan_cmd import parse_tokens
+from seqshard.launch.perf.planner import H100_NODE, candidates, plan, predict
 
 LLAMA = {"batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128, "causal": True}
 ATTN = {"batch": 1, "heads": 8, "kv_heads": 8, "head_dim": 48, "causal": True}
@@ -73,7 +73,7 @@ def test_scan_sends_match_the_exclusive_scan_pattern():
 def _synthetic(hw, cpu: bool = False) -> dict:
     """Records whose times are exactly what `hw` predicts (the fit must recover them); with
     `cpu`, every rank's CPU time is what the model says it computes itself."""
-    res = records.new_results("synthetic", machine_info={"cpu_count": hw.shared_cores,
+    res = results.new_results("synthetic", machine_info={"cpu_count": hw.shared_cores,
                                                          "mem_total_bytes": 24 << 30})
     for family, shape, impls, ns in (
             ("attention", ATTN, (("ring", 1, 2), ("ulysses", 2, 1), ("allgather", 1, 2),
@@ -92,7 +92,7 @@ def _synthetic(hw, cpu: bool = False) -> dict:
                 if cpu:
                     work = planner.work_time(family, impl, shape, n, u, r, hw)
                     m["cpu_times_s"] = [[work]] * (u * r)
-                res["points"].append(records.make_point(family, impl, n, u * r, u, r, shape,
+                res["points"].append(results.make_point(family, impl, n, u * r, u, r, shape,
                                                         fwd=m, fwdbwd=m))
     return res
 
@@ -184,20 +184,28 @@ def test_attention_pieces_equal_the_real_plans():
                                                                               per_rank)
 
 
-def test_head_groups_follow_the_ring_module():
-    """The planner streams K/V through the ring backward and the all-to-alls in the head
-    groups ops/attention/ring.py makes (its counts of calls, messages and buffers use them)."""
+def test_head_groups_follow_the_ring_module(monkeypatch):
+    """The planner counts the head groups ops/attention/ring.py streams (the Ulysses stage's
+    groups, the ring backward's slices) with ring.py's own rule, not a copy of it: change the
+    rule there and the planner's messages change with it."""
     from seqshard.ops.attention import ring
 
-    assert planner.HEAD_GROUPS == ring.HEAD_GROUPS
-    assert planner.STREAM_MIN_BYTES == ring.STREAM_MIN_BYTES
-    for batch, kv_heads in ((1, 8), (1, 3), (2, 4), (1, 1), (3, 16)):
-        got = planner._bwd_slices(batch, kv_heads)
-        assert got == len(ring._head_slices(batch, kv_heads, ring.HEAD_GROUPS)), (batch, kv_heads)
-    for kv_heads, u in ((8, 2), (8, 4), (12, 2), (6, 3), (4, 4)):
-        for k_bytes in (ring.STREAM_MIN_BYTES - 1, ring.STREAM_MIN_BYTES, 64 << 20):
-            assert (planner._a2a_groups(kv_heads, u, k_bytes)
-                    == ring._head_groups(kv_heads, u, k_bytes)), (kv_heads, u, k_bytes)
+    shape = {"batch": 2, "heads": 8, "kv_heads": 8, "head_dim": 64, "causal": True}
+    n = 1 << 16  # a rank's K block: 2 x 8 heads x 16K tokens x 64 x 2 bytes = 32 MiB
+
+    def hybrid_messages() -> float:  # hybrid 2 x 2: 12 all-to-alls per group, ring exchanges
+        t = planner.terms("attention", "hybrid", shape, n, 2, 2, H100_NODE)
+        return t.msgs_intra + t.msgs_inter - 3  # less the argument check's 3 peers
+
+    # as built: 4 groups of 4 heads per rank; the backward splits each group's one head per
+    # batch element (2 slices): 12 x 4 + 4 x (1 + 2 x 2) messages
+    assert hybrid_messages() == 68
+    with monkeypatch.context() as patch:
+        patch.setattr(ring, "HEAD_GROUPS", 2)  # 2 groups of 2 heads, 2 slices
+        assert hybrid_messages() == 12 * 2 + 2 * (1 + 2 * 2)
+    with monkeypatch.context() as patch:
+        patch.setattr(ring, "STREAM_MIN_BYTES", 64 << 20)  # no streaming: 1 group, 4 slices
+        assert hybrid_messages() == 12 * 1 + 1 * (1 + 2 * 4)
 
 
 def test_noise_tie_comes_from_two_runs():
@@ -254,7 +262,7 @@ def test_max_context_search_doubles_then_bisects():
 
 
 def test_plan_command_prints_a_ranked_table_and_the_scaling_grid(capsys):
-    from seqshard.launch.bench.__main__ import main
+    from seqshard.launch.perf.__main__ import main
 
     assert main(["plan", "--n", "1M", "--world", "16", "--heads", "32", "--kv-heads", "8"]) == 0
     out = capsys.readouterr().out
@@ -286,16 +294,16 @@ def test_hardware_profile_from_toml(tmp_path):
 
 
 def test_plan_from_bench_records_uses_the_calibrated_cpu(tmp_path, capsys):
-    from seqshard.launch.bench.__main__ import main
+    from seqshard.launch.perf.__main__ import main
 
     truth = replace(planner.CPU_DEFAULT, shared_cores=2, flops=30e9)
-    path = records.write_results(tmp_path / "records.msgpack", _synthetic(truth))
+    path = results.write_results(tmp_path / "records.msgpack", _synthetic(truth))
     assert main(["plan", "--hardware", str(path), "--n", "2048", "--world", "4",
                  "--heads", "8", "--head-dim", "48"]) == 0
     out = capsys.readouterr().out
     assert "calibrated on" in out and "| hybrid | 2x2 |" in out
     # the calibrated profile predicts the synthetic machine's own time for a measured point
-    hw = calibrate.calibrate(records.read_results(path))
+    hw = calibrate.calibrate(results.read_results(path))
     want = predict("attention", "ring", ATTN, 2048, 1, 4, truth).time_s
     assert predict("attention", "ring", ATTN, 2048, 1, 4, hw).time_s == pytest.approx(want, rel=0.02)
 

@@ -81,16 +81,18 @@ HEAD_GROUPS = 4
 # extra all-to-alls cost more time than the memory they save (at N = 512 on 2 ranks, 4 head
 # groups made Ulysses 2.4x DeepSpeed's time; at 16K they are time-neutral)
 STREAM_MIN_BYTES = 4 << 20
+# The planner (launch/perf/planner.py) counts messages and buffers with these constants and
+# with `head_slices` / `head_groups` below, so the rule lives here only.
 
 
-def _head_slices(batch: int, kv_heads: int, parts: int) -> list[tuple[int, int, int]]:
+def head_slices(batch: int, kv_heads: int, parts: int) -> list[tuple[int, int, int]]:
     """(b, h0, h1) groups of K/V heads, about `parts` in all, never across a batch element
     (so a group of a contiguous [B, H, n, D] tensor is one contiguous message)."""
     per = min(kv_heads, -(-batch * kv_heads // parts))
     return [(b, h, min(h + per, kv_heads)) for b in range(batch) for h in range(0, kv_heads, per)]
 
 
-def _tick(do, q, k, v, out, lse, pieces, scale, dq, dk, dv):
+def _add_piece_gradients(do, q, k, v, out, lse, pieces, scale, dq, dk, dv):
     """Add the gradients of one step's `pieces` into fp32 accumulators (views are updated in
     place; None = not allocated yet). q-like [B, Hq, nq, D]; k-like [B, Hkv, nk, D]."""
     nq, nk = q.shape[2], k.shape[2]
@@ -116,13 +118,13 @@ def _ring_bwd(do, q, k, v, out, lse, plans, scale, group, timeout):
     comm = RingComm(group, timeout)
     size, rank = comm.size, comm.rank
     if size == 1:  # nothing travels: the kernel's own outputs become the accumulators
-        dq, dk, dv = _tick(do, q, k, v, out, lse, plans[0], scale, None, None, None)
+        dq, dk, dv = _add_piece_gradients(do, q, k, v, out, lse, plans[0], scale, None, None, None)
         zeros = lambda t: torch.zeros(t.shape, dtype=torch.float32, device=t.device)  # noqa: E731
         return (zeros(q) if dq is None else dq, zeros(k) if dk is None else dk,
                 zeros(v) if dv is None else dv)
     group_q = q.shape[1] // k.shape[1]  # query heads per K/V head
     ticks = [(s, sl) for s in list(range(1, size)) + [0]
-             for sl in _head_slices(k.shape[0], k.shape[1], HEAD_GROUPS)]
+             for sl in head_slices(k.shape[0], k.shape[1], HEAD_GROUPS)]
     kv_part = lambda t, sl: t[sl[0]:sl[0] + 1, sl[1]:sl[2]]  # noqa: E731  [1, h, nk, D]
     q_part = lambda t, sl: t[sl[0]:sl[0] + 1, sl[1] * group_q:sl[2] * group_q]  # noqa: E731
     peer = lambda s: ((rank + s) % size, (rank - s) % size)  # noqa: E731 (to, from)
@@ -143,14 +145,14 @@ def _ring_bwd(do, q, k, v, out, lse, plans, scale, group, timeout):
         part = [q_part(t, sl) for t in (do, q)]
         rest = [q_part(t, sl) for t in (out, lse)]
         if s == 0:  # local step last: add straight into dK/dV (already hold remote shares)
-            _tick(*part, kv_part(k, sl), kv_part(v, sl), *rest, plans[0], scale,
-                  q_part(dq, sl), kv_part(dk, sl), kv_part(dv, sl))
+            _add_piece_gradients(*part, kv_part(k, sl), kv_part(v, sl), *rest, plans[0], scale,
+                                 q_part(dq, sl), kv_part(dk, sl), kv_part(dv, sl))
             continue
         k_blk, v_blk = pending.wait()
         if ticks[i + 1][0] != 0:
             pending = fetch(ticks[i + 1])  # the next group travels while this one computes
-        _, g_k, g_v = _tick(*part, k_blk, v_blk, *rest, plans[s], scale, q_part(dq, sl),
-                            None, None)
+        _, g_k, g_v = _add_piece_gradients(*part, k_blk, v_blk, *rest, plans[s], scale,
+                                           q_part(dq, sl), None, None)
         del k_blk, v_blk
         g_k = torch.zeros(kv_part(k, sl).shape, **f32) if g_k is None else g_k
         g_v = torch.zeros_like(g_k) if g_v is None else g_v
@@ -167,7 +169,7 @@ def _ring_bwd(do, q, k, v, out, lse, plans, scale, group, timeout):
 
 
 # --- the Ulysses stage: all-to-all to head shards around the loop, one head group at a time --
-def _head_groups(kv_heads: int, degree: int, k_bytes: int) -> int:
+def head_groups(kv_heads: int, degree: int, k_bytes: int) -> int:
     """How many head groups stream through the Ulysses stage: the largest divisor of the
     K/V heads each rank gets (kv_heads / degree) up to HEAD_GROUPS (whole GQA groups); one
     while a rank's K block (k_bytes, the same before and after the all-to-all) is under
@@ -220,7 +222,7 @@ class _RingAttention(torch.autograd.Function):
         if a2a is None:
             out, lse = _ring_fwd(q, k, v, plans, scale, group, timeout)
         else:
-            ctx.groups = _head_groups(k.shape[1], RingComm(a2a).size, k.numel() * k.element_size())
+            ctx.groups = head_groups(k.shape[1], RingComm(a2a).size, k.numel() * k.element_size())
             out, lse = _ulysses_fwd(q, k, v, plans, scale, group, timeout, a2a, ctx.groups)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (plans, scale, group, timeout)

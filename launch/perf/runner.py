@@ -21,7 +21,7 @@ from typing import Callable
 
 from seqshard.dist import RankPool
 
-from . import records
+from . import results
 from .workloads import check_spec
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -166,7 +166,7 @@ def merge(spec: dict, per_rank: list[dict], modes) -> dict:
     from .measure import median
 
     measures = {}
-    for mode in records.MODES:
+    for mode in results.MODES:
         if mode not in modes:
             measures[mode] = None
             continue
@@ -184,13 +184,13 @@ def merge(spec: dict, per_rank: list[dict], modes) -> dict:
                           "rss_peak_bytes": [int(r["rss"]) for r in runs],
                           "comm_bytes": [int(r["comm"]) for r in runs],
                           "comm_calls": [int(r["calls"]) for r in runs]}
-    return records.make_point(spec["family"], spec["impl"], spec["n"], spec["world"],
+    return results.make_point(spec["family"], spec["impl"], spec["n"], spec["world"],
                               spec["ulysses"], spec["ring"], spec["shape"],
                               fwd=measures["fwd"], fwdbwd=measures["fwdbwd"])
 
 
 def _failed(spec: dict, status: str, message: str) -> dict:
-    return records.make_point(spec["family"], spec["impl"], spec["n"], spec["world"],
+    return results.make_point(spec["family"], spec["impl"], spec["n"], spec["world"],
                               spec["ulysses"], spec["ring"], spec["shape"], status=status,
                               error=message)
 
@@ -259,7 +259,7 @@ def describe(spec: dict) -> str:
 
 def summary(point: dict) -> str:
     parts = []
-    for mode in records.MODES:
+    for mode in results.MODES:
         m = point.get(mode)
         if m:
             parts.append(f"{mode} {m['time_s'] * 1e3:.1f} ms, "

@@ -1,112 +1,214 @@
-"""`seqshard bench` and `seqshard plan`.
+"""A bench run's report: results.md (measurements, fitted exponents, peer ratios, the
+planner's calibrated profile and its error, max-context searches) and log-log PNG plots.
 
-    seqshard bench --suite quick [--out DIR] [--family attention] [--no-maxctx]
-        measures the suite on real gloo ranks, writes DIR/records.msgpack, DIR/results.md and
-        DIR/*.png, prints peer ratios and the planner's error on the measured points.
-    seqshard plan --family attention --heads 32 --kv-heads 8 --head-dim 128 --n 1M --world 64
-        [--hardware h100 | cpu | FILE.toml | records.msgpack] [--scaling]
-        ranks every strategy / mesh split by predicted fwd+bwd time per layer.
-
-Both also run as `python -m seqshard.launch.bench {bench,plan} ...`.
+A series is every ok point of one (family, impl, world, ulysses x ring) over N; its fitted
+exponent is the least-squares slope of log(time) (or log(peak memory)) against log(N), so
+attention should show ~2 for time and ~1 for memory, the delta rule and FIT ~1.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import shlex
-import sys
-import time
+import math
+from collections import defaultdict
 from pathlib import Path
 
+from . import calibrate
+from .results import cpu_seconds, ok_points
+
 MiB = 2**20
-SCALING_N = (1 << 20, 2 << 20, 4 << 20, 10 << 20)
-SCALING_P = (8, 16, 32, 64, 128, 256, 512, 1024)
+# (family, ours, peer): ratios are peer time / our time at the same N (and P where the peer
+# is sharded too); > 1 means seqshard is faster.
+PEERS = {
+    "attention": ("sdpa", "ds_ulysses"),
+    "delta_rule": ("naive", "chunk"),
+    "fit": ("naive",),
+}
+PEER_ONLY = {"sdpa", "ds_ulysses", "naive"}  # never "ours" in a ratio
 
 
-def parse_tokens(text: str) -> int:
-    """'4096', '64K', '1M', '10M' -> tokens (K = 1024, M = 1024^2)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper()
-    try:
-        value = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
-    except ValueError:
-        raise ValueError(f"length {text!r}: expected an integer with optional K/M/G") from None
-    if value < 1:
-        raise ValueError(f"length {text!r} must be >= 1 token")
-    return value
+def series_key(point: dict) -> tuple:
+    return point["family"], point["impl"], point["world"], point["ulysses"], point["ring"]
 
 
-# --- bench -------------------------------------------------------------------------------------
-def bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", default="quick", help="tiny | quick | full (default quick)")
-    p.add_argument("--out", default=None, help="output folder (default bench-out/SUITE)")
-    p.add_argument("--family", action="append", default=None,
-                   help="only this op family (repeatable): attention, delta_rule, fit")
-    p.add_argument("--no-maxctx", action="store_true", help="skip the max-context searches")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per point")
-    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs per point")
-    p.add_argument("--previous", default=None,
-                   help="records.msgpack of an earlier run of the same suite: its run-to-run "
-                        "noise sets the planner ranking's tie margin")
+def series_label(key: tuple) -> str:
+    family, impl, world, u, r = key
+    split = f" {u}x{r}" if impl == "hybrid" else ""
+    return f"{impl}{split} P={world}"
 
 
-def run_bench(suite_name: str, out: str | Path, *, families=None, maxctx: bool = True,
-              repeats: int | None = None, warmup: int | None = None, command: str = "",
-              log=print, earlier: dict | None = None) -> dict:
-    """Measure a suite and write records, table and plots into `out`; returns the results."""
-    from . import maxctx as maxctx_mod
-    from .records import new_results, write_results
-    from .runner import run_points
-    from .suites import get_suite
+def fit_exponent(ns: list[int], values: list[float]) -> float | None:
+    """Slope of log(value) vs log(n); None with fewer than two distinct N."""
+    pairs = [(math.log(n), math.log(v)) for n, v in zip(ns, values) if v > 0]
+    if len({x for x, _ in pairs}) < 2:
+        return None
+    mx = sum(x for x, _ in pairs) / len(pairs)
+    my = sum(y for _, y in pairs) / len(pairs)
+    sxx = sum((x - mx) ** 2 for x, _ in pairs)
+    return sum((x - mx) * (y - my) for x, y in pairs) / sxx
 
-    suite = get_suite(suite_name)
-    specs = [s for s in suite.specs if not families or s["family"] in families]
-    if not specs:
-        raise ValueError(f"suite {suite_name!r} has no points for families={families}")
-    out = Path(out)
-    results = new_results(command or f"seqshard bench --suite {suite_name}")
-    started = time.monotonic()
-    log(f"seqshard bench: suite {suite_name}, {len(specs)} points -> {out}")
-    results["points"] = run_points(specs, warmup=suite.warmup if warmup is None else warmup,
-                                   repeats=suite.repeats if repeats is None else repeats,
-                                   max_repeats=suite.max_repeats, min_total_s=suite.min_total_s,
-                                   log=log)
-    write_results(out / "records.msgpack", results)
-    if maxctx:
-        for job in suite.maxctx:
-            if families and job["family"] not in families:
+
+def group_series(results: dict, mode: str = "fwdbwd") -> dict[tuple, list[dict]]:
+    series: dict[tuple, list[dict]] = defaultdict(list)
+    for p in ok_points(results, mode):
+        series[series_key(p)].append(p)
+    for points in series.values():
+        points.sort(key=lambda p: p["n"])
+    return dict(series)
+
+
+def _fmt_ms(measure: dict | None) -> str:
+    return "-" if not measure else f"{measure['time_s'] * 1e3:.1f}"
+
+
+def markdown_table(results: dict) -> str:
+    """One row per point, in the order measured; failed points show their status."""
+    head = ("| family | impl | mesh u x r | N | P | fwd ms | fwd+bwd ms | fwd+bwd min ms | "
+            "fwd+bwd CPU ms, all ranks | tokens/s | peak MiB/rank | sent MiB/rank | status |")
+    rows = [head, "|" + "---|" * 13]
+    for p in results["points"]:
+        m = p.get("fwdbwd") or p.get("fwd")
+        tok = f"{m['tokens_per_s']:.0f}" if m else "-"
+        mem = f"{max(m['mem_peak_bytes']) / MiB:.1f}" if m else "-"
+        sent = f"{max(m['comm_bytes']) / MiB:.2f}" if m else "-"
+        status = p["status"] if p["status"] == "ok" else f"{p['status']}: {(p['error'] or '').splitlines()[0][:60]}"
+        fb = p.get("fwdbwd")
+        low = f"{min(fb['times_s']) * 1e3:.1f}" if fb else "-"
+        cpu = cpu_seconds(fb) if fb else None
+        cpu = "-" if cpu is None else f"{cpu * 1e3:.1f}"
+        rows.append(f"| {p['family']} | {p['impl']} | {p['ulysses']}x{p['ring']} | {p['n']} | "
+                    f"{p['world']} | {_fmt_ms(p.get('fwd'))} | {_fmt_ms(fb)} | {low} | {cpu} | "
+                    f"{tok} | {mem} | {sent} | {status} |")
+    return "\n".join(rows) + "\n"
+
+
+def exponents_table(results: dict) -> str:
+    rows = ["| family | series | N range | time exponent | memory exponent |", "|---|---|---|---|---|"]
+    for key, pts in sorted(group_series(results).items()):
+        ns = [p["n"] for p in pts]
+        t = fit_exponent(ns, [p["fwdbwd"]["time_s"] for p in pts])
+        m = fit_exponent(ns, [max(p["fwdbwd"]["mem_peak_bytes"]) for p in pts])
+        if t is None:
+            continue
+        rows.append(f"| {key[0]} | {series_label(key)} | {min(ns)}..{max(ns)} | {t:.2f} | "
+                    f"{'-' if m is None else f'{m:.2f}'} |")
+    return "\n".join(rows) + "\n"
+
+
+def peer_ratios(results: dict, mode: str = "fwdbwd") -> list[dict]:
+    """For every seqshard point, its peers' time / its time and memory ratio at the same N.
+
+    A single-process peer (sdpa, naive, chunk) is compared at the same N whatever P; a
+    sharded peer (ds_ulysses) at the same N and P.
+    """
+    pts = ok_points(results, mode)
+    out = []
+    for p in pts:
+        for peer in PEERS.get(p["family"], ()):
+            if p["impl"] == peer or p["impl"] in PEER_ONLY:
                 continue
-            log(f"  max context: {job['family']}/{job['impl']} P={job['world']}, "
-                f"{job['mem_budget_mib']} MiB/rank, {job['time_budget_s']} s")
-            found = maxctx_mod.find(job, log=log)
-            found["mem_budget_mib"] = float(found["mem_budget_mib"])
-            found["time_budget_s"] = float(found["time_budget_s"])
-            results["maxctx"].append(found)
-            write_results(out / "records.msgpack", results)
-    results["elapsed_s"] = time.monotonic() - started
-    results["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
-    write_results(out / "records.msgpack", results)
-    write_report(results, out, log=log, earlier=earlier)
-    log(f"seqshard bench: done in {results['elapsed_s']:.0f} s; see {out / 'results.md'}")
-    return results
+            for q in pts:
+                same_p = q["world"] == p["world"] if peer == "ds_ulysses" else q["world"] == 1
+                if q["family"] == p["family"] and q["impl"] == peer and q["n"] == p["n"] and same_p:
+                    out.append({
+                        "family": p["family"], "impl": p["impl"], "world": p["world"],
+                        "split": f"{p['ulysses']}x{p['ring']}", "n": p["n"], "peer": peer,
+                        "time_ratio": q[mode]["time_s"] / p[mode]["time_s"],
+                        "mem_ratio": max(q[mode]["mem_peak_bytes"]) /
+                        max(1, max(p[mode]["mem_peak_bytes"]))})
+    return out
 
 
+def at_largest_n(ratios: list[dict]) -> list[dict]:
+    """Each (ours, P, peer) pair's ratio at the largest N both measured: the headline row."""
+    best: dict[tuple, dict] = {}
+    for r in ratios:
+        key = (r["family"], r["impl"], r["split"], r["world"], r["peer"])
+        if key not in best or r["n"] > best[key]["n"]:
+            best[key] = r
+    return list(best.values())
+
+
+def ratios_table(ratios: list[dict]) -> str:
+    rows = ["| family | ours | P | N | peer | peer time / ours | peer mem / ours (per rank) |",
+            "|---|---|---|---|---|---|---|"]
+    for r in ratios:
+        rows.append(f"| {r['family']} | {r['impl']} {r['split']} | {r['world']} | {r['n']} | "
+                    f"{r['peer']} | {r['time_ratio']:.2f} | {r['mem_ratio']:.2f} |")
+    return "\n".join(rows) + "\n"
+
+
+_STYLE = {  # one colour and marker per implementation, the same in every panel
+    "sdpa": ("tab:gray", "s"), "seqshard": ("tab:blue", "o"), "ring": ("tab:orange", "o"),
+    "ulysses": ("tab:green", "^"), "hybrid": ("tab:red", "D"), "allgather": ("tab:purple", "v"),
+    "ds_ulysses": ("tab:brown", "x"), "naive": ("tab:gray", "s"), "chunk": ("tab:blue", "o"),
+    "scan": ("tab:orange", "^"), "pass": ("tab:green", "v"), "fit": ("tab:blue", "o"),
+    "transformer": ("tab:blue", "o"), "deltanet": ("tab:orange", "^"),
+}
+
+
+def plot(results: dict, out_dir: str | Path, mode: str = "fwdbwd") -> list[Path]:
+    """Per family: `{family}_time.png` and `{family}_memory.png`, log-log, one panel per rank
+    count P (shared y axis), the fitted exponent of each series in its legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on a worker or in CI
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_family: dict[str, dict] = defaultdict(dict)
+    for key, pts in group_series(results, mode).items():
+        by_family[key[0]][key] = pts
+    written = []
+    for family, series in sorted(by_family.items()):
+        worlds = sorted({key[2] for key in series})
+        for what, value, unit in (("time", lambda m: m["time_s"], "seconds (median)"),
+                                  ("memory", lambda m: max(m["mem_peak_bytes"]) / MiB,
+                                   "peak MiB per rank")):
+            fig, axes = plt.subplots(1, len(worlds), figsize=(4.2 * len(worlds) + 1, 4.4),
+                                     sharey=True, squeeze=False)
+            for ax, world in zip(axes[0], worlds):
+                for key, pts in sorted(series.items()):
+                    if key[2] != world:
+                        continue
+                    ns = [p["n"] for p in pts]
+                    ys = [value(p[mode]) for p in pts]
+                    slope = fit_exponent(ns, ys)
+                    tag = "" if slope is None else f" ~N^{slope:.2f}"
+                    color, marker = _STYLE.get(key[1], (None, "o"))
+                    ax.plot(ns, ys, marker=marker, color=color,
+                            label=series_label(key).rsplit(" P=", 1)[0] + tag)
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_title(f"P = {world}")
+                ax.set_xlabel("sequence length N (tokens)")
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=7)
+            axes[0][0].set_ylabel(unit)
+            fig.suptitle(f"{family}: {'forward+backward' if mode == 'fwdbwd' else 'forward'} "
+                         f"{what} vs N")
+            fig.tight_layout()
+            path = out_dir / f"{family}_{what}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+# --- results.md ------------------------------------------------------------------------------
 def write_report(results: dict, out: str | Path, log=print, earlier: dict | None = None) -> Path:
     """results.md and the PNG plots from a results map (also used on saved records)."""
-    from . import report
-
     out = Path(out)
-    plots = report.plot(results, out)
-    ratios = report.peer_ratios(results)
+    plots = plot(results, out)
+    ratios = peer_ratios(results)
     lines = [f"# seqshard bench: {results['command']}", "",
              f"Started {results['started']} on {machine_line(results['machine'])}.", "",
              "## Measurements (median of repeats, warm-up excluded; fwd+bwd unless noted)", "",
-             report.markdown_table(results), "## Fitted exponents (time, memory ~ N^k)", "",
-             report.exponents_table(results),
+             markdown_table(results), "## Fitted exponents (time, memory ~ N^k)", "",
+             exponents_table(results),
              "## Peers at the largest N (ratios > 1: seqshard faster / smaller)", "",
-             report.ratios_table(report.at_largest_n(ratios)),
-             "## Peers at every N", "", report.ratios_table(ratios)]
+             ratios_table(at_largest_n(ratios)),
+             "## Peers at every N", "", ratios_table(ratios)]
     for r in ratios:
         log(f"  ratio {r['family']}/{r['impl']} {r['split']} P={r['world']} N={r['n']}: "
             f"{r['peer']} time / ours = {r['time_ratio']:.2f}, memory = {r['mem_ratio']:.2f}")
@@ -137,8 +239,6 @@ def machine_line(m: dict) -> str:
 def planner_section(results: dict, log=print, earlier: dict | None = None) -> list[str]:
     """The calibrated CPU profile, its time error and its ranking of strategies. With an
     earlier run of the same points, pairs closer than that run-to-run noise are ties."""
-    from . import calibrate
-
     try:
         hw = calibrate.calibrate(results)
     except ValueError as err:
@@ -240,17 +340,3 @@ def planner_section(results: dict, log=print, earlier: dict | None = None) -> li
         lines.append(f"| {g['family']} | {g['n']} | {g['world']} | {g['measured_best']} | "
                      f"{g['predicted_best']} | {'yes' if g['ok'] else 'no'} |")
     return lines + [""]
-
-
-def cmd_bench(args) -> int:
-    out = args.out or f"bench-out/{args.suite}"
-    command = "seqshard " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
-    from .records import read_results
-
-    earlier = read_results(args.previous) if args.previous else None
-    run_bench(args.suite, out, families=args.family, maxctx=not args.no_maxctx,
-              repeats=args.repeats, warmup=args.warmup, command=command, earlier=earlier)
-    return 0
-
-
-cmd_bench.add_arguments = bench_arguments

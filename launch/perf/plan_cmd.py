@@ -4,17 +4,32 @@
     seqshard plan --scaling                      # 1M..10M tokens on 8..1024 H100s
     seqshard plan --hardware bench-out/quick/records.msgpack --n 4096 --world 4 \
                   --heads 8 --head-dim 64         # the CPU profile calibrated from a bench run
+
+Also runs as `python -m seqshard.launch.perf plan ...`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from seqshard.launch.planner import HARDWARE, Hardware, load_hardware, plan
-
-from .commands import SCALING_N, SCALING_P, parse_tokens
+from .planner import HARDWARE, Hardware, load_hardware, plan
 
 GiB = 2**30
+SCALING_N = (1 << 20, 2 << 20, 4 << 20, 10 << 20)
+SCALING_P = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def parse_tokens(text: str) -> int:
+    """'4096', '64K', '1M', '10M' -> tokens (K = 1024, M = 1024^2)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper()
+    try:
+        value = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
+    except ValueError:
+        raise ValueError(f"length {text!r}: expected an integer with optional K/M/G") from None
+    if value < 1:
+        raise ValueError(f"length {text!r} must be >= 1 token")
+    return value
 
 
 def plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +71,7 @@ def shape_from_args(args) -> dict:
 def hardware_from(text: str) -> Hardware:
     if text.endswith(".msgpack"):
         from .calibrate import calibrate
-        from .records import read_results
+        from .results import read_results
 
         return calibrate(read_results(text))
     return load_hardware(text)

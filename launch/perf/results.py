@@ -1,4 +1,6 @@
-"""The benchmark record: one schema, versioned, stored as msgpack.
+"""A bench run's results file (records.msgpack): one schema, versioned, stored as msgpack.
+
+(Not launch/records.py: that one keeps a training job's progress lines and summary.)
 
 A results file is one msgpack map:
 

@@ -1,14 +1,14 @@
-"""`python -m seqshard.launch.bench {bench,plan} ...`: the same as `seqshard bench|plan`."""
+"""`python -m seqshard.launch.perf {bench,plan} ...`: the same as `seqshard bench|plan`."""
 
 import argparse
 import sys
 
-from .commands import cmd_bench
+from .bench_cmd import cmd_bench
 from .plan_cmd import cmd_plan
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m seqshard.launch.bench")
+    p = argparse.ArgumentParser(prog="python -m seqshard.launch.perf")
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn in (("bench", cmd_bench), ("plan", cmd_plan)):
         fn.add_arguments(sub.add_parser(name))

@@ -28,8 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
+import sys
 from dataclasses import dataclass, field, replace
+
+# The ring loop's head-group rule (HEAD_GROUPS, STREAM_MIN_BYTES, head_groups, head_slices),
+# read from the op itself rather than mirrored: the planner counts what the op really does.
+from seqshard.dist.agree import WIDTH as AGREE_BYTES
+from seqshard.ops.attention import ring as ring_op
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as the tomli package (a dependency below 3.11)
+    import tomli as tomllib
 
 FAMILIES = ("attention", "delta_rule", "fit")
 CANDIDATE_IMPLS = {"attention": ("ring", "ulysses", "hybrid", "allgather"),
@@ -160,6 +170,12 @@ def _send(t: Terms, nbytes: float, msgs: float, group_span: int, hw: Hardware,
         t.gather_bytes += nbytes
 
 
+def _agree(t: Terms, checks: int, p: int, hw: Hardware) -> None:
+    """`checks` argument checks through seqshard.dist.agree: each all-gathers one fixed-size
+    row of facts, so every rank raises together on a bad input instead of hanging."""
+    _send(t, checks * AGREE_BYTES * (p - 1), checks * (p - 1), p, hw, gather=True)
+
+
 # --- per-family counts -------------------------------------------------------------------------
 def attention_pieces(impl: str, p: int, u: int, r: int) -> tuple[int, float, float]:
     """(kernel calls, query rows merged, key rows accumulated) of the busiest rank's forward,
@@ -184,24 +200,6 @@ def attention_pieces(impl: str, p: int, u: int, r: int) -> tuple[int, float, flo
         return 2 * u * u * r - (u - 1) * (u - 2), k_rows - (u - 2) / 2, k_rows
     raise ValueError(f"attention impl={impl!r}: expected ring, ulysses, hybrid, allgather, "
                      f"sdpa, seqshard or ds_ulysses")
-
-
-HEAD_GROUPS = 4  # ops/attention/ring.py: remote K/V and the all-to-alls stream in ~4 head groups
-STREAM_MIN_BYTES = 4 << 20  # ring.py: the all-to-alls stream only from this K block size on
-
-
-def _bwd_slices(batch: int, kv_heads: int) -> int:
-    """Head groups of the ring backward (ring.py `_head_slices`: never across a batch element)."""
-    per = min(kv_heads, -(-batch * kv_heads // HEAD_GROUPS))
-    return batch * -(-kv_heads // per)
-
-
-def _a2a_groups(kv_heads: int, u: int, k_bytes: float) -> int:
-    """Head groups of the Ulysses stage (ring.py `_head_groups`)."""
-    if k_bytes < STREAM_MIN_BYTES:
-        return 1
-    per_rank = kv_heads // u
-    return max(g for g in range(1, min(per_rank, HEAD_GROUPS) + 1) if per_rank % g == 0)
 
 
 def attention_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -> Terms:
@@ -234,8 +232,10 @@ def attention_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) ->
     a2a = u if impl in ("ulysses", "ds_ulysses", "hybrid") else 1
     rep = a2a // math.gcd(hkv, a2a) if impl != "ds_ulysses" else 1  # kv heads copied to u
     kv_rep = kv_b * rep
-    groups = _a2a_groups(hkv * rep, u, kv_rep) if ours and u > 1 else 1
-    slices = _bwd_slices(b, hkv * rep // (groups * u)) if ours and r > 1 else 1
+    # the Ulysses stage's head groups, and the ring backward's slices of one group's heads
+    groups = ring_op.head_groups(hkv * rep, u, kv_rep) if ours and u > 1 else 1
+    slices = (len(ring_op.head_slices(b, hkv * rep // (groups * u), ring_op.HEAD_GROUPS))
+              if ours and r > 1 else 1)
     t.steps = groups * calls * (1 + slices) + 2  # kernel calls both ways; the op both ways
     # LSE merges (forward) and dq, dk, dv sums (backward) run in fp32 over the rows the
     # blocks cover; one local length of all local heads is q_b (kv_rep) in fp32
@@ -259,6 +259,8 @@ def attention_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) ->
         t.mem_bytes += 4 * kv_rep / slices
         t.steps += groups * (r - 1) * (1 + 2 * slices)
         t.copy_bytes += max(0, r - 2) * 2 * kv_rep * g4  # shares added in (all but step 1)
+    if impl in ("ring", "ulysses", "hybrid", "allgather") and p > 1:
+        _agree(t, 1, p, hw)  # sharded_attention's check of its arguments
     if impl == "allgather" and p > 1:
         _send(t, 2 * 2 * kv_b * (p - 1), 4 * (p - 1), p, hw, gather=True)
         t.mem_bytes += 4 * kv_b * p
@@ -306,6 +308,8 @@ def delta_rule_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -
         return replace(t, flops_par=3.0 * b * h * n * 4 * dk * dv, steps=2 * n)
     if impl == "chunk" or p == 1:
         return replace(t, flops_par=free + chain, steps=2 * 2 * links)
+    # (delta_rule's optional argument check, check=True, is left out: the bench measures the
+    # op itself, with check=False)
     if impl == "pass":
         # a middle rank sends one state forward and one gradient back
         _send(t, min(2, p - 1) * state_b, 2 * (p - 1), p, hw)
@@ -359,10 +363,10 @@ def fit_terms(impl: str, s: dict, n: int, u: int, r: int, hw: Hardware) -> Terms
     if p > 1 and impl == "fit":
         # per block: each global layer all-gathers its input latents, and the causal write
         # gathers them once more (group g reads group g - 1, which may live on rank r - 1);
-        # backward reduce-scatters each. Plus a 9 x int64 shape check per block and per stack.
+        # backward reduce-scatters each. Plus a check of the tokens per block and per stack.
         gathers = depth * (s.get("global_layers", 1) + (1 if s["causal"] else 0))
-        _send(t, 2 * gathers * lat_b * (p - 1) + (depth + 1) * 72 * (p - 1),
-              2 * gathers * (p - 1), p, hw, gather=True)
+        _send(t, 2 * gathers * lat_b * (p - 1), 2 * gathers * (p - 1), p, hw, gather=True)
+        _agree(t, depth + 1, p, hw)
     return t
 
 
@@ -485,7 +489,7 @@ def plan(family: str, shape: dict, n: int, world: int, hw: Hardware) -> list[Pre
     >>> llama = {"batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128, "causal": True}
     >>> best = plan("attention", llama, 1 << 20, 64, H100_NODE)[0]
     >>> best.impl, (best.ulysses, best.ring), best.fits, round(best.time_s, 2)
-    ('ring', (1, 64), True, 1.15)
+    ('ring', (1, 64), True, 1.16)
     """
     preds = [predict(family, impl, shape, n, u, r, hw)
              for impl, u, r in candidates(family, shape, world)]

@@ -16,7 +16,7 @@ forward + backward. Peers run side by side in the same sweep:
     fit         fit          FIT on this rank's groups, latents gathered        P
     model       transformer | deltanet | fit   one LM training step (loss + backward)   P
 
-A spec is a dict with family, impl, n, world, ulysses, ring and shape (see records.py).
+A spec is a dict with family, impl, n, world, ulysses, ring and shape (see results.py).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def find(job: dict, *, warmup: int = 0, repeats: int = 1, max_n: int = 1 << 20,
          guard: float = 4.0, resolution: float = 1 / 8, log=print) -> dict:
     """Run the search for one job dict (family, impl, world, ulysses, shape, start,
     mem_budget_mib, time_budget_s) on real ranks; returns a summary with every probe."""
-    from seqshard.launch.planner import CPU_DEFAULT, FAMILIES, predict
+    from .planner import CPU_DEFAULT, FAMILIES, predict
 
     from .runner import World, merge
 

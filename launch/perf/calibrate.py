@@ -23,10 +23,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from seqshard.launch.planner import (
-    CANDIDATE_IMPLS, CPU_DEFAULT, FAMILIES, Hardware, features, predict, terms, work_features, work_time)
-
-from .records import ok_points
+from .planner import (CANDIDATE_IMPLS, CPU_DEFAULT, FAMILIES, Hardware, features, predict,
+                      terms, work_features, work_time)
+from .results import ok_points
 
 _SHARED = ["bytes", "gather_bytes", "copy_bytes", "msgs", "steps", "call"]
 # peers that run a different algorithm, not the family's kernel: their own compute rate

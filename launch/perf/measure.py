@@ -10,12 +10,14 @@
   profiler's memory events (every allocation and free through c10's CPU allocator, kernel
   workspaces and received buffers included), relative to what was live at entry. tracemalloc
   does not see torch's allocator, and torch keeps no CPU allocator statistics. As a second,
-  coarser witness the process's resident high-water mark is recorded too (reset by writing 5
-  to /proc/self/clear_refs, read from VmHWM): it includes gloo's and Python's own memory but
-  the kernel updates it in batches of pages, so it is only meaningful at the MiB scale.
-  On CUDA, torch.cuda.max_memory_allocated is used instead. (The profiler's event list,
-  `prof.profiler.kineto_results`, is the one semi-private torch API used here; the test that
-  a 64 MiB tensor reads as exactly 64 MiB fails loudly if a torch release changes it.)
+  coarser witness the process's resident high-water mark is recorded too
+  (seqshard.dist.memory's PeakWindow: VmHWM after a reset): it includes gloo's and Python's
+  own memory but the kernel updates it in batches of pages, so it is only meaningful at the
+  MiB scale.
+  On CUDA, the caching allocator's peak is used instead (PeakWindow on the device).
+  (The profiler's event list, `prof.profiler.kineto_results`, is the one semi-private torch
+  API used here; the test that a 64 MiB tensor reads as exactly 64 MiB fails loudly if a
+  torch release changes it.)
 - Communication: `CommCounter` wraps torch.distributed's collectives for the duration of one
   run and adds up the bytes each call makes this rank send under the bandwidth-optimal
   algorithm (all-to-all: (P-1)/P of the input; all-gather: (P-1) x the input; reduce-scatter:
@@ -36,20 +38,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def _status_kib(field: str) -> int:
-    for line in _STATUS.read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in {_STATUS}")
-
-
-def rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
-
+from seqshard.dist.memory import PeakWindow
 
 def _allocator_peak(prof) -> int:
     """Largest running sum of the profiler's allocation (+) and free (-) events."""
@@ -64,37 +53,32 @@ def _allocator_peak(prof) -> int:
 
 class PeakMemory:
     """`with PeakMemory() as pm: run()`, then `pm.peak_bytes` (allocator) and `pm.rss_bytes`
-    (resident high-water mark), both above the state at entry (see the module doc)."""
+    (resident high-water mark, 0 where it cannot be reset), both above the state at entry
+    (see the module doc)."""
 
     def __init__(self, device: torch.device | None = None):
-        self.cuda = device is not None and device.type == "cuda"
+        self.device = device or torch.device("cpu")
         self.peak_bytes = 0
         self.rss_bytes = 0
 
     def __enter__(self):
         gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
+        if self.device.type == "cuda":
+            self._allocator = PeakWindow(self.device).__enter__()
         else:
             from torch.profiler import ProfilerActivity, profile
 
             self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self._prof.__enter__()
-        try:
-            _CLEAR_REFS.write_text("5")  # reset VmHWM to the current RSS
-            self._rss_base = rss_bytes()
-        except OSError:  # not Linux: the coarse witness is simply missing (0)
-            self._rss_base = None
+        self._resident = PeakWindow("cpu").__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self._rss_base is not None:
-            self.rss_bytes = max(0, _status_kib("VmHWM") * 1024 - self._rss_base)
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
+        self._resident.__exit__(*exc)
+        self.rss_bytes = self._resident.rise if self._resident.resettable else 0
+        if self.device.type == "cuda":
+            self._allocator.__exit__(*exc)
+            self.peak_bytes = self._allocator.rise
         else:
             self._prof.__exit__(*exc)
             self.peak_bytes = _allocator_peak(self._prof)
