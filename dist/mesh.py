@@ -92,6 +92,10 @@ class MeshShape:
 class Mesh:
     """The process groups a sharded op talks over, and where this rank sits in them.
 
+    `size` and `rank` are the SEQUENCE-PARALLEL size and rank: how many shards one sequence
+    is cut into, and which shard this rank holds (what every sharded op and layout wants).
+    The whole job is `world_size` ranks (dp x sp), this one being `global_rank`.
+
     `group` is the sequence-parallel group (None when running on one process). For the 2-D
     hybrid, `ulysses_group` spans consecutive sp ranks and `ring_group` strides across them.
     Build with `Mesh.single()`, `Mesh.new(...)` (process group already running) or
@@ -99,11 +103,11 @@ class Mesh:
     """
 
     shape: MeshShape
-    rank: int  # rank inside the sp group
+    rank: int  # sequence-parallel rank: this rank's place in its sp group (0 .. size - 1)
     device: torch.device
     backend: str
     timeout: datetime.timedelta
-    global_rank: int = 0
+    global_rank: int = 0  # rank in the whole job: 0 .. world_size - 1
     group: dist.ProcessGroup | None = None
     ulysses_group: dist.ProcessGroup | None = None
     ring_group: dist.ProcessGroup | None = None
@@ -113,7 +117,8 @@ class Mesh:
     # --- sizes and coordinates -------------------------------------------------------------
     @property
     def size(self) -> int:
-        """Sequence-parallel size: the number of shards of one sequence."""
+        """Sequence-parallel size (ulysses x ring): the number of shards of one sequence.
+        Not the world size (`world_size`, which also counts the dp replicas)."""
         return self.shape.sp
 
     @property
@@ -138,10 +143,12 @@ class Mesh:
 
     @property
     def dp_rank(self) -> int:
+        """Which data-parallel replica (sp group) this rank belongs to."""
         return self.global_rank // self.shape.sp
 
     @property
     def world_size(self) -> int:
+        """Every rank of the job: dp x sp (`global_rank` is this rank's place in it)."""
         return self.shape.world_size
 
     def ranks(self, which: str) -> list[int]:

@@ -17,7 +17,7 @@ from seqshard.dist import Mesh
 from seqshard.ops.delta_rule import DeltaNet
 
 from .config import DeltaNetConfig
-from .layers import Attention, RMSNorm, ShardContext, SwiGLU
+from .layers import RMSNorm, ShardedCausalAttention, ShardContext, SwiGLU
 from .lm import CausalLM
 from .tokenwise import in_pieces
 
@@ -32,8 +32,8 @@ class DeltaNetBlock(nn.Module):
             head_dim = cfg.head_dim or cfg.dim // cfg.num_heads
             # the window has one algorithm (a halo exchange): cfg.strategy is for global layers
             window, strategy = (cfg.window, "auto") if mixer == "window" else (None, cfg.strategy)
-            self.mixer = Attention(cfg.dim, cfg.num_heads, cfg.num_heads, head_dim,
-                                   cfg.rope_theta, strategy, window=window)
+            self.mixer = ShardedCausalAttention(cfg.dim, cfg.num_heads, cfg.num_heads, head_dim,
+                                                cfg.rope_theta, strategy, window=window)
         else:
             self.mixer = DeltaNet(cfg.dim, cfg.num_heads, head_dim=cfg.head_dim,
                                   use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size,

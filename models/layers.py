@@ -87,13 +87,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-class Attention(nn.Module):
-    """Causal multi-head (grouped-query) self-attention over a sharded sequence.
+class ShardedCausalAttention(nn.Module):
+    """Causal multi-head (grouped-query) self-attention with RoPE over a sharded sequence.
 
     x [B, N_local, C] -> [B, N_local, C]. The attention itself is
     `seqshard.ops.attention.sharded_attention` with the mesh, layout and strategy, so the
     result equals attention over the whole (gathered) sequence. `window` (tokens, the token
     itself included) makes it causal sliding-window attention (contiguous layout).
+    (Not `seqshard.ops.fit.layers.Attention`, FIT's unsharded attention inside a group or
+    over latents.)
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -107,14 +109,16 @@ class Attention(nn.Module):
         self.wo = nn.Linear(num_heads * head_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
-        b, n, _ = x.shape
-        q = self.wq(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, N, D]
-        k = self.wk(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, N, D]
-        v = self.wv(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        batch, n_local, _ = x.shape
+        heads = (batch, n_local, self.num_heads, self.head_dim)
+        kv_heads = (batch, n_local, self.num_kv_heads, self.head_dim)
+        q = self.wq(x).view(heads).transpose(1, 2)  # [B, Hq, N_local, D]
+        k = self.wk(x).view(kv_heads).transpose(1, 2)  # [B, Hkv, N_local, D]
+        v = self.wv(x).view(kv_heads).transpose(1, 2)
         cos, sin = rope_tables(ctx.positions, self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # the model checked once per forward that every rank's token shard agrees
         out = sharded_attention(q, k, v, ctx.mesh, causal=True, layout=ctx.layout,
                                 strategy=self.strategy, window=self.window,
                                 check_agreement=False)  # [B, Hq, N_local, D]
-        return self.wo(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        return self.wo(out.transpose(1, 2).reshape(batch, n_local, self.num_heads * self.head_dim))

@@ -1,6 +1,6 @@
 """TransformerLM: a pre-norm decoder whose attention runs sharded over the mesh.
 
-Block: x + Attention(RMSNorm(x)) (RoPE from the layout's global positions, causal
+Block: x + ShardedCausalAttention(RMSNorm(x)) (RoPE from the layout's global positions, causal
 `sharded_attention` with a selectable strategy), then x + SwiGLU(RMSNorm(x)).
 """
 
@@ -12,7 +12,7 @@ from torch import nn
 from seqshard.dist import Mesh
 
 from .config import TransformerConfig
-from .layers import Attention, RMSNorm, ShardContext, SwiGLU
+from .layers import RMSNorm, ShardedCausalAttention, ShardContext, SwiGLU
 from .lm import CausalLM
 
 
@@ -20,8 +20,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim)
-        self.attn = Attention(cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                              cfg.rope_theta, cfg.strategy)
+        self.attn = ShardedCausalAttention(cfg.dim, cfg.num_heads, cfg.num_kv_heads,
+                                           cfg.head_dim, cfg.rope_theta, cfg.strategy)
         self.mlp_norm = RMSNorm(cfg.dim)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_ratio)
 

@@ -89,7 +89,8 @@ class _Shard:
         """The chunk tensors of the piece [start, end) (no autograd): features, then the UT
         transform."""
         features = self.layer._features(x[:, start:end], _context(x, halo, start))
-        inputs = [t.to(self.work) if t is not None else None for t in features]  # q, k, v, beta, gate
+        # q, k, v, beta, gate in the chain's dtype
+        inputs = [t.to(self.work) if t is not None else None for t in features]
         chunk = min(self.layer.chunk_size or default_chunk_size(x.device), end - start)
         return prepare_blocked(inputs, inputs[0].shape[-1] ** -0.5, chunk)
 

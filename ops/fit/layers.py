@@ -22,7 +22,9 @@ def check_heads(dim: int, num_heads: int) -> int:
 
 
 class Attention(nn.Module):
-    """Multi-head attention of queries from `x` over keys/values from `context`.
+    """Multi-head attention of queries from `x` over keys/values from `context`, unsharded:
+    FIT's attention inside one group or over the gathered latents. (The sharded causal
+    attention of the language models is `seqshard.models.layers.ShardedCausalAttention`.)
 
     x [..., L, dim], context [..., S, dim] -> [..., L, dim]. `mask` [L, S] is a bool
     (True = may attend) or additive float mask, or None; `causal` means query i sees keys <= i (L == S).
