@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from seqshard.dist import Contiguous, all_reduce
-from seqshard.ops.delta_rule import DeltaNet, ShortConv, chunk, chunk_delta_rule, delta_rule
+from seqshard.ops.delta_rule import (DeltaNet, ShortConv, chunk, chunk_delta_rule, chunk_math,
+                                     delta_rule)
 from seqshard.ops.delta_rule.api import _nonfinite
 from seqshard.ops.delta_rule.naive import naive_delta_rule
 from tests.common import assert_close
@@ -85,7 +86,7 @@ def test_chunk_matches_naive(case):
 def test_blocked_backward_matches_naive(monkeypatch):
     """Several blocks of chunks in forward and backward: 7 chunks each over the 2*3*10 chunks
     of all heads, so blocks straddle heads and the last one is partial."""
-    monkeypatch.setattr(chunk, "BLOCK_TOKENS", 28)
+    monkeypatch.setattr(chunk_math, "BLOCK_TOKENS", 28)
     test_chunk_matches_naive((2, 3, 37, 48, 20, 4, True, True, False))
 
 
@@ -147,7 +148,7 @@ def _needs_fused_chain(dtype):
 
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_fused_chain_matches_torch_loop(case, monkeypatch):
-    """chain_states, chain_grads and shard_map in C against chunk.py's torch loops
+    """chain_states, chain_grads and shard_map in C against chain.py's torch loops
     (SEQSHARD_FUSED_CHAIN=0): every chunk-start state, Delta, the final state, backward with
     and without the kept per-chunk gradients, and the chunks' affine map [A | B]."""
     B, H, N, Dk, Dv, C, gate, dtype = case
@@ -227,11 +228,11 @@ SHARD_CASES = [  # B, H, N_local, Dk, Dv, chunk, gate, h0
 def _sharded_op(rank, world):
     m = mesh()
     layout = Contiguous()
-    checked, default_block = 0, chunk.BLOCK_TOKENS  # the rank pool outlives this test
+    checked, default_block = 0, chunk_math.BLOCK_TOKENS  # the rank pool outlives this test
     for ci, (B, H, n, Dk, Dv, C, gate, h0) in enumerate(SHARD_CASES):
         for schedule in ("scan", "pass"):
             # one block, and several (the last one partial)
-            chunk.BLOCK_TOKENS = default_block if schedule == "scan" else 2 * C
+            chunk_math.BLOCK_TOKENS = default_block if schedule == "scan" else 2 * C
             seed = 100 + ci
             t = make_inputs(B, H, n * world, Dk, Dv, gate=gate, h0=h0, seed=seed)
             o_ref, s_ref, g_ref, wo, ws = reference(t, seed)
@@ -254,7 +255,7 @@ def _sharded_op(rank, world):
                     ref = layout.shard(g_ref[name], 2, rank, world)
                 assert_close(f"{where} d{name}", ref, g, TOL["grad"])
             checked += 1
-    chunk.BLOCK_TOKENS = default_block
+    chunk_math.BLOCK_TOKENS = default_block
     # without output_final_state: no state returned, outputs unchanged
     t = make_inputs(1, 2, 9 * world, 8, 8, gate=False, h0=False, seed=9)
     o_ref = naive_delta_rule(*(t[n] for n in NAMES[:4]))[0]
@@ -282,7 +283,7 @@ def _sharded_layer(rank, world):
     layout = Contiguous()
     for i, (kwargs, n) in enumerate(LAYER_CASES):
         torch.manual_seed(50 + i)
-        layer = DeltaNet(hidden_size=32, num_heads=2, conv_size=4, chunk_size=4, **kwargs)
+        layer = DeltaNet(dim=32, num_heads=2, conv_size=4, chunk_size=4, **kwargs)
         x = torch.randn(2, n * world, 32, requires_grad=True)
         w = torch.randn(2, n * world, 32)
         y_ref = layer(x)
@@ -330,7 +331,7 @@ def test_bad_input_raises(change, match):
 
 
 def test_layer_bad_config():
-    with pytest.raises(ValueError, match="hidden_size=30 is not divisible by num_heads=4"):
+    with pytest.raises(ValueError, match="dim=30 is not divisible by num_heads=4"):
         DeltaNet(30, 4)
     with pytest.raises(ValueError, match="conv size=0"):
         ShortConv(8, 0)
@@ -357,6 +358,6 @@ def _bad_on_one_rank(rank, world):
 
 def test_bad_input_on_one_rank_raises_on_every_rank():
     (m0, c0), (m1, c1) = run_ranks(_bad_on_one_rank, 2)
-    assert "bad input on rank(s) [1]" in m0
-    assert "rank 1: q has 1 NaN/inf" in m1
+    for message in (m0, m1):  # both ranks name the rank and the value at fault
+        assert "bad input on 1 rank(s): rank 1: q has 1 NaN/inf" in message
     assert "shorter than the halo" in c0 and "shorter than the halo" in c1
