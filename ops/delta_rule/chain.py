@@ -9,8 +9,9 @@ S_{j+1} = decay_j S_j + Kt_j^T Delta_j, two [C, Dk] x [Dk, Dv] products. Three e
 
 Each runs on the first backend that takes the tensors, all with the same buffer-filling entry
 points (`chain_forward`, `chain_backward`, `chain_map`, returning False where they do not
-apply): `fused_chain` (one C call on the CPU, fp32/fp64). Where it does not apply the torch
-loops below run; they are the reference the tests hold the backend against.
+apply): `fused_chain` (one C call on the CPU, fp32/fp64) and `triton_chain` (one Triton
+kernel on CUDA, fp32). Where neither applies the torch loops below run; they are the
+reference the tests hold both backends against.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import itertools
 
 import torch
 
-from . import fused_chain
+from . import fused_chain, triton_chain
 from .chunk_math import Chunks
 
-BACKENDS = (fused_chain,)  # tried in order; each says False off its device
+BACKENDS = (fused_chain, triton_chain)  # tried in order; each says False off its device
 
 
 def _heads_flat(ch: Chunks):
