@@ -41,11 +41,11 @@ def temp_dir(root: Path, step: int) -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -137,10 +137,10 @@ def candidates(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
     found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
     return sorted(found, reverse=True)
 
 
@@ -173,9 +173,9 @@ def meta_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     saved, current = msgpack.unpackb(msgpack.packb(saved)), msgpack.unpackb(msgpack.packb(current))
     out = []
     for key in sorted(set(saved) | set(current), key=str):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += meta_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now")
+        then, now = saved.get(key), current.get(key)
+        if isinstance(then, dict) and isinstance(now, dict):
+            out += meta_diff(then, now, f"{prefix}{key}.")
+        elif then != now:
+            out.append(f"{prefix}{key}: {then!r} in the checkpoint, {now!r} now")
     return out

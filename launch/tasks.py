@@ -34,12 +34,12 @@ def make_task(cfg: JobConfig, mesh: Mesh):
 
 def state_digest(tensors) -> str:
     """sha256 over the exact bytes of a sequence of tensors."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        h.update(str((tuple(t.shape), t.dtype)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(str((tuple(flat.shape), flat.dtype)).encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
 
 
 class TrainTask:
@@ -65,7 +65,7 @@ class TrainTask:
 
     def digest(self) -> str:
         state = self.trainer.full_state_dict()  # full tensors, also under ZeRO-3
-        return state_digest(state[k] for k in sorted(state))
+        return state_digest(state[name] for name in sorted(state))
 
 
 class ProbeTask:
@@ -80,10 +80,12 @@ class ProbeTask:
 
     def _data(self, step: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The global batch of `step` for this dp replica; identical on every sp rank."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 1009 + self.mesh.dp_rank)
-        x = torch.randn(seq_len, self.cfg.dim, generator=g, dtype=torch.float64)  # [N, d]
+        seed = self.cfg.seed * 1_000_003 + step * 1009 + self.mesh.dp_rank
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(seq_len, self.cfg.dim, generator=generator, dtype=torch.float64)  # [N, d]
         w_true = torch.linspace(-1.0, 1.0, self.cfg.dim, dtype=torch.float64)
-        y = x @ w_true + 0.01 * torch.randn(seq_len, generator=g, dtype=torch.float64)  # [N]
+        noise = torch.randn(seq_len, generator=generator, dtype=torch.float64)  # [N]
+        y = x @ w_true + 0.01 * noise
         return x, y
 
     def _shard(self, t: torch.Tensor) -> torch.Tensor:

@@ -116,11 +116,11 @@ def save(task, cfg: JobConfig, mesh: Mesh, step: int) -> None:
 
 
 def _maybe_fail(cfg: JobConfig, rank: int, step: int, attempt: int) -> None:
-    f = cfg.fault
-    if not (f.rank == rank and f.at_step == step and f.on_attempt == attempt):
+    fault = cfg.fault
+    if not (fault.rank == rank and fault.at_step == step and fault.on_attempt == attempt):
         return
     sys.stdout.flush()
-    if f.mode == "kill":
+    if fault.mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no cleanup, no goodbye
     while True:  # "stall": alive but silent, like a hung kernel or a wedged NIC
         time.sleep(3600)
@@ -155,27 +155,26 @@ def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None
         _maybe_fail(cfg, rank, step, attempt)
         if (every and step % every == 0) or step == total:
             save(task, cfg, mesh, step)
-    n = cfg.job.exactness_seq_len
-    exactness = task.exactness_check(n) if n > 0 else None
+    check_len = cfg.job.exactness_seq_len
+    exactness = task.exactness_check(check_len) if check_len > 0 else None
     result = {"rank": rank, "steps": step, "resumed_from": start, "digest": task.digest(),
-              "exactness": exactness, "exactness_seq_len": n, "mesh": mesh.describe()}
+              "exactness": exactness, "exactness_seq_len": check_len, "mesh": mesh.describe()}
     _barrier("finish")
     destroy_process_group()
     return result
 
 
 def train_config_steps(cfg: JobConfig) -> int:
-    tc = train_config(cfg)
-    return int(tc["steps"] if isinstance(tc, dict) else tc.steps)
+    return int(train_config(cfg).steps)
 
 
 def _plain(metrics: dict) -> dict:
     """Metrics as msgpack-able Python scalars (tensors -> floats)."""
     out = {}
-    for k, v in metrics.items():
-        if isinstance(v, torch.Tensor):
-            v = v.item()
-        out[k] = v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+    for name, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        out[name] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
     return out
 
 
@@ -191,7 +190,7 @@ def main_from_env(cfg: JobConfig) -> dict:
     if rank == 0:
         recorder = Recorder(cfg.out_dir, run_meta(cfg, launcher="torchrun"),
                             train_config_steps(cfg), progress=cfg.launch.progress)
-    report = (lambda r: recorder.add(r)) if recorder else (lambda r: None)
+    report = recorder.add if recorder else (lambda record: None)
     result = run_worker(cfg, attempt=attempt, report=report)
     if recorder:
         summary = recorder.finish({"status": "completed", "attempts": attempt + 1, **result})
