@@ -137,3 +137,100 @@ def test_cuda_block_kernels_match_the_plain_path(dtype, d, tol):
         dq, dk, dv = plain.plain_backward(g, q, ke, ve, out, final, kind, d ** -0.5)
         for a, b in zip(got, (dq, kernels._fold_kv(dk, 2), kernels._fold_kv(dv, 2))):
             torch.testing.assert_close(a, b, atol=5 * tol, rtol=5 * tol)
+
+
+# --- the varlen flash kernel: windows and packed documents in one call -------------------------
+def _emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, window, scale):
+    """The varlen kernel's documented semantics in plain torch (CPU): segment s is queries
+    cu_q[s]:cu_q[s+1] against keys cu_k[s]:cu_k[s+1], the causal diagonal bottom-right
+    aligned, the window W - 1 keys back from it. Lets CPU tests check the segments the
+    window path builds."""
+    out = torch.empty_like(q)
+    for s in range(cu_q.numel() - 1):
+        rq, rk = slice(int(cu_q[s]), int(cu_q[s + 1])), slice(int(cu_k[s]), int(cu_k[s + 1]))
+        qs, ks, vs = q[rq].transpose(0, 1), k[rk].transpose(0, 1), v[rk].transpose(0, 1)
+        ks, vs = (kernels._expand_kv(t[None], qs.shape[0])[0] for t in (ks, vs))
+        i = torch.arange(qs.shape[1])[:, None] + ks.shape[1] - qs.shape[1]  # diagonal key
+        j = torch.arange(ks.shape[1])[None, :]
+        seen = (j <= i) if causal else torch.ones_like(j <= i)
+        if window is not None:
+            seen &= j >= i - (window - 1)
+        s_ = (scale * qs @ ks.transpose(-1, -2)).masked_fill(~seen, float("-inf"))
+        out[rq] = (s_.softmax(-1) @ vs).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("doc_lens", [None, [3, 19, 4, 4], [17, 13], [21, 9], [30]])
+@pytest.mark.parametrize("window", [1, 4, 6, 12, 30])
+def test_window_segments_give_the_band(monkeypatch, doc_lens, window):
+    """The segments the window path hands the varlen kernel (one per batch row and
+    document, keys reaching into the halo) give the band reference exactly, for windows
+    shorter and longer than the halo, under the kernel's bottom-right diagonal."""
+    from seqshard.ops.attention import window as window_mod
+    from seqshard.ops.attention.naive import doc_ids
+    from tests.test_window_attention import band_reference
+
+    monkeypatch.setattr(window_mod, "varlen_attention", _emulated_varlen)
+    gen = torch.Generator().manual_seed(window)
+    q = torch.randn(2, 4, 30, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 30, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    ref = band_reference(q, k, v, window, doc_lens)
+    doc = None if doc_lens is None else doc_ids(doc_lens, 30)
+    for q_start, n in [(0, 30), (20, 10), (12, 7)]:
+        halo = min(window - 1, q_start)
+        keys = slice(q_start - halo, q_start + n)
+        out = window_mod._varlen_window(q[:, :, q_start:q_start + n], k[:, :, keys],
+                                        v[:, :, keys], window, 8 ** -0.5, q_start, doc)
+        torch.testing.assert_close(out, ref[:, :, q_start:q_start + n], atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_lse_layouts():
+    """This torch's meta kernel packs the varlen LSE as [H, total]; the padded per-segment
+    layout of other builds converts to it and back exactly."""
+    assert kernels.varlen_lse_is_packed()
+    cu = torch.tensor([0, 2, 7, 8], dtype=torch.int32)
+    packed = torch.randn(3, 8)  # [H, total]
+    assert kernels.lse_to_packed(packed, cu, 8) is packed or torch.equal(
+        kernels.lse_to_packed(packed, cu, 8), packed)
+    padded = torch.zeros(3, 3, 5)  # [S, H, max_q]
+    for s in range(3):
+        a, b = int(cu[s]), int(cu[s + 1])
+        padded[s, :, :b - a] = packed[:, a:b]
+    assert torch.equal(kernels.lse_to_packed(padded, cu, 8), packed)
+
+
+def _window_on_meta(b, hq, hkv, n, halo, d, window, dtype, doc_lens, q_start):
+    from seqshard.ops.attention import window as window_mod
+    from seqshard.ops.attention.naive import doc_ids
+
+    q = torch.empty(b, hq, n, d, dtype=dtype, device="meta", requires_grad=True)
+    k, v = (torch.empty(b, hkv, halo + n, d, dtype=dtype, device="meta", requires_grad=True)
+            for _ in range(2))
+    doc = None if doc_lens is None else doc_ids(doc_lens, q_start + n)
+    with kernels.cuda_paths_on_meta():
+        assert kernels.varlen_ok(q, k)
+        out = window_mod.local_window_attention(q, k, v, window, 0.125, q_start=q_start,
+                                                doc=doc, block=4)
+        grads = torch.autograd.grad(out, (q, k, v), out)
+    assert (out.shape, out.dtype) == (q.shape, dtype)
+    for g, like in zip(grads, (q, k, v)):
+        assert (g.shape, g.dtype) == (like.shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hkv,d", [(4, 64), (1, 36)])  # MHA; MQA with a padded head dim
+def test_window_path_on_the_cuda_branch(dtype, hkv, d):
+    """Windows (shorter and longer than the block of 4 and than the shard), with and
+    without packed documents, GQA: one varlen call, out and gradients shaped like inputs."""
+    for window, halo, docs in [(3, 2, None), (9, 8, None), (30, 16, None),
+                               (3, 2, [5, 3, 14]), (9, 8, [9, 1, 2, 10]), (30, 16, [4, 18])]:
+        _window_on_meta(2, 4, hkv, 6, halo, d, window, dtype, docs, 16)
+
+
+def test_window_fp32_on_cuda_keeps_its_path():
+    """fp32 (and head dims beyond flash) on CUDA are not varlen blocks."""
+    q = _meta(1, 2, 5, 64, torch.float32)
+    with kernels.cuda_paths_on_meta():
+        assert not kernels.varlen_ok(q, q)
+        assert not kernels.varlen_ok(_meta(1, 2, 5, 320, torch.float16), q)
+    assert not kernels.varlen_ok(torch.zeros(1, 2, 5, 8, dtype=torch.float16), q)  # CPU

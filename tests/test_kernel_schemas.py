@@ -20,7 +20,9 @@ def test_private_kernel_schema(name):
 
 
 def test_every_path_loaded():
-    """All three fused paths are available in the tested torch (none fell back)."""
+    """Every fused path is available in the tested torch (none fell back): CPU, CUDA flash,
+    CUDA memory-efficient and the varlen flash kernel (documents and windows)."""
     assert kernels.FUSED_CPU is not None
     assert kernels.FLASH_CUDA is not None
     assert kernels.EFFICIENT_CUDA is not None
+    assert kernels.VARLEN_CUDA is not None

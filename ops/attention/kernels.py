@@ -13,6 +13,11 @@ picks one of:
 - 'plain':     plain torch in query tiles (plain.py): float64 on CUDA, empty blocks, or a torch
                whose private kernels changed. On CUDA it warns once, saying why.
 
+Packed documents and sliding windows on CUDA (bf16/fp16, head dim <= 256) take the varlen
+flash kernel `_flash_attention_forward/_backward` instead (`varlen_ok`, `varlen_attention`):
+many segments in one call, each a run of queries against a run of keys, with an optional
+window; see `varlen_forward`.
+
 Every private schema is pinned in SCHEMAS and compared with torch's by
 tests/test_kernel_schemas.py; a changed one makes its path unavailable (the plain path runs).
 
@@ -25,6 +30,7 @@ Dropout is always 0: attention here is exact.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 
@@ -68,14 +74,27 @@ SCHEMAS = {
     "Tensor key, Tensor value, Tensor attn_bias, Tensor out, Tensor logsumexp, "
     "Tensor philox_seed, Tensor philox_offset, float dropout_p, bool[4] grad_input_mask, "
     "bool is_causal=False, *, float? scale=None) -> (Tensor, Tensor, Tensor, Tensor)",
+    "_flash_attention_forward":
+    "aten::_flash_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? cum_seq_q, "
+    "Tensor? cum_seq_k, SymInt max_q, SymInt max_k, float dropout_p, bool is_causal, "
+    "bool return_debug_mask, *, float? scale=None, SymInt? window_size_left=None, "
+    "SymInt? window_size_right=None, Tensor? seqused_k=None, Tensor? alibi_slopes=None, "
+    "Tensor? block_table=None, int? num_splits=None) -> (Tensor output, "
+    "Tensor softmax_logsumexp, Tensor rng_state, Tensor unused, Tensor debug_attn_mask)",
+    "_flash_attention_backward":
+    "aten::_flash_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+    "Tensor out, Tensor logsumexp, Tensor cum_seq_q, Tensor cum_seq_k, SymInt max_q, "
+    "SymInt max_k, float dropout_p, bool is_causal, Tensor rng_state, Tensor unused, *, "
+    "float? scale=None, SymInt? window_size_left=None, SymInt? window_size_right=None) "
+    "-> (Tensor, Tensor, Tensor)",
 }
 
 
-def _load(fwd_name: str):
+def _load(fwd_name: str, bwd_name: str | None = None):
     """(forward, backward) overloads of a private kernel, or None when torch lacks them or
     their schemas differ from SCHEMAS."""
     ops = []
-    for name in (fwd_name, fwd_name + "_backward"):
+    for name in (fwd_name, bwd_name or fwd_name + "_backward"):
         try:
             op = getattr(torch.ops.aten, name).default
         except (AttributeError, RuntimeError):
@@ -89,6 +108,7 @@ def _load(fwd_name: str):
 FUSED_CPU = _load("_scaled_dot_product_flash_attention_for_cpu")
 FLASH_CUDA = _load("_scaled_dot_product_flash_attention")
 EFFICIENT_CUDA = _load("_scaled_dot_product_efficient_attention")
+VARLEN_CUDA = _load("_flash_attention_forward", "_flash_attention_backward")
 
 FLASH_MAX_HEAD_DIM = 256  # the largest head dim torch's flash kernel takes
 HEAD_DIM_MULTIPLE = 8  # the CUDA kernels want a head dim that divides by this: pad with zeros
@@ -274,6 +294,115 @@ def block_backward(do, q, k, v, out, lse, kind: str, scale: float, mask=None):
                            out[:, :, sl_q], lse[:, :, sl_q], True, scale)
             dq[:, :, sl_q], dk[:, :, sl_k], dv[:, :, sl_k] = g
     return dq.float(), _fold_kv(dk.float(), hkv), _fold_kv(dv.float(), hkv)
+
+
+# --- the varlen flash kernel: many (query run, key run) segments in one call --------------------
+def varlen_ok(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """True when q [.., Hq, D] / k on CUDA can take the varlen flash kernel: bf16/fp16, head
+    dim <= 256, non-empty, and this torch's schema as pinned. Else callers keep their path."""
+    return (VARLEN_CUDA is not None and q.numel() > 0 and k.numel() > 0 and _on_cuda(q)
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] <= FLASH_MAX_HEAD_DIM)
+
+
+@functools.cache
+def varlen_lse_is_packed() -> bool:
+    """The layout of this torch's varlen LSE, read from its meta implementation: True for
+    [H, total_q] (rows packed like the queries), False for [S, H, max_q] (padded per
+    segment, older flash-attn builds). The backward wants the same layout back."""
+    q = torch.empty(3, 1, 8, dtype=torch.float16, device="meta")
+    cu = torch.empty(3, dtype=torch.int32, device="meta")
+    return VARLEN_CUDA[0](q, q, q, cu, cu, 2, 2, 0.0, False, False, scale=1.0)[1].dim() == 2
+
+
+def _segment_rows(cu_q: torch.Tensor, total: int):
+    """(segment id, row within the segment) of every packed query row, int64 [total] each."""
+    lens = cu_q.diff().long()
+    seg = torch.repeat_interleave(torch.arange(lens.numel(), device=cu_q.device), lens,
+                                  output_size=total)
+    return seg, torch.arange(total, device=cu_q.device) - cu_q[:-1].long()[seg]
+
+
+def lse_to_packed(lse: torch.Tensor, cu_q: torch.Tensor, total: int) -> torch.Tensor:
+    """The kernel's LSE -> [H, total] fp32 (padded [S, H, max_q] rows gathered)."""
+    if lse.dim() == 2:
+        return lse.float()
+    seg, row = _segment_rows(cu_q, total)
+    return lse[seg, :, row].float().t()  # [total, H] -> [H, total]
+
+
+def lse_from_packed(lse: torch.Tensor, cu_q: torch.Tensor, max_q: int) -> torch.Tensor:
+    """[H, total] -> the layout this torch's kernel returns (and its backward takes)."""
+    lse = lse.float().contiguous()
+    if varlen_lse_is_packed():
+        return lse
+    seg, row = _segment_rows(cu_q, lse.shape[1])
+    out = lse.new_zeros(cu_q.numel() - 1, lse.shape[0], max_q)  # [S, H, max_q]
+    out[seg, :, row] = lse.t()
+    return out
+
+
+def _window_args(causal: bool, window: int | None) -> dict:
+    # the kernel's window: key j visible from query i iff i' - left <= j <= i' + right, where
+    # i' = i + nk - nq (the diagonal is bottom-right aligned in every segment); None = no
+    # limit on that side. A causal call always has right = 0.
+    return dict(window_size_left=None if window is None else window - 1,
+                window_size_right=0 if causal else None)
+
+
+def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, *, causal: bool,
+                   window: int | None, scale: float):
+    """One varlen flash call. q [Tq, Hq, D], k/v [Tk, Hkv, D] (Hq % Hkv == 0: the kernel
+    shares kv heads itself), bf16/fp16; segment s is query rows cu_q[s]:cu_q[s+1] against
+    key rows cu_k[s]:cu_k[s+1] (cu_* int32 [S+1] on q's device). causal: query i of a
+    segment sees its keys up to i + nk - nq (bottom-right: a query run that ends where its
+    key run ends sees keys up to itself); window W: and no key more than W - 1 before that.
+    Returns (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq] fp32). Every query must see a key."""
+    d = q.shape[-1]
+    q, k, v = (_unit_stride(_pad_head_dim(t)) for t in (q, k, v))
+    out, lse = VARLEN_CUDA[0](q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
+                              scale=scale, **_window_args(causal, window))[:2]
+    return out[..., :d], lse_to_packed(lse, cu_q, q.shape[0])
+
+
+def varlen_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, *,
+                    causal: bool, window: int | None, scale: float):
+    """Gradients of `varlen_forward` from the FINAL out and lse [Hq, Tq] of its rows:
+    (dq [Tq, Hq, D], dk, dv [Tk, Hkv, D]) in q's dtype (kv heads folded by the kernel)."""
+    d = q.shape[-1]
+    do, q, k, v, out = (_unit_stride(_pad_head_dim(t.to(q.dtype))) for t in (do, q, k, v, out))
+    # dropout is 0, so the kernel never reads the RNG state: empty stand-ins
+    seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+    offset = torch.empty((), dtype=torch.uint64, device=q.device)
+    grads = VARLEN_CUDA[1](do, q, k, v, out, lse_from_packed(lse, cu_q, max_q), cu_q, cu_k,
+                           max_q, max_k, 0.0, causal, seed, offset, scale=scale,
+                           **_window_args(causal, window))
+    return tuple(g[..., :d] for g in grads)
+
+
+class _Varlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale):
+        args = (cu_q, cu_k, max_q, max_k)
+        kw = dict(causal=causal, window=window, scale=scale)
+        out, lse = varlen_forward(q, k, v, *args, **kw)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.args = (max_q, max_k, kw)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, kw = ctx.args
+        grads = varlen_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, **kw)
+        return (*grads, *(None,) * 7)
+
+
+def varlen_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, *, causal: bool,
+                     window: int | None, scale: float) -> torch.Tensor:
+    """Differentiable `varlen_forward` (its out only: the segments are whole attentions, so
+    their LSE is final). Same arguments; check `varlen_ok` first."""
+    return _Varlen.apply(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale)
 
 
 def merge_into(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor):

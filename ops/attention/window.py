@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from seqshard.dist import Mesh, get_layout, ring_shift
 
 from .checks import check_qkv
-from .kernels import default_scale, empty_attention
+from .kernels import default_scale, empty_attention, varlen_attention, varlen_ok
 from .naive import doc_ids
 
 # Query rows per block: max(W // 2, MIN_BLOCK). A row computes block + W - 1 scores of which
@@ -133,6 +133,45 @@ def _block_masks(q_start, halo, n_blocks, block, window, doc, device):
     return head, head_mask[:, None], tail_mask
 
 
+def _segments(n: int, halo: int, q_start: int, doc) -> tuple[list[int], list[int], int]:
+    """The window's (query runs, key runs) for one batch row of the varlen kernel: one run
+    per document that has queries here (the whole shard without documents).
+
+    Returns (q_cuts, k_cuts, k_first): query run s is rows q_cuts[s]:q_cuts[s+1]; its keys
+    are rows k_first + k_cuts[s] .. k_first + k_cuts[s+1] of the halo-extended keys, and end
+    where its queries end (so the kernel's bottom-right diagonal is each query's own key).
+    Only the first run reaches into the halo, back to its document's start."""
+    if doc is None:
+        return [0, n], [0, halo + n], 0
+    ids = doc[q_start:q_start + n]  # [n]
+    q_cuts = [0] + torch.nonzero(ids[1:] != ids[:-1]).flatten().add(1).tolist() + [n]
+    # key rows start at global position q_start - halo; the first document's start, clipped
+    first = int(torch.searchsorted(doc, ids[0]))  # doc ids ascend along the sequence
+    k_first = max(first - (q_start - halo), 0)
+    return q_cuts, [0] + [halo + c - k_first for c in q_cuts[1:]], k_first
+
+
+def _varlen_window(q, k, v, window: int, scale: float, q_start: int, doc) -> torch.Tensor:
+    """The local window attention in ONE varlen flash call (CUDA, bf16/fp16): every batch
+    row and document is a segment, the window is the kernel's; no mask, no block copies.
+    Same arguments and result as `local_window_attention`."""
+    (b, hq, n, d), halo = q.shape, k.shape[2] - q.shape[2]
+    q_cuts, k_cuts, k_first = _segments(n, halo, q_start, doc)
+    m = k.shape[2] - k_first  # key rows per batch row that some query can see
+    cu_q = torch.tensor([r * n + c for r in range(b) for c in q_cuts[:-1]] + [b * n],
+                        dtype=torch.int32).to(q.device)
+    cu_k = torch.tensor([r * m + c for r in range(b) for c in k_cuts[:-1]] + [b * m],
+                        dtype=torch.int32).to(q.device)
+    max_q = max(x - y for x, y in zip(q_cuts[1:], q_cuts))
+    max_k = max(x - y for x, y in zip(k_cuts[1:], k_cuts))
+    qp = q.transpose(1, 2).reshape(b * n, hq, d)  # [B n, Hq, D]
+    kp, vp = (x[:, :, k_first:].transpose(1, 2).reshape(b * m, x.shape[1], x.shape[3])
+              for x in (k, v))  # [B m, Hkv, D]
+    out = varlen_attention(qp, kp, vp, cu_q, cu_k, max_q, max_k, causal=True, window=window,
+                           scale=scale)
+    return out.unflatten(0, (b, n)).transpose(1, 2)  # [B, Hq, n, D]
+
+
 def local_window_attention(q, k, v, window: int, scale: float, q_start: int = 0,
                            doc=None, block: int | None = None) -> torch.Tensor:
     """Causal sliding-window attention of queries against keys that end with their own.
@@ -148,6 +187,9 @@ def local_window_attention(q, k, v, window: int, scale: float, q_start: int = 0,
     mask, one for the first blocks whose spans reach into the front padding): time and
     memory O(n (block + W)). With documents every block has its own mask (O(n span) bytes).
     """
+    if varlen_ok(q, k):
+        return _varlen_window(q, k, v, window, scale, q_start, None if doc is None else doc.cpu())
+    doc = None if doc is None else doc.to(q.device)
     (b, hq, n, d), halo = q.shape, k.shape[2] - q.shape[2]
     block = max(window // 2, MIN_BLOCK) if block is None else block
     n_blocks, span = -(-n // block), block + window - 1
@@ -195,7 +237,7 @@ def window_attention(q, k, v, mesh: Mesh | None = None, *, window: int,
     n = q.shape[2]
     # W >= N is plain causal attention: W = N gives it too, and sizes the blocks by N, not W
     window = min(window, n * mesh.size)
-    doc = None if doc_lens is None else doc_ids(doc_lens, n * mesh.size, q.device)
+    doc = None if doc_lens is None else doc_ids(doc_lens, n * mesh.size)  # int64 [N], host
     k_halo, v_halo = gather_halo(k, v, mesh, window)  # [B, Hkv, h, D]
     if k_halo.shape[2] or mesh.size > 1:
         k, v = torch.cat((k_halo, k), dim=2), torch.cat((v_halo, v), dim=2)  # [B, Hkv, h+n, D]
