@@ -8,11 +8,11 @@ sequence in one process with 2 threads -- the same two cores either way. Everyth
 measured in the same run and reported as ratios to the SDPA baseline. Time: the slower
 rank's fwd+bwd wall time, best over interleaved rounds (the machine may be shared; the
 1-minute load average is printed with each N). CPU: the ranks' summed process CPU time,
-which load disturbs less. Peak memory: the rise of the process's peak resident set (VmHWM,
-reset through /proc/self/clear_refs) over its resident set before the inputs were made, max
-over ranks. It counts the inputs (q, k, v and the output gradient), the output and the three
-gradients: 1/P of the baseline's tensors, which at P = 2, N = 16K is 64 MiB or 0.44x of its
-146 MiB peak; what a strategy holds on top of that floor is what its design controls.
+which load disturbs less. Peak memory: the rise of the process's peak resident set over its
+resident set before the inputs were made (seqshard.dist.memory.PeakWindow), max over ranks.
+It counts the inputs (q, k, v and the output gradient), the output and the three gradients:
+1/P of the baseline's tensors, which at P = 2, N = 16K is 64 MiB or 0.44x of its 146 MiB
+peak; what a strategy holds on top of that floor is what its design controls.
 """
 
 from __future__ import annotations
@@ -20,36 +20,28 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 # big tensors come from mmap and go back to the OS when freed, so RSS tracks live tensors
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-STRATEGIES = {  # name -> (layout, how it runs)
+from seqshard.dist import RankPool  # noqa: E402
+from seqshard.dist.memory import PeakWindow  # noqa: E402
+
+# what runs (sharded_attention's strategy names, or DeepSpeed's Ulysses) -> the layout it runs on
+LAYOUTS = {
     "ring": "zigzag",
     "ulysses": "contiguous",
     "allgather": "zigzag",
     "deepspeed-ulysses": "contiguous",
 }
+COLLECTIVE_TIMEOUT_S = 600  # the longest collective wait (a 16K-token step on a busy host)
 
 
 # --- measuring ---------------------------------------------------------------------------------
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _measure(make_inputs, step, reps: int, warmup: bool, barrier=lambda: None):
     """Best fwd+bwd wall seconds and CPU seconds over reps (after an optional warm-up), and
     the peak RSS rise in bytes."""
@@ -57,15 +49,13 @@ def _measure(make_inputs, step, reps: int, warmup: bool, barrier=lambda: None):
     for rep in range(reps + int(warmup)):
         gc.collect()
         barrier()
-        base = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        inputs = make_inputs()
-        barrier()
-        t0, c0 = time.perf_counter(), time.process_time()
-        step(*inputs)
-        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
-        peak = (_status_kib("VmHWM") - base) * 1024
+        with PeakWindow() as window:  # the resident set's rise, inputs included
+            inputs = make_inputs()
+            barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(*inputs)
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        peak = window.rise
         del inputs
         if rep > 0 or not warmup:  # the warm-up pays for one-time set-up (plans, imports, buffers)
             times.append(elapsed)
@@ -90,10 +80,10 @@ def _single_sdpa(rank, world, n, heads, dim, reps, warmup):
 def _sharded(rank, world, n, heads, dim, reps, warmup, strategy):
     import torch.distributed as dist
 
+    from seqshard.dist import Mesh
     from seqshard.ops.attention import sharded_attention
-    from tests.harness import mesh
 
-    m = mesh()
+    m = Mesh.new(timeout_s=COLLECTIVE_TIMEOUT_S)
     barrier = lambda: dist.barrier(group=m.group)  # noqa: E731
     if strategy == "deepspeed-ulysses":
         from deepspeed.sequence.layer import DistributedAttention
@@ -109,7 +99,7 @@ def _sharded(rank, world, n, heads, dim, reps, warmup, strategy):
     else:
         shape = (1, heads, n // world, dim)
         fwd = lambda q, k, v: sharded_attention(  # noqa: E731
-            q, k, v, m, causal=True, layout=STRATEGIES[strategy], strategy=strategy)
+            q, k, v, m, causal=True, layout=LAYOUTS[strategy], strategy=strategy)
 
     def step(q, k, v, g):
         fwd(q, k, v).backward(g)
@@ -118,19 +108,19 @@ def _sharded(rank, world, n, heads, dim, reps, warmup, strategy):
 
 
 # --- driver ------------------------------------------------------------------------------------
-def _sweep_point(n, args, reps, rounds):
+def _sweep_point(n, args, reps, rounds, single: RankPool, pair: RankPool):
     """Min time / max peak per config, interleaving configs over rounds so load drift on a
-    shared machine hits all of them alike."""
-    from tests.harness import run_ranks
-
+    shared machine hits all of them alike. `single`: one process with two threads; `pair`:
+    two ranks with one thread each."""
+    timeout = 6 * COLLECTIVE_TIMEOUT_S
     best: dict[str, tuple[float, float, float]] = {}
     for rnd in range(rounds):
         warm = rnd == 0
-        runs = {"sdpa (1 process)": [run_ranks(_single_sdpa, 1, n, args.heads, args.dim, reps,
-                                               warm)[0]]}
+        runs = {"sdpa (1 process)": single.run(_single_sdpa, (n, args.heads, args.dim, reps,
+                                                              warm), timeout_s=timeout)}
         for strategy in args.strategies:
-            runs[strategy] = run_ranks(_sharded, 2, n, args.heads, args.dim, reps, warm,
-                                       strategy)
+            runs[strategy] = pair.run(_sharded, (n, args.heads, args.dim, reps, warm, strategy),
+                                      timeout_s=timeout)
         for name, res in runs.items():
             t, peak = max(r[0] for r in res), max(r[1] for r in res)  # the slower rank
             cpu = sum(r[2] for r in res)  # all ranks' CPU seconds: the work, load-independent
@@ -147,7 +137,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--reps", type=int, default=1, help="timed repetitions per call")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per N")
-    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="*", default=list(LAYOUTS))
     args = parser.parse_args(argv)
     sizes = args.sizes or ([1024, 2048, 4096] if args.quick else [2048, 4096, 8192, 16384])
     rounds = args.rounds or (1 if args.quick else 2)
@@ -157,14 +147,20 @@ def main(argv=None) -> None:
           f"load avg {os.getloadavg()}")
     print(f"{'N':>6} {'strategy':>18} {'time s':>8} {'x sdpa':>7} {'cpu s':>8} {'x sdpa':>7} "
           f"{'peak MiB':>9} {'x sdpa':>7} {'load':>5}")
-    for n in sizes:
-        best = _sweep_point(n, args, args.reps, rounds)
-        t_ref, m_ref, c_ref = best["sdpa (1 process)"]
-        load = os.getloadavg()[0]  # 1-minute load when this N finished: read wall times by it
-        for name, (t, peak, cpu) in best.items():
-            print(f"{n:>6} {name:>18} {t:8.3f} {t / t_ref:7.2f} {cpu:8.3f} {cpu / c_ref:7.2f} "
-                  f"{peak / 2**20:9.1f} {peak / m_ref:7.2f} {load:5.1f}", flush=True)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the ranks inherit it: gloo on the CPU
+    with RankPool(1, threads=2, timeout_s=COLLECTIVE_TIMEOUT_S) as single, \
+            RankPool(2, threads=1, timeout_s=COLLECTIVE_TIMEOUT_S) as pair:
+        for n in sizes:
+            _report_point(n, _sweep_point(n, args, args.reps, rounds, single, pair))
     print(f"load avg at the end {os.getloadavg()}")
+
+
+def _report_point(n: int, best: dict) -> None:
+    t_ref, m_ref, c_ref = best["sdpa (1 process)"]
+    load = os.getloadavg()[0]  # 1-minute load when this N finished: read wall times by it
+    for name, (t, peak, cpu) in best.items():
+        print(f"{n:>6} {name:>18} {t:8.3f} {t / t_ref:7.2f} {cpu:8.3f} {cpu / c_ref:7.2f} "
+              f"{peak / 2**20:9.1f} {peak / m_ref:7.2f} {load:5.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import resource
 import time
 
 import torch
 import torch.nn.functional as F
 
 from seqshard.dist import RankPool
+from seqshard.dist.memory import peak_bytes
 from seqshard.ops.delta_rule import fused_chain
 
 
@@ -87,7 +87,8 @@ def fwd_bwd(op, tensors, **kwargs):
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident set since it started (nothing here resets it)."""
+    return peak_bytes() / 2**20
 
 
 # --- 1. chunk vs naive ----------------------------------------------------------------------

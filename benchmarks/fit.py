@@ -3,7 +3,7 @@
     python benchmarks/fit.py --quick     # N = 4K .. 64K, full attention up to 16K (~1-2 min)
     python benchmarks/fit.py             # N = 8K .. 1M (2^20), full attention while it fits
 
-Both models run on 2 gloo ranks of the test harness (1 thread each, contiguous layout, batch 1)
+Both models run on 2 gloo ranks (seqshard.dist.RankPool, 1 thread each, contiguous layout, batch 1)
 with the same width, heads and MLP. FIT: `depth` blocks of 1 local + 1 global layer, m latents
 per group and the cost-balancing group size n = 2^round(log2((N m^2)^(1/3))), so the work
 grows as N^(4/3). Full attention: `depth` pre-norm transformer layers whose attention is the
@@ -13,8 +13,8 @@ Time: the slower rank's fwd+bwd wall time, best of the repetitions (the machine 
 the 1-minute load average is printed and a point whose repetitions disagree by > 30 % is run
 again); also each rank's CPU time for the step (time.process_time, max over ranks), which
 other jobs on a shared machine disturb much less than wall time. Memory: the rise of each
-rank's peak resident set (VmHWM, reset through /proc/self/clear_refs) over its resident set
-before the step, max over ranks. Exponents: least-squares fits of log time against log N.
+rank's peak resident set over its resident set before the step (seqshard.dist.memory's
+PeakWindow), max over ranks. Exponents: least-squares fits of log time against log N.
 """
 
 from __future__ import annotations
@@ -24,13 +24,9 @@ import gc
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 # big tensors are mmapped and given back when freed, so the resident set follows live tensors
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
 
@@ -38,12 +34,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
+from seqshard.dist import Mesh, RankFailure, RankPool  # noqa: E402
+from seqshard.dist.memory import PeakWindow  # noqa: E402
 from seqshard.ops.attention import sharded_attention  # noqa: E402
 from seqshard.ops.fit import FIT  # noqa: E402
 from seqshard.ops.fit.layers import MLP  # noqa: E402
-from tests.harness import mesh, run_ranks  # noqa: E402
 
 WORLD = 2
+COLLECTIVE_TIMEOUT_S = 1800  # the longest collective wait (a full-attention step at 1M tokens)
 
 
 class FullLayer(nn.Module):
@@ -81,14 +79,9 @@ def group_size_for(n_tokens: int, num_latents: int) -> int:
     return 2 ** round(math.log2((n_tokens * num_latents**2) ** (1 / 3)))
 
 
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def _step_rank(rank: int, world: int, kind: str, n_tokens: int, cfg: dict, reps: int) -> dict:
     """On every rank: build the model, run fwd+bwd `reps` times; best/median time, peak rise."""
-    m = mesh()
+    m = Mesh.new(timeout_s=COLLECTIVE_TIMEOUT_S)
     torch.manual_seed(0)
     kw = dict(dim=cfg["dim"], num_heads=cfg["heads"], mlp_ratio=cfg["mlp_ratio"],
               causal=cfg["causal"])
@@ -102,15 +95,13 @@ def _step_rank(rank: int, world: int, kind: str, n_tokens: int, cfg: dict, reps:
     for _ in range(reps):
         gc.collect()
         dist.barrier(group=m.group)
-        base = _kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        t0, c0 = time.perf_counter(), time.process_time()
-        xr = x.clone().requires_grad_()
-        model(xr, m).sum().backward()
-        times.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-        peak = max(peak, (_kib("VmHWM") - base) * 1024)
+        with PeakWindow() as window:
+            t0, c0 = time.perf_counter(), time.process_time()
+            xr = x.clone().requires_grad_()
+            model(xr, m).sum().backward()
+            times.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+        peak = max(peak, window.rise)
         del xr
         model.zero_grad(set_to_none=True)
         if times[-1] > cfg["long_step"]:
@@ -119,13 +110,32 @@ def _step_rank(rank: int, world: int, kind: str, n_tokens: int, cfg: dict, reps:
     return {"best": times[0], "median": times[len(times) // 2], "cpu": min(cpus), "peak": peak}
 
 
-def measure(kind: str, n_tokens: int, cfg: dict, reps: int) -> dict:
+class Ranks:
+    """WORLD one-thread gloo ranks (seqshard.dist.RankPool). A run that fails or stalls
+    raises, and the next one starts on a fresh group: the old one may be wedged."""
+
+    def __init__(self):
+        self.pool = RankPool(WORLD, threads=1, timeout_s=COLLECTIVE_TIMEOUT_S)
+
+    def run(self, fn, *args) -> list:
+        try:
+            return self.pool.run(fn, args, timeout_s=COLLECTIVE_TIMEOUT_S)
+        except (RankFailure, TimeoutError):
+            self.pool.close()
+            self.pool = RankPool(WORLD, threads=1, timeout_s=COLLECTIVE_TIMEOUT_S)
+            raise
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def measure(ranks: Ranks, kind: str, n_tokens: int, cfg: dict, reps: int) -> dict:
     """Run one point on WORLD ranks; re-run once when its repetitions disagree (noisy machine)."""
     for attempt in range(2):
         load = os.getloadavg()[0]
         try:
-            per_rank = run_ranks(_step_rank, WORLD, kind, n_tokens, cfg, reps, timeout=1800)
-        except AssertionError as err:  # a rank died or stalled; the harness starts a new pool
+            per_rank = ranks.run(_step_rank, kind, n_tokens, cfg, reps)
+        except (RankFailure, TimeoutError) as err:  # a rank died or stalled
             if attempt:
                 raise
             print(f"# {kind} N={n_tokens}: rank failure, running it again: {str(err)[-300:]}")
@@ -192,9 +202,23 @@ def main() -> None:
                mlp_ratio=4, causal=not args.bidirectional, long_step=10.0)
     print(f"# FIT vs ring full attention, {WORLD} ranks x 1 thread, {cfg}, "
           f"cpus={os.cpu_count()}, torch {torch.__version__}")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the ranks inherit it: gloo on the CPU
+    ranks = Ranks()
+    try:
+        rows = sweep(ranks, args, cfg, lo, hi, full_cap)
+    finally:
+        ranks.close()
+    for kind, key in (("fit", "best"), ("fit", "cpu"), ("full", "best"), ("full", "cpu")):
+        print_exponent([r for r in rows if kind in r], kind, key)
+    if args.json:
+        args.json.write_text(json.dumps({"config": cfg, "rows": rows}, indent=1))
+
+
+def sweep(ranks: Ranks, args, cfg: dict, lo: int, hi: int, full_cap: float) -> list[dict]:
+    """FIT at every N = 2^lo .. 2^hi, full attention while its predicted step fits full_cap."""
     # warm both code paths (first-call costs) on a small sequence
-    measure("fit", 2**lo, cfg, 1)
-    measure("full", 2**lo, cfg, 1)
+    measure(ranks, "fit", 2**lo, cfg, 1)
+    measure(ranks, "full", 2**lo, cfg, 1)
     print(f"{'N':>8} {'n':>4} {'lat':>6} | {'FIT wall':>8} {'cpu s':>7} {'MiB':>7} | "
           f"{'full wall':>9} {'cpu s':>7} {'MiB':>6} | {'full/FIT wall':>13} {'cpu':>6} "
           f"{'MiB':>5} | load")
@@ -203,16 +227,13 @@ def main() -> None:
         n_tokens = 2**log2n
         n = group_size_for(n_tokens, args.latents)
         row = {"N": n_tokens, "group_size": n, "latents": n_tokens // n * args.latents,
-               "fit": measure("fit", n_tokens, cfg, args.reps)}
+               "fit": measure(ranks, "fit", n_tokens, cfg, args.reps)}
         if full_next <= full_cap:  # full attention ~ N^2: predicted from the last point
-            row["full"] = measure("full", n_tokens, cfg, args.reps)
+            row["full"] = measure(ranks, "full", n_tokens, cfg, args.reps)
             full_next = 4 * row["full"]["best"]
         rows.append(row)
         print_row(row)
-    for kind, key in (("fit", "best"), ("fit", "cpu"), ("full", "best"), ("full", "cpu")):
-        print_exponent([r for r in rows if kind in r], kind, key)
-    if args.json:
-        args.json.write_text(json.dumps({"config": cfg, "rows": rows}, indent=1))
+    return rows
 
 
 if __name__ == "__main__":
