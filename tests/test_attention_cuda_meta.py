@@ -234,3 +234,112 @@ def test_window_fp32_on_cuda_keeps_its_path():
         assert not kernels.varlen_ok(q, q)
         assert not kernels.varlen_ok(_meta(1, 2, 5, 320, torch.float16), q)
     assert not kernels.varlen_ok(torch.zeros(1, 2, 5, 8, dtype=torch.float16), q)  # CPU
+
+
+# --- a plan's pieces (packed documents) batched into varlen calls ------------------------------
+def _segments_of(cu_q, cu_k):
+    return [(slice(int(cu_q[s]), int(cu_q[s + 1])), slice(int(cu_k[s]), int(cu_k[s + 1])))
+            for s in range(cu_q.numel() - 1)]
+
+
+def _emulated_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, window, scale):
+    """varlen_forward on the CPU for square causal / full segments: the plain kernel per
+    segment (q [Tq, Hq, D] packed; returns out packed and lse [Hq, Tq])."""
+    from seqshard.ops.attention import plain
+
+    out, lse = torch.empty_like(q), torch.empty(q.shape[1], q.shape[0])
+    for rq, rk in _segments_of(cu_q, cu_k):
+        qs = q[rq].transpose(0, 1)[None]  # [1, Hq, sq, D]
+        ks, vs = (kernels._expand_kv(t[rk].transpose(0, 1)[None], q.shape[1]) for t in (k, v))
+        o, l_ = plain.plain_forward(qs, ks, vs, "causal" if causal else "full", scale)
+        out[rq], lse[:, rq] = o[0].transpose(0, 1), l_[0]
+    return out, lse
+
+
+def _emulated_varlen_bwd(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, causal, window,
+                         scale):
+    from seqshard.ops.attention import plain
+
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for rq, rk in _segments_of(cu_q, cu_k):
+        qs, dos, os_ = (t[rq].transpose(0, 1)[None] for t in (q, do, out))
+        ks, vs = (kernels._expand_kv(t[rk].transpose(0, 1)[None], q.shape[1]) for t in (k, v))
+        g = plain.plain_backward(dos, qs, ks, vs, os_, lse[None, :, rq],
+                                 "causal" if causal else "full", scale)
+        dq[rq] += g[0][0].transpose(0, 1)
+        dk[rk] += kernels._fold_kv(g[1], k.shape[1])[0].transpose(0, 1)
+        dv[rk] += kernels._fold_kv(g[2], k.shape[1])[0].transpose(0, 1)
+    return dq, dk, dv
+
+
+def _doc_plans():
+    """(name, plan, nq, nk) of every non-empty document plan of `_strategy_plans`."""
+    out = {}
+    for name, plan in _strategy_plans():
+        if name[1] is not None and plan:
+            ag = name[2] == "ag"  # all-gather: one rank's 16 queries against all 64 keys
+            nq, nk = (16, 64) if ag else (16 * len(name[2]), 16 * len(name[3]))
+            out.setdefault((tuple(plan), nq, nk), (name, plan, nq, nk))  # distinct plans
+    return list(out.values())
+
+
+def test_batched_plans_match_one_call_per_piece(monkeypatch):
+    """The varlen batching of every document plan (segments, strict pieces shifted, pieces
+    sharing query rows in separate calls, scattered merges and gradients) gives exactly the
+    per-piece path's out, LSE and gradients -- on the CPU, with the kernel emulated."""
+    from seqshard.ops.attention import blocks
+
+    gen = torch.Generator().manual_seed(0)
+    q, do = (torch.randn(2, 4, 64, 8, generator=gen) for _ in range(2))
+    k, v = (torch.randn(2, 2, 64, 8, generator=gen) for _ in range(2))
+    close = dict(atol=1e-5, rtol=1e-4)
+    plans = _doc_plans()
+    refs = []
+    for _, plan, nq, nk in plans:
+        args = (q[:, :, :nq], k[:, :, :nk], v[:, :, :nk])
+        out, lse = blocks.plan_forward(*args, plan, 0.3)
+        refs.append((args, out, lse, blocks.plan_backward(do[:, :, :nq], *args, out, lse, plan,
+                                                          0.3)))
+    monkeypatch.setattr(blocks, "varlen_ok", lambda q, k: True)
+    monkeypatch.setattr(blocks, "varlen_forward", _emulated_varlen_fwd)
+    monkeypatch.setattr(blocks, "varlen_backward", _emulated_varlen_bwd)
+    for (name, plan, _, _), (args, ref_out, ref_lse, ref_g) in zip(plans, refs):
+        out, lse = blocks.plan_forward(*args, plan, 0.3)
+        torch.testing.assert_close(out, ref_out, msg=str(name), **close)
+        torch.testing.assert_close(lse, ref_lse, msg=str(name), **close)
+        grads = blocks.plan_backward(do[:, :, :args[0].shape[2]], *args, out, lse, plan, 0.3)
+        for g, r in zip(grads, ref_g):
+            torch.testing.assert_close(g, r, msg=str(name), **close)
+
+
+def test_document_plans_on_the_cuda_branch(monkeypatch):
+    """Every document plan of every strategy on the CUDA branch (bf16, GQA 4:2, D = 40):
+    at most one varlen call per kind in backward, one per kind and query-row layer in
+    forward (never one per piece), and out / LSE / gradients shaped right."""
+    from seqshard.ops.attention import blocks
+
+    calls = []
+
+    def counting(fn):
+        def run(*a, **kw):
+            calls.append(fn.__name__)
+            return fn(*a, **kw)
+        return run
+
+    for name in ("varlen_forward", "varlen_backward", "block_forward", "block_backward"):
+        monkeypatch.setattr(blocks, name, counting(getattr(blocks, name)))
+    pieces = 0
+    for name, plan, nq, nk in _doc_plans():
+        q, kv = _meta(2, 4, nq, 40, torch.bfloat16), _meta(2, 2, nk, 40, torch.bfloat16)
+        calls.clear()
+        with kernels.cuda_paths_on_meta():
+            out, lse = blocks.plan_forward(q, kv, kv, plan, 0.125)
+            grads = blocks.plan_backward(q, q, kv, kv, out, lse, plan, 0.125)
+        assert (out.shape, out.dtype, lse.shape) == (q.shape, torch.float32, q.shape[:3])
+        for g, like in zip(grads, (q, kv, kv)):
+            assert (g.shape, g.dtype) == (like.shape, torch.float32), name
+        if len(plan) > 1:
+            assert calls.count("varlen_backward") <= 2 and "block_backward" not in calls, name
+            assert calls.count("varlen_forward") <= 4 and "block_forward" not in calls, name
+            pieces += len(plan)
+    assert pieces > 200
