@@ -11,7 +11,6 @@ from .collectives import (
     all_gather,
     all_reduce,
     all_to_all,
-    check_same_shape,
     exchange,
     exclusive_scan,
     heads_to_seq,
@@ -42,7 +41,7 @@ from .rank_pool import RankDied, RankFailure, RankPool
 __all__ = [
     "Block", "CollectiveError", "Contiguous", "LAYOUTS", "Layout", "Mesh", "MeshShape",
     "RankDied", "RankFailure", "RankPool", "RingComm", "Striped", "Zigzag", "all_gather",
-    "agree", "all_reduce", "all_to_all", "check_same_shape", "default_backend",
+    "agree", "all_reduce", "all_to_all", "default_backend",
     "destroy_process_group", "digest", "exchange", "exclusive_scan", "free_port", "get_layout",
     "heads_to_seq", "init_process_group", "local_rank_env", "pad_to_multiple",
     "reduce_scatter", "ring_shift", "seq_to_heads",

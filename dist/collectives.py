@@ -438,12 +438,3 @@ def exclusive_scan(
     if exclusive is None:
         return identity
     return exclusive[0] if single else exclusive
-
-
-
-def check_same_shape(x: torch.Tensor, group, name: str, *, timeout=None) -> None:
-    """Deprecated alias of `seqshard.dist.agree` on one fact (the shape), kept only while
-    `seqshard.dist` still exports it; new code calls `agree` directly."""
-    from .agree import agree  # agree imports this module
-
-    agree({"shape": tuple(x.shape)}, group, what=name, timeout=timeout)

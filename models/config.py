@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from seqshard.ops.attention import STRATEGIES
+
 from .fill import fill
 
-STRATEGIES = ("auto", "ring", "ulysses", "hybrid", "allgather")
 DTYPES = ("fp32", "bf16")
 
 

@@ -57,7 +57,7 @@ def _ring_fwd(q, k, v, plans, scale, group, timeout):
             pending = comm.post(k, v)  # the next block travels while this one is used
         for p in plans[step]:
             o_blk, lse_blk = block_forward(q[:, :, p.q_slice], k[:, :, p.k_slice],
-                                           v[:, :, p.k_slice], p.kind, scale, p.mask)
+                                           v[:, :, p.k_slice], p.kind, scale)
             if out is None and p.q_slice == slice(0, nq):
                 out, lse = o_blk.float(), lse_blk
                 continue
@@ -99,7 +99,7 @@ def _add_piece_gradients(do, q, k, v, out, lse, pieces, scale, dq, dk, dv):
     for p in pieces:
         qs, ks = p.q_slice, p.k_slice
         g_q, g_k, g_v = block_backward(do[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks],
-                                       out[:, :, qs], lse[:, :, qs], p.kind, scale, p.mask)
+                                       out[:, :, qs], lse[:, :, qs], p.kind, scale)
         dq = _add_rows(dq, g_q, qs, nq)
         dk, dv = _add_rows(dk, g_k, ks, nk), _add_rows(dv, g_v, ks, nk)
         del g_q, g_k, g_v
