@@ -5,7 +5,8 @@
 
 RESULTS.md = how it was run (exact command, machine, load before and after, wall time), the
 suite's results.md (measurements, exponents, peer ratios, planner error and ranking, max
-context), and the planner's predictions on 8 x H100 nodes for 1M-10M tokens.
+context), and the planner's predictions on 8 x H100 nodes for 1M-10M tokens; then, kept
+as they are by a re-render, the hand-run per-op sections (from the HAND_RUN line to the end).
 """
 
 from __future__ import annotations
@@ -91,19 +92,34 @@ same points (table below).
 """
 
 
+UNMEASURED = "predicted from datasheet rates, not measured"
+# Everything from this line to the end of RESULTS.md is written by hand (measurements taken
+# with the per-op benchmarks and their commands); a re-render keeps it as it is.
+HAND_RUN = "# Hand-run measurements, per op"
+
+
 def gpu_section() -> list[str]:
-    lines = ["## Planner predictions: 8 x H100 (NVLink) nodes joined by InfiniBand", "",
+    lines = ["## Planner predictions: 8 x H100 (NVLink) nodes joined by InfiniBand "
+             f"({UNMEASURED})", "",
              f"Profile `h100`: {H100_NODE.note}. One layer, forward + backward, batch 1; "
              "'best' is the fastest plan that fits in 80 GB. Reproduce with "
              "`seqshard plan --scaling --family FAMILY ...`.", ""]
     for family, title, shape in GPU_SHAPES:
-        lines += [f"### {title}", "", scaling_table(family, shape, H100_NODE)]
+        lines += [f"### {title} -- {UNMEASURED}", "", scaling_table(family, shape, H100_NODE)]
     lines += ["## GPU measurements", "",
-              "No GPU was lent to the session that produced this file, so the H100 profile "
-              "above is uncalibrated (datasheet rates x assumed efficiencies). On a GPU "
-              "machine, `seqshard bench --suite quick` records the same points with NCCL and "
+              "None yet: the H100 profile above is uncalibrated (datasheet rates x assumed "
+              "efficiencies). On a GPU machine, `python benchmarks/gpu_check.py` measures the "
+              "kernels, the sharded ops, the largest context and a training step of each "
+              "model; `seqshard bench --suite quick` records the suite's points with NCCL and "
               "`seqshard plan --hardware bench-out/quick/records.msgpack` uses them.", ""]
     return lines
+
+
+def hand_run_part(path: Path) -> str:
+    """The hand-written tail of an existing RESULTS.md (from HAND_RUN on), or ''."""
+    text = path.read_text() if path.exists() else ""
+    at = text.find("\n" + HAND_RUN + "\n")
+    return text[at + 1:] if at >= 0 else ""
 
 
 def _shown(path: Path) -> str:
@@ -189,8 +205,10 @@ def main(argv=None) -> int:
         for f in [out / "records.msgpack", *sorted(out.glob("*.png"))]:
             if f.resolve() != (kept / f.name).resolve():
                 shutil.copyfile(f, kept / f.name)
-    Path(args.results).write_text(render(out, command.strip(), args.previous, kept,
-                                         args.note))
+    results = Path(args.results)
+    hand = hand_run_part(results)  # read before the rewrite: it is kept as it is
+    results.write_text(render(out, command.strip(), args.previous, kept, args.note)
+                       + ("\n" + hand if hand else ""))
     print(f"wrote {args.results}")
     return 0
 
