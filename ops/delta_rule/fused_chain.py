@@ -8,15 +8,19 @@ the same chain in less than half the time (README.md: measurements).
 
 `chain_forward` (chunk.chain_states), `chain_backward` (chunk.chain_grads) and `chain_map`
 (chunk.shard_map: a middle rank's map for the "scan" schedule) fill the caller's buffers in
-place. They return False, writing nothing, whenever the native path does not apply (not a
+place. The (batch, head) chains are independent: the C code runs them on `threads` POSIX
+threads (default torch.get_num_threads(), the rank's intra-op threads, as the torch loop
+uses; never more than B*H), one contiguous range of heads each. Every head's arithmetic is
+the same for any split, so the result is bit-identical for every thread count. They return False, writing nothing, whenever the native path does not apply (not a
 CPU tensor, not fp32/fp64, no C compiler, or SEQSHARD_FUSED_CHAIN=0), and chunk.py then runs
 its torch loops, which stay the reference the tests hold this against.
 
 Building and loading (the native code runs with this process's rights, so nothing another
 user could have written is ever loaded):
 
-- `$CC` (default `cc`) compiles fused_chain.c at -O3 -march=native (plain -O3 where that flag
-  is unknown). No compiler on the PATH: the torch loop runs, silently.
+- `$CC` (default `cc`) compiles fused_chain.c at -O3 -march=native -pthread (FLAG_SETS: plain
+  -O3 where -march=native is unknown, and a serial build where -pthread fails). No compiler
+  on the PATH: the torch loop runs, silently.
 - `$SEQSHARD_CACHE` (default ~/.cache/seqshard) holds the libraries. It is created, with any
   parents it has to create, with mode 0700. The cache, every library and its record must be
   owned by this user (os.getuid()), not group/other-writable and not symlinks; else the cache
@@ -62,7 +66,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_suffix(".c")
-FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second where -march=native is unknown
+# tried in order: the first that builds is used (each is part of its library's cache key)
+FLAG_SETS = (["-O3", "-march=native", "-pthread"],  # heads split over POSIX threads
+             ["-O3", "-pthread"],  # where -march=native is unknown
+             ["-O3", "-DSEQSHARD_SERIAL"])  # no pthreads: every head on the caller's thread
 _TYPES = {torch.float32: "float", torch.float64: "double"}
 COMPILE_TIMEOUT_S = 45.0  # a whole first-use build; must stay under the collective timeout
 LOCK_SLACK_S = 5.0  # how much longer than that a rank waits on another rank's build
@@ -341,9 +348,9 @@ def _dlopen(opened: tuple[int, Path] | None) -> ctypes.CDLL | None:
                       RuntimeWarning)
         return None
     i64, ch, ptr = ctypes.c_int64, _Chunks, ctypes.c_void_p
-    lib.chain_forward.argtypes = [i64] * 5 + [ch] * 4 + [ptr] * 2
-    lib.chain_backward.argtypes = [i64] * 5 + [ch] * 5 + [ptr] * 2
-    lib.chain_map.argtypes = [i64] * 5 + [ch] * 4 + [ptr] * 2
+    lib.chain_forward.argtypes = [i64] * 5 + [ch] * 4 + [ptr] * 2 + [i64]
+    lib.chain_backward.argtypes = [i64] * 5 + [ch] * 5 + [ptr] * 2 + [i64]
+    lib.chain_map.argtypes = [i64] * 5 + [ch] * 4 + [ptr] * 2 + [i64]
     return lib
 
 
@@ -400,17 +407,28 @@ def _rows_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
+def _threads(threads: int | None, BH: int) -> int:
+    """How many threads the C call splits the BH heads over: `threads` (default: this
+    process's intra-op threads), at most one per head."""
+    if threads is None:
+        threads = torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"fused chain: threads must be a positive int, got {threads!r}")
+    return max(1, min(threads, BH))
+
+
 def available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether CPU tensors of `dtype` take the native chain here (builds it on first use)."""
     return enabled() and dtype in _TYPES and _load(dtype) is not None
 
 
-def chain_forward(states, deltas, w, u, kt, decay) -> bool:
+def chain_forward(states, deltas, w, u, kt, decay, threads: int | None = None) -> bool:
     """Fill states [nc + 1, BH, Dk, Dv] (states[0] given) and deltas [nc, BH, C, Dv], both
     contiguous, from w, kt [nc, BH, C, Dk], u [nc, BH, C, Dv], decay [nc, BH] or None.
     False (nothing written) where the native path does not apply; ValueError for shapes or
-    strides that do not fit."""
+    strides that do not fit. threads: see _threads."""
     nc, BH, C, Dk = _sizes(w, kt, decay)
+    threads = _threads(threads, BH)
     Dv = _last(u)
     _expect("u", u, (nc, BH, C, Dv))
     _expect("states", states, (nc + 1, BH, Dk, Dv), contiguous=True)
@@ -420,16 +438,17 @@ def chain_forward(states, deltas, w, u, kt, decay) -> bool:
         return False
     w, u, kt = (_rows_contiguous(x) for x in (w, u, kt))
     lib.chain_forward(BH, nc, C, Dk, Dv, _chunks(w), _chunks(u), _chunks(kt),
-                      _chunks(decay), states.data_ptr(), deltas.data_ptr())
+                      _chunks(decay), states.data_ptr(), deltas.data_ptr(), threads)
     return True
 
 
-def chain_backward(g, w, kt, decay, ds_states, after) -> bool:
+def chain_backward(g, w, kt, decay, ds_states, after, threads: int | None = None) -> bool:
     """g [BH, Dk, Dv] (contiguous): the gradient of the state after the last chunk, replaced
     by that of the first chunk's state; w, kt [nc, BH, C, Dk]; decay [nc, BH] or None;
     ds_states and after (written, or None) [nc, BH, Dk, Dv]. False (nothing written) where
-    the native path does not apply."""
+    the native path does not apply. threads: see _threads."""
     nc, BH, C, Dk = _sizes(w, kt, decay)
+    threads = _threads(threads, BH)
     Dv = _last(g)
     _expect("g", g, (BH, Dk, Dv), contiguous=True)
     _expect("ds_states", ds_states, (nc, BH, Dk, Dv))
@@ -441,18 +460,20 @@ def chain_backward(g, w, kt, decay, ds_states, after) -> bool:
     if lib is None:
         return False
     w, kt, ds_states = (_rows_contiguous(x) for x in (w, kt, ds_states))
-    scratch = g.new_empty(C * Dv)
+    scratch = g.new_empty(threads * C * Dv)  # one [C, Dv] per thread
     lib.chain_backward(BH, nc, C, Dk, Dv, _chunks(w), _chunks(kt), _chunks(decay),
-                       _chunks(ds_states), _chunks(after), g.data_ptr(), scratch.data_ptr())
+                       _chunks(ds_states), _chunks(after), g.data_ptr(), scratch.data_ptr(),
+                       threads)
     return True
 
 
-def chain_map(m, w, u, kt, decay) -> bool:
+def chain_map(m, w, u, kt, decay, threads: int | None = None) -> bool:
     """Run m = [A | B] [BH, Dk, Dk + Dv] (contiguous; the identity and zeros for the map of
     all chunks together, S -> A S + B) through every chunk in place: w, kt [nc, BH, C, Dk];
     u [nc, BH, C, Dv]; decay [nc, BH] or None. False (nothing written) where the native
-    path does not apply."""
+    path does not apply. threads: see _threads."""
     nc, BH, C, Dk = _sizes(w, kt, decay)
+    threads = _threads(threads, BH)
     Dv = _last(u)
     _expect("u", u, (nc, BH, C, Dv))
     _expect("m", m, (BH, Dk, Dk + Dv), contiguous=True)
@@ -460,7 +481,7 @@ def chain_map(m, w, u, kt, decay) -> bool:
     if lib is None:
         return False
     w, u, kt = (_rows_contiguous(x) for x in (w, u, kt))
-    scratch = w.new_empty(C * (Dk + Dv))
+    scratch = w.new_empty(threads * C * (Dk + Dv))  # one [C, Dk + Dv] per thread
     lib.chain_map(BH, nc, C, Dk, Dv, _chunks(w), _chunks(u), _chunks(kt), _chunks(decay),
-                  m.data_ptr(), scratch.data_ptr())
+                  m.data_ptr(), scratch.data_ptr(), threads)
     return True
