@@ -166,3 +166,35 @@ def test_local_blocks_are_o_n_times_window(monkeypatch):
     window_mod.window_attention(q, q, q, None, window=window, block=block)
     assert {(nq, nk) for _, nq, nk in calls} == {(block, block + window - 1)}
     assert sum(b for b, _, _ in calls) == batch * -(-n // block)
+
+
+@pytest.mark.parametrize("doc_lens, window", [([7, 20, 18], 5), (None, 20)])
+def test_own_masks_are_built_one_tile_at_a_time(monkeypatch, doc_lens, window):
+    """Blocks with masks of their own (every block with documents; the first blocks, whose
+    spans reach into the front padding, without) get them one tile of ~TILE_ROWS queries at
+    a time -- never all blocks' masks in one go -- and the result and gradients stay
+    exact."""
+    import seqshard.ops.attention.window as window_mod
+
+    built = []
+    block_masks = window_mod._block_masks
+
+    def recording(blocks, *args):
+        built.append(len(blocks))
+        return block_masks(blocks, *args)
+
+    monkeypatch.setattr(window_mod, "TILE_ROWS", 6)  # 2 blocks of 3 rows per tile
+    monkeypatch.setattr(window_mod, "_block_masks", recording)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, dout = (torch.randn(2, h, 45, 8, generator=gen) for h in (4, 2, 2, 4))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = window_mod.window_attention(*full, None, window=window, doc_lens=doc_lens, block=3)
+    grads = torch.autograd.grad(out, full, dout)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = band_reference(*ref_in, window, doc_lens)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (ref, *torch.autograd.grad(ref, ref_in, dout)),
+                          (out, *grads)):
+        assert_close(f"{name} docs={doc_lens}", a, b, TOL["out"])
+    assert max(built) <= 2, built
+    # documents: 15 blocks in tiles of 2; else 7 front blocks in tiles and the shared band
+    assert sum(built) == (15 if doc_lens else 7 + 1), built

@@ -35,6 +35,7 @@ from seqshard.dist import Mesh, get_layout, ring_shift
 from .checks import check_qkv
 from .kernels import default_scale, empty_attention, varlen_attention, varlen_ok
 from .naive import doc_ids
+from .plain import TILE_ROWS
 
 # Query rows per block: max(W // 2, MIN_BLOCK). A row computes block + W - 1 scores of which
 # W count, but the fused kernel is slow on short blocks. Measured on this CPU (D=64, W = 128,
@@ -114,24 +115,25 @@ def _blocks(x: torch.Tensor, front: int, back: int, size: int, step: int) -> tor
     return x.permute(2, 0, 1, 4, 3).flatten(0, 1)  # [nb * B, H, size, D]
 
 
-def _block_masks(q_start, halo, n_blocks, block, window, doc, device):
-    """Masks of the query blocks (see `local_window_attention` for the index algebra).
-
-    Returns (head, head_mask, tail_mask): blocks < head see front padding (ranks whose halo
-    is shorter than W-1) and get one mask each [head, 1, block, span]; the others share one
-    band [block, span] -- unless documents make every block's mask its own (head = all).
-    """
+def _block_masks(blocks: range, q_start, halo, block, window, doc, device) -> torch.Tensor:
+    """Masks [len(blocks), 1, block, span] of the query blocks `blocks` (see
+    `local_window_attention` for the index algebra): the band, the document (when `doc`)
+    and no key in the front padding (ranks whose halo is shorter than W - 1)."""
     span = block + window - 1
-    b = torch.arange(n_blocks, device=device)[:, None]  # [nb, 1]
+    b = torch.arange(blocks.start, blocks.stop, device=device)[:, None]  # [nb, 1]
     q_pos = q_start + b * block + torch.arange(block, device=device)  # [nb, block]
     k_pos = q_start - (window - 1) + b * block + torch.arange(span, device=device)  # [nb, span]
-    front = window - 1 - halo  # padding keys before the halo: never visible
-    head = n_blocks if doc is not None else min(n_blocks, -(-front // block))
-    head_mask = band_mask(q_pos[:head], k_pos[:head], window, doc)
-    head_mask &= (k_pos[:head] >= q_start - halo)[:, None, :]
-    tail_mask = band_mask(q_pos[0], k_pos[0], window)  # [block, span]: the same for every block
-    return head, head_mask[:, None], tail_mask
+    mask = band_mask(q_pos, k_pos, window, doc)
+    mask &= (k_pos >= q_start - halo)[:, None, :]
+    return mask[:, None]
 
+
+def _masked_blocks(qt, kt, vt, batch, scale, blocks: range, *mask_args) -> torch.Tensor:
+    """The fused kernel on query blocks `blocks` (block-major rows of qt/kt/vt), each with
+    its own mask, built here so that it lives only as long as this call."""
+    mask = _block_masks(blocks, *mask_args)  # [len(blocks), 1, block, span]
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.repeat_interleave(batch, 0),
+                                          scale=scale, enable_gqa=qt.shape[1] != kt.shape[1])
 
 def _segments(n: int, halo: int, q_start: int, doc) -> tuple[list[int], list[int], int]:
     """The window's (query runs, key runs) for one batch row of the varlen kernel: one run
@@ -184,8 +186,10 @@ def local_window_attention(q, k, v, window: int, scale: float, q_start: int = 0,
     front (masked) and up to the next block at the end (seen only by padding queries, whose
     rows are dropped), so query row a of any block reads span key c iff a <= c <= a+W-1.
     The blocks go to the fused kernel batched (one call for the blocks that share the band
-    mask, one for the first blocks whose spans reach into the front padding): time and
-    memory O(n (block + W)). With documents every block has its own mask (O(n span) bytes).
+    mask, one per tile of ~TILE_ROWS queries for blocks with masks of their own: the first
+    ones, whose spans reach into the front padding, or all of them with documents): time
+    and memory O(n (block + W)), masks O(TILE_ROWS span) at a time. On CUDA in bf16/fp16
+    the whole shard is one varlen flash call instead (`_varlen_window`).
     """
     if varlen_ok(q, k):
         return _varlen_window(q, k, v, window, scale, q_start, None if doc is None else doc.cpu())
@@ -196,13 +200,29 @@ def local_window_attention(q, k, v, window: int, scale: float, q_start: int = 0,
     back = n_blocks * block - n
     qb = _blocks(q, 0, back, block, block)  # [nb * B, Hq, block, D]
     kb, vb = (_blocks(x, window - 1 - halo, back, span, block) for x in (k, v))  # [nb*B, Hkv, span, D]
-    head, head_mask, tail_mask = _block_masks(q_start, halo, n_blocks, block, window, doc,
-                                              q.device)
-    calls = [(slice(0, head * b), head_mask.repeat_interleave(b, 0)),  # block-major batch
-             (slice(head * b, n_blocks * b), tail_mask)]
-    outs = [F.scaled_dot_product_attention(qb[rows], kb[rows], vb[rows], attn_mask=mask,
-                                           scale=scale, enable_gqa=hq != k.shape[1])
-            for rows, mask in calls if rows.stop > rows.start]
+    front = window - 1 - halo  # padding keys before the halo: never visible
+    # blocks < head have masks of their own (all of them with documents); the others share
+    # one band [block, span]. Own masks are built a tile of blocks at a time (~TILE_ROWS
+    # queries), so their int64 position algebra (8 bytes a pair) never spans the shard: the
+    # kernel keeps only each tile's boolean mask for backward (rebuilding it there would
+    # need a hand-written backward; checkpointing it measured 3x slower on CPU).
+    head = n_blocks if doc is not None else min(n_blocks, -(-front // block))
+    per_tile = max(1, TILE_ROWS // block)
+    tiles = [range(a, min(a + per_tile, head)) for a in range(0, head, per_tile)]
+    if head < n_blocks:
+        tiles.append(range(head, n_blocks))  # the shared band: one call
+    # split, not slices: the backward of one split is one concatenation, where every slice
+    # would get a zero gradient of the whole unfolded tensor
+    sizes = [len(t) * b for t in tiles]  # block-major batch rows
+    mask_args = (q_start, halo, block, window, doc, q.device)
+    outs = []
+    for blocks, qt, kt, vt in zip(tiles, *(x.split(sizes) for x in (qb, kb, vb))):
+        if blocks.start >= head:
+            tail_mask = _block_masks(range(head, head + 1), *mask_args)[0, 0]  # [block, span]
+            outs.append(F.scaled_dot_product_attention(qt, kt, vt, attn_mask=tail_mask,
+                                                       scale=scale, enable_gqa=hq != k.shape[1]))
+            continue
+        outs.append(_masked_blocks(qt, kt, vt, b, scale, blocks, *mask_args))
     out = torch.cat(outs) if len(outs) > 1 else outs[0]  # [nb * B, Hq, block, D]
     out = out.unflatten(0, (n_blocks, b)).permute(1, 2, 0, 3, 4)  # [B, Hq, nb, block, D]
     return out.reshape(b, hq, n_blocks * block, d)[:, :, :n]
