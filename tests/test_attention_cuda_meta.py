@@ -343,3 +343,47 @@ def test_document_plans_on_the_cuda_branch(monkeypatch):
             assert calls.count("varlen_forward") <= 4 and "block_forward" not in calls, name
             pieces += len(plan)
     assert pieces > 200
+
+
+@pytest.mark.cuda
+def test_varlen_paths_match_on_a_gpu(monkeypatch):
+    """On a real GPU: the one-call varlen window (documents, halo, GQA) gives the band
+    reference, and batched document plans give the per-piece flash path's out, LSE and
+    gradients -- this checks the kernel's bottom-right diagonal the segments rely on."""
+    from seqshard.ops.attention import blocks
+    from seqshard.ops.attention import window as window_mod
+    from seqshard.ops.attention.naive import doc_ids
+    from tests.test_window_attention import band_reference
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    gen = torch.Generator().manual_seed(0)
+    q, g = (torch.randn(2, 4, 96, 64, generator=gen) for _ in range(2))
+    k, v = (torch.randn(2, 2, 96, 64, generator=gen) for _ in range(2))
+    cuda = [t.to("cuda", torch.bfloat16) for t in (q, k, v, g)]
+    for window, docs in [(7, None), (40, None), (7, [10, 50, 36]), (40, [30, 5, 61])]:
+        ref = band_reference(*(t.to("cuda", torch.bfloat16).float() for t in (q, k, v)),
+                             window, docs)
+        for q_start, n in [(0, 96), (64, 32)]:
+            halo = min(window - 1, q_start)
+            keys = slice(q_start - halo, q_start + n)
+            doc = None if docs is None else doc_ids(docs, 96)
+            out = window_mod.local_window_attention(
+                cuda[0][:, :, q_start:q_start + n], cuda[1][:, :, keys], cuda[2][:, :, keys],
+                window, 0.125, q_start=q_start, doc=doc)
+            torch.testing.assert_close(out.float(), ref[:, :, q_start:q_start + n],
+                                       atol=3e-2, rtol=3e-2)
+    for name, plan, nq, nk in _doc_plans():
+        args = (cuda[0][:, :, :nq], cuda[1][:, :, :nk], cuda[2][:, :, :nk])
+        out, lse = blocks.plan_forward(*args, plan, 0.125)
+        grads = blocks.plan_backward(cuda[3][:, :, :nq], *args, out.to(torch.bfloat16), lse,
+                                     plan, 0.125)
+        with monkeypatch.context() as m:
+            m.setattr(blocks, "varlen_ok", lambda q, k: False)
+            ref_out, ref_lse = blocks.plan_forward(*args, plan, 0.125)
+            ref_g = blocks.plan_backward(cuda[3][:, :, :nq], *args, ref_out.to(torch.bfloat16),
+                                         ref_lse, plan, 0.125)
+        torch.testing.assert_close(out, ref_out, atol=3e-2, rtol=3e-2, msg=str(name))
+        torch.testing.assert_close(lse, ref_lse, atol=3e-2, rtol=3e-2, msg=str(name))
+        for a, b in zip(grads, ref_g):
+            torch.testing.assert_close(a, b, atol=1e-1, rtol=1e-1, msg=str(name))
