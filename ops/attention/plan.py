@@ -38,9 +38,6 @@ class Piece:
     k_start: int
     k_len: int
     kind: str
-    # Transitional, not a field: ring.py still passes `p.mask` to the block kernels, which
-    # accept only None. Delete once ring.py stops passing it.
-    mask = None
 
     @property
     def q_slice(self) -> slice:

@@ -28,44 +28,18 @@ import torch
 
 from seqshard.dist import RingComm, exchange, heads_to_seq, seq_to_heads
 
-from .kernels import block_backward, block_forward, merge_into
-
-
-def _add_rows(acc, part, rows: slice, n: int):
-    """acc[..., rows, :] += part, allocating acc only when part does not cover all n rows.
-
-    A block covering every row (the common case) becomes the accumulator itself: no zeros,
-    no copy, one full-size buffer less at the memory peak.
-    """
-    if acc is None:
-        if rows == slice(0, n):
-            return part
-        acc = torch.zeros(part.shape[:2] + (n,) + part.shape[3:], dtype=part.dtype,
-                          device=part.device)
-    acc[:, :, rows] += part
-    return acc
+from .blocks import plan_backward, plan_forward
 
 
 def _ring_fwd(q, k, v, plans, scale, group, timeout):
     # q [B, Hq, nq, D]; k, v [B, Hkv, nk, D]; plans[s]: pieces against ring rank (r - s) % R
     comm = RingComm(group, timeout)
-    nq = q.shape[2]
     out = lse = None  # fp32 [B, Hq, nq, D] and [B, Hq, nq], merged exactly by log-sum-exp
     for step in range(comm.size):
         last = step + 1 == comm.size
         if not last:
             pending = comm.post(k, v)  # the next block travels while this one is used
-        for p in plans[step]:
-            o_blk, lse_blk = block_forward(q[:, :, p.q_slice], k[:, :, p.k_slice],
-                                           v[:, :, p.k_slice], p.kind, scale)
-            if out is None and p.q_slice == slice(0, nq):
-                out, lse = o_blk.float(), lse_blk
-                continue
-            if out is None:
-                out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-                lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32,
-                                 device=q.device)
-            merge_into(out[:, :, p.q_slice], lse[:, :, p.q_slice], o_blk, lse_blk)
+        out, lse = plan_forward(q, k, v, plans[step], scale, out, lse)
         if not last:
             k, v = pending.wait()
     if out is None:  # a plan with no blocks at all: nothing to attend to
@@ -92,20 +66,6 @@ def head_slices(batch: int, kv_heads: int, parts: int) -> list[tuple[int, int, i
     return [(b, h, min(h + per, kv_heads)) for b in range(batch) for h in range(0, kv_heads, per)]
 
 
-def _add_piece_gradients(do, q, k, v, out, lse, pieces, scale, dq, dk, dv):
-    """Add the gradients of one step's `pieces` into fp32 accumulators (views are updated in
-    place; None = not allocated yet). q-like [B, Hq, nq, D]; k-like [B, Hkv, nk, D]."""
-    nq, nk = q.shape[2], k.shape[2]
-    for p in pieces:
-        qs, ks = p.q_slice, p.k_slice
-        g_q, g_k, g_v = block_backward(do[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks],
-                                       out[:, :, qs], lse[:, :, qs], p.kind, scale)
-        dq = _add_rows(dq, g_q, qs, nq)
-        dk, dv = _add_rows(dk, g_k, ks, nk), _add_rows(dv, g_v, ks, nk)
-        del g_q, g_k, g_v
-    return dq, dk, dv
-
-
 def _ring_bwd(do, q, k, v, out, lse, plans, scale, group, timeout):
     """Gradients, streaming remote K/V head group by head group (see the module docstring).
 
@@ -118,7 +78,7 @@ def _ring_bwd(do, q, k, v, out, lse, plans, scale, group, timeout):
     comm = RingComm(group, timeout)
     size, rank = comm.size, comm.rank
     if size == 1:  # nothing travels: the kernel's own outputs become the accumulators
-        dq, dk, dv = _add_piece_gradients(do, q, k, v, out, lse, plans[0], scale, None, None, None)
+        dq, dk, dv = plan_backward(do, q, k, v, out, lse, plans[0], scale, None, None, None)
         zeros = lambda t: torch.zeros(t.shape, dtype=torch.float32, device=t.device)  # noqa: E731
         return (zeros(q) if dq is None else dq, zeros(k) if dk is None else dk,
                 zeros(v) if dv is None else dv)
@@ -145,13 +105,13 @@ def _ring_bwd(do, q, k, v, out, lse, plans, scale, group, timeout):
         part = [q_part(t, sl) for t in (do, q)]
         rest = [q_part(t, sl) for t in (out, lse)]
         if s == 0:  # local step last: add straight into dK/dV (already hold remote shares)
-            _add_piece_gradients(*part, kv_part(k, sl), kv_part(v, sl), *rest, plans[0], scale,
+            plan_backward(*part, kv_part(k, sl), kv_part(v, sl), *rest, plans[0], scale,
                                  q_part(dq, sl), kv_part(dk, sl), kv_part(dv, sl))
             continue
         k_blk, v_blk = pending.wait()
         if ticks[i + 1][0] != 0:
             pending = fetch(ticks[i + 1])  # the next group travels while this one computes
-        _, g_k, g_v = _add_piece_gradients(*part, k_blk, v_blk, *rest, plans[s], scale,
+        _, g_k, g_v = plan_backward(*part, k_blk, v_blk, *rest, plans[s], scale,
                                            q_part(dq, sl), None, None)
         del k_blk, v_blk
         g_k = torch.zeros(kv_part(k, sl).shape, **f32) if g_k is None else g_k
