@@ -259,3 +259,19 @@ def _three_heads(rank, world):
 def test_transformer_with_three_heads_on_two_ranks():
     """q/k/v are transposed views there; the ring backward used to crash in gloo."""
     assert run_ranks(_three_heads, 2) == [12, 12]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float64_backward_matches_the_reference(causal):
+    # the fused CPU kernel's backward wants its LSE in the inputs' accumulation dtype (fp64
+    # for fp64 inputs): models run in fp64 (e.g. model.double()) must backpropagate
+    q, k, v = (torch.randn(2, 4, 11, 16, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    out, _ = local_attention(q, k, v, causal=causal)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    # public SDPA computes fp64 in fp64 (the naive reference works in fp32)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert_close("out", ref, out, 1e-12)
+    for name, g, r in zip("qkv", grads, ref_grads):  # the LSE is kept in fp32 (documented)
+        assert_close(f"d{name}", r, g, 1e-6)

@@ -216,7 +216,10 @@ def _fused_fwd(path, q, k, v, causal: bool, scale: float):
 def _fused_bwd(path, do, q, k, v, out, lse, causal: bool, scale: float):
     """(dq, dk, dv) of one fused call from the FINAL out and lse of its rows."""
     if path == "cpu":
-        return FUSED_CPU[1](do, q, k, v, out, lse.contiguous(), 0.0, causal, scale=scale)
+        # the kernel keeps its LSE in the accumulation dtype: fp64 for fp64 inputs, else fp32
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return FUSED_CPU[1](do, q, k, v, out, lse.to(acc).contiguous(), 0.0, causal,
+                            scale=scale)
     d, (nq, nk) = q.shape[-1], (q.shape[2], k.shape[2])
     do, q, k, v, out = (_unit_stride(_pad_head_dim(t)) for t in (do, q, k, v, out))
     lse = lse.float().contiguous()
@@ -235,10 +238,7 @@ def _fused_bwd(path, do, q, k, v, out, lse, causal: bool, scale: float):
 
 
 # --- one block, whichever path -------------------------------------------------------------------
-def _prepare(q, k, v, kind: str, mask):
-    if mask is not None:  # plans carry no masks since documents became blocks (plan.py)
-        raise ValueError("block kernels take no explicit mask: plans describe documents as "
-                         f"'full'/'causal'/'strict' blocks (got a mask of type {type(mask)})")
+def _prepare(q, k, kind: str):
     check_kind(kind)
     path, why = choose_path(q, k)
     if path == "plain":
@@ -246,14 +246,13 @@ def _prepare(q, k, v, kind: str, mask):
     return path
 
 
-def block_forward(q, k, v, kind: str, scale: float, mask=None):
+def block_forward(q, k, v, kind: str, scale: float):
     """Attention of one block. q [B, Hq, nq, D], k/v [B, Hkv, nk, D].
 
     Returns (out [B, Hq, nq, D] in q's dtype, lse [B, Hq, nq] fp32); rows that see no key
-    get out 0 and lse -inf, which the merge treats as 'nothing here'. `mask` must be None
-    (kept while ring.py passes it positionally).
+    get out 0 and lse -inf, which the merge treats as 'nothing here'.
     """
-    path = _prepare(q, k, v, kind, mask)
+    path = _prepare(q, k, kind)
     hq = q.shape[1]
     k, v = _expand_kv(k, hq), _expand_kv(v, hq)
     if path == "plain":
@@ -271,12 +270,12 @@ def block_forward(q, k, v, kind: str, scale: float, mask=None):
     return out, lse
 
 
-def block_backward(do, q, k, v, out, lse, kind: str, scale: float, mask=None):
+def block_backward(do, q, k, v, out, lse, kind: str, scale: float):
     """Gradients of one block, given the FINAL out and lse of these query rows.
 
     Returns fp32 (dq [B, Hq, nq, D], dk [B, Hkv, nk, D], dv [B, Hkv, nk, D]).
     """
-    path = _prepare(q, k, v, kind, mask)
+    path = _prepare(q, k, kind)
     hq, hkv = q.shape[1], k.shape[1]
     ke, ve = _expand_kv(k, hq), _expand_kv(v, hq)
     if path == "plain":
