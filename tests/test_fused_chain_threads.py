@@ -22,6 +22,13 @@ SHAPES = ((1, 3), (2, 1))  # (B, H): an uneven split of 3 heads; 2 heads over up
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
+@pytest.fixture(autouse=True)
+def split_tiny_chains(monkeypatch):
+    """These chains have a few dozen chunk steps: let every thread take even one step, so
+    the split really runs at these sizes."""
+    monkeypatch.setattr(fused_chain, "MIN_STEPS_PER_THREAD", 1)
+
+
 @contextlib.contextmanager
 def _threads(count: int):
     """torch's intra-op threads for the block: the fused chain's default thread count."""
@@ -78,9 +85,10 @@ def test_every_thread_count_gives_the_same_bits(dtype, monkeypatch):
                 assert torch.equal(out, runs[1][name]), f"{where}: not the 1-thread bits"
 
 
-def test_explicit_thread_counts_match_and_bad_ones_are_refused():
+def test_explicit_thread_counts_match_and_bad_ones_are_refused(monkeypatch):
     """The entry points' `threads` argument (what torch.get_num_threads() gives by default):
-    more threads than heads is fine; zero, negative or non-int counts are a ValueError."""
+    more threads than heads is fine (capped at one per head, and one per
+    MIN_STEPS_PER_THREAD chunk steps); zero, negative or non-int counts are a ValueError."""
     ch, s0, _, _ = _chain_inputs(1, 3, torch.float32)
     w, u, kt = (x.flatten(1, 2) for x in (ch.w, ch.u, ch.kt))
     decay = ch.decay.flatten(1, 2)
@@ -97,6 +105,9 @@ def test_explicit_thread_counts_match_and_bad_ones_are_refused():
     for threads in (2, 3, 64):
         for ref, out in zip(one, forward(threads)):
             assert torch.equal(ref, out), f"{threads} threads"
+    assert fused_chain._threads(64, BH, nc) == BH  # never more threads than heads
+    monkeypatch.setattr(fused_chain, "MIN_STEPS_PER_THREAD", 64)  # short chains: 1 thread
+    assert [fused_chain._threads(4, 8, nc) for nc in (4, 8, 16, 32, 64)] == [1, 1, 2, 4, 4]
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="threads must be a positive int"):
             forward(bad)

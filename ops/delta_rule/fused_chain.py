@@ -10,7 +10,8 @@ the same chain in less than half the time (README.md: measurements).
 (chunk.shard_map: a middle rank's map for the "scan" schedule) fill the caller's buffers in
 place. The (batch, head) chains are independent: the C code runs them on `threads` POSIX
 threads (default torch.get_num_threads(), the rank's intra-op threads, as the torch loop
-uses; never more than B*H), one contiguous range of heads each. Every head's arithmetic is
+uses; never more than B*H, nor than MIN_STEPS_PER_THREAD chunk steps allow), one contiguous
+range of heads each. Every head's arithmetic is
 the same for any split, so the result is bit-identical for every thread count. They return False, writing nothing, whenever the native path does not apply (not a
 CPU tensor, not fp32/fp64, no C compiler, or SEQSHARD_FUSED_CHAIN=0), and chunk.py then runs
 its torch loops, which stay the reference the tests hold this against.
@@ -75,6 +76,11 @@ COMPILE_TIMEOUT_S = 45.0  # a whole first-use build; must stay under the collect
 LOCK_SLACK_S = 5.0  # how much longer than that a rank waits on another rank's build
 LOCK_NAME = "build.lock"
 _POLL_S = 0.05
+# Fewest chunk steps (one head through one chunk) worth a thread of its own: starting and
+# joining a thread costs ~30-100 us, a step ~6-14 us at C = 32, D = 64 fp32. Measured with
+# chain_forward at nc = 1..64, BH = 2/8 on the 2-core dev VM (loaded): two threads lost at
+# 16 steps per thread and won at 64. A short chain (a test, a tiny shard) runs serially.
+MIN_STEPS_PER_THREAD = 64
 _libs: dict[torch.dtype, ctypes.CDLL | None] = {}  # tests reset it to {} to rebuild/reload
 
 
@@ -407,14 +413,15 @@ def _rows_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
-def _threads(threads: int | None, BH: int) -> int:
-    """How many threads the C call splits the BH heads over: `threads` (default: this
-    process's intra-op threads), at most one per head."""
+def _threads(threads: int | None, BH: int, nc: int) -> int:
+    """How many threads the C call splits the BH heads of nc chunks over: `threads` (default:
+    this process's intra-op threads), at most one per head and one per MIN_STEPS_PER_THREAD
+    chunk steps (fewer would cost more to start than they save)."""
     if threads is None:
         threads = torch.get_num_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"fused chain: threads must be a positive int, got {threads!r}")
-    return max(1, min(threads, BH))
+    return max(1, min(threads, BH, nc * BH // MIN_STEPS_PER_THREAD))
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:
@@ -428,7 +435,7 @@ def chain_forward(states, deltas, w, u, kt, decay, threads: int | None = None) -
     False (nothing written) where the native path does not apply; ValueError for shapes or
     strides that do not fit. threads: see _threads."""
     nc, BH, C, Dk = _sizes(w, kt, decay)
-    threads = _threads(threads, BH)
+    threads = _threads(threads, BH, nc)
     Dv = _last(u)
     _expect("u", u, (nc, BH, C, Dv))
     _expect("states", states, (nc + 1, BH, Dk, Dv), contiguous=True)
@@ -448,7 +455,7 @@ def chain_backward(g, w, kt, decay, ds_states, after, threads: int | None = None
     ds_states and after (written, or None) [nc, BH, Dk, Dv]. False (nothing written) where
     the native path does not apply. threads: see _threads."""
     nc, BH, C, Dk = _sizes(w, kt, decay)
-    threads = _threads(threads, BH)
+    threads = _threads(threads, BH, nc)
     Dv = _last(g)
     _expect("g", g, (BH, Dk, Dv), contiguous=True)
     _expect("ds_states", ds_states, (nc, BH, Dk, Dv))
@@ -473,7 +480,7 @@ def chain_map(m, w, u, kt, decay, threads: int | None = None) -> bool:
     u [nc, BH, C, Dv]; decay [nc, BH] or None. False (nothing written) where the native
     path does not apply. threads: see _threads."""
     nc, BH, C, Dk = _sizes(w, kt, decay)
-    threads = _threads(threads, BH)
+    threads = _threads(threads, BH, nc)
     Dv = _last(u)
     _expect("u", u, (nc, BH, C, Dv))
     _expect("m", m, (BH, Dk, Dk + Dv), contiguous=True)
