@@ -50,10 +50,16 @@ def _ring_fwd(q, k, v, plans, scale, group, timeout):
 
 # K/V heads are independent, so the memory-heavy stages -- the backward's remote blocks and
 # the Ulysses all-to-all -- stream about this many head groups, holding one group at a time.
+# Provenance: commit 5f118d3 (2026-11-25); the value 4 was not tuned. Its effect, measured on
+# the 2-core Xeon CPU VM (commit 916d8fc, N = 16K, P = 2, B=1 H=4 D=64 fp32, causal fwd+bwd):
+# per-rank peak of ring 105 -> 74.9 MiB, Ulysses 113 -> 85.1 MiB, Ulysses' CPU time +1% at 16K
+# and +11% at 4K (benchmarks/RESULTS.md, "Attention").
 HEAD_GROUPS = 4
 # ... but the Ulysses stage only once a rank's K block is this large: below it the group's
-# extra all-to-alls cost more time than the memory they save (at N = 512 on 2 ranks, 4 head
-# groups made Ulysses 2.4x DeepSpeed's time; at 16K they are time-neutral)
+# extra all-to-alls cost more time than the memory they save. Provenance: commit 229ca23
+# (2026-11-25), 2-core Xeon CPU VM, 2 gloo ranks: at N = 512, 4 head groups made Ulysses 2.4x
+# DeepSpeed's time; at N = 16K they were time-neutral (the commit records no other shape
+# field). Only those two N were measured; no other threshold was tried.
 STREAM_MIN_BYTES = 4 << 20
 # The planner (launch/perf/planner.py) counts messages and buffers with these constants and
 # with `head_slices` / `head_groups` below, so the rule lives here only.

@@ -38,8 +38,10 @@ from .naive import doc_ids
 from .plain import TILE_ROWS
 
 # Query rows per block: max(W // 2, MIN_BLOCK). A row computes block + W - 1 scores of which
-# W count, but the fused kernel is slow on short blocks. Measured on this CPU (D=64, W = 128,
-# 512, 2048, fwd + bwd): this choice was the fastest or within 5% of it; 2W was up to 2x slower.
+# W count, but the fused kernel is slow on short blocks. Provenance: introduced as 256 in
+# f860eaa, set to 128 with blocks of W/2 in 68f50fe (2026-11-25); 2-core Xeon CPU VM, D=64,
+# W = 128 / 512 / 2048, fwd + bwd: this choice was the fastest or within 5% of it; blocks of
+# 2W were up to 2x slower. Used only where the varlen kernel is not (CPU, fp32/fp64 on CUDA).
 MIN_BLOCK = 128
 
 

@@ -143,8 +143,9 @@ class _DeltaRule(torch.autograd.Function):
 
 # The chunk length C when the caller gives none (see default_chunk_size).
 # CPU: 32. Provenance: 2-core Intel Xeon (the CI machine), fp32, B=1 H=2 d=64 N=8K, fused C
-# chain, 2026-11-25 (commits af66be9, 14b5e0e; README.md "Chunk size"): forward 14.0-14.3 /
-# 13.7-14.2 / 20.6 ms and forward+backward 74-80 / 66-71 / 92 ms for C = 16 / 32 / 64.
+# chain, 2026-11-25 (commits af66be9, 14b5e0e; benchmarks/RESULTS.md, "Delta rule" > "Chunk
+# size on the CPU"): forward 14.0-14.3 / 13.7-14.2 / 20.6 ms and forward+backward
+# 74-80 / 66-71 / 92 ms for C = 16 / 32 / 64.
 CPU_CHUNK = 32
 # Accelerators: 64, as the field's GPU kernels use (the chain's step latency dominates there).
 # Not measured on a GPU by this project.

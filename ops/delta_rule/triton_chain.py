@@ -24,10 +24,13 @@ import torch
 
 from .fused_chain import _expect, _sizes
 
-# Columns of the state per program. Not measured: no GPU has run this kernel yet. 32 keeps a
-# [Dk, 32] fp32 state tile plus a [C, Dk] chunk tile within 4 warps' registers up to Dk = 128.
+# Columns of the state per program, and warps per program. Provenance: commit 0672b13
+# (2026-11-29), chosen by register arithmetic, not measured: no GPU has run this kernel
+# (benchmarks/gpu_check.py times the chain on one; benchmarks/RESULTS.md, "Delta rule" >
+# "The state chain on CUDA (Triton)"). 32 keeps a [Dk, 32] fp32 state tile plus a [C, Dk]
+# chunk tile within 4 warps' registers up to Dk = 128.
 BLOCK_V = 32
-NUM_WARPS = 4  # not measured either
+NUM_WARPS = 4
 
 
 def enabled() -> bool:
