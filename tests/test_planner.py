@@ -288,8 +288,9 @@ def test_hardware_profile_from_toml(tmp_path):
     path.write_text('name = "x"\nflops = 1.0\n')
     with pytest.raises(ValueError, match="missing hardware fields \\['memory_bytes'"):
         planner.load_hardware(str(path))
-    path.write_text('name = "x"\nflops = 1.0\nwarp_speed = 9\n')
-    with pytest.raises(ValueError, match="unknown hardware fields \\['warp_speed'\\]"):
+    path.write_text('name = "x"\nflops = 1.0\nwarp_speed = 9\nmem_bww = 1.0\n')
+    with pytest.raises(ValueError, match="a100.toml: unknown config key.* mem_bww \\(did you "
+                                         "mean mem_bw\\?\\), warp_speed;"):
         planner.load_hardware(str(path))
 
 

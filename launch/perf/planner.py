@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 # The ring loop's head-group rule (HEAD_GROUPS, STREAM_MIN_BYTES, head_groups, head_slices),
 # read from the op itself rather than mirrored: the planner counts what the op really does.
 from seqshard.dist.agree import WIDTH as AGREE_BYTES
+from seqshard.models.fill import fill
 from seqshard.ops.attention import ring as ring_op
 
 if sys.version_info >= (3, 11):
@@ -125,15 +126,15 @@ def load_hardware(name_or_path: str) -> Hardware:
                          f".toml file")
     with open(name_or_path, "rb") as f:
         data = tomllib.load(f)
-    unknown = set(data) - set(Hardware.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"{name_or_path}: unknown hardware fields {sorted(unknown)}")
     required = [f for f, spec in Hardware.__dataclass_fields__.items()
                 if spec.default is spec.default_factory is dataclasses.MISSING]
     missing = [f for f in required if f not in data]
-    if missing:
+    if missing and set(data) <= set(Hardware.__dataclass_fields__):
         raise ValueError(f"{name_or_path}: missing hardware fields {missing}")
-    return Hardware(**data)
+    try:
+        return fill(Hardware, data)  # names unknown keys, with a spelling hint
+    except ValueError as err:
+        raise ValueError(f"{name_or_path}: {err}") from None
 
 
 @dataclass
