@@ -6,6 +6,7 @@ thread flushes subnormals as the caller does."""
 import contextlib
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -130,3 +131,28 @@ def test_worker_threads_flush_subnormals(monkeypatch):
     for count, a_map in maps.items():
         assert not ((a_map.abs() < tiny) & (a_map != 0)).any(), f"{count} threads: subnormals"
         assert torch.equal(a_map, maps[1]), f"{count} threads: not the 1-thread bits"
+
+
+def test_a_compiler_without_pthreads_builds_the_serial_library(tmp_path, monkeypatch):
+    """$CC rejecting -pthread: FLAG_SETS' last entry builds a serial library, with no warning,
+    that agrees with the threaded one (within rounding: it is built without -march=native,
+    so its products may contract differently)."""
+    args = _chain_inputs(1, 3, torch.float64)
+    monkeypatch.setenv("SEQSHARD_FUSED_CHAIN", "1")
+    with _threads(3):
+        threaded = _chain(*args)
+    wrapper, real = tmp_path / "cc-no-pthread", shutil.which("cc")
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -pthread ] && '
+                       f'{{ echo "no pthreads here" >&2; exit 1; }}; done\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("SEQSHARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fused_chain, "_libs", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused_chain.available(torch.float64)
+    with _threads(3):
+        serial = _chain(*args)
+    assert len(list((tmp_path / "cache").glob("fused_chain_double_*.so"))) == 1
+    for name, out in serial.items():
+        assert_close(f"serial build: {name}", threaded[name], out, TOL[torch.float64])
