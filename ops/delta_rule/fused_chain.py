@@ -78,8 +78,9 @@ LOCK_NAME = "build.lock"
 _POLL_S = 0.05
 # Fewest chunk steps (one head through one chunk) worth a thread of its own: starting and
 # joining a thread costs ~30-100 us, a step ~6-14 us at C = 32, D = 64 fp32. Measured with
-# chain_forward at nc = 1..64, BH = 2/8 on the 2-core dev VM (loaded): two threads lost at
-# 16 steps per thread and won at 64. A short chain (a test, a tiny shard) runs serially.
+# chain_forward at nc = 1..64, BH = 2/8 on the 2-core dev VM (loaded, 2026-11-29; RESULTS.md
+# "Fused chain threads"): two threads lost at 16 steps per thread and won at 64. A short
+# chain (a test, a tiny shard) runs serially.
 MIN_STEPS_PER_THREAD = 64
 _libs: dict[torch.dtype, ctypes.CDLL | None] = {}  # tests reset it to {} to rebuild/reload
 
