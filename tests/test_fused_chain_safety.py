@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from seqshard.ops.delta_rule import chunk, fused_chain
+from seqshard.ops.delta_rule import chunk, fused_chain, native_cache
 from tests.common import assert_close
 from tests.harness import run_ranks
 from tests.test_delta_rule import make_inputs
@@ -248,10 +248,10 @@ def test_ranks_on_one_node_build_once(cache, tmp_path):
 def test_a_build_held_past_the_budget_falls_back(cache, monkeypatch):
     """Another process holding the build lock past COMPILE_TIMEOUT_S + LOCK_SLACK_S: one
     warning and the torch loop, never a wait the collective timeout would catch first."""
-    monkeypatch.setattr(fused_chain, "COMPILE_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(fused_chain, "LOCK_SLACK_S", 0.0)
+    monkeypatch.setattr(native_cache, "COMPILE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(native_cache, "LOCK_SLACK_S", 0.0)
     cache.mkdir(mode=0o700)
-    fd = os.open(cache / fused_chain.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(cache / native_cache.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         with pytest.warns(RuntimeWarning, match="held .*build.lock"):
