@@ -49,7 +49,8 @@ class DeltaNetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
         h = self.mixer_norm(x)
-        x = x + (self.mixer(h, ctx) if self.is_attention else self.mixer(h, ctx.mesh))
+        # the delta layer skips its agreement gather: CausalLM.forward agreed on the token shards
+        x = x + (self.mixer(h, ctx) if self.is_attention else self.mixer(h, ctx.mesh, check=False))
         del h  # the mixer has what it needs; do not hold [B, N_local, C] through the MLP
         # token-wise: in pieces, so its hidden activations are O(piece) (models/tokenwise.py)
         return in_pieces(self._mlp, x, self.tokenwise_piece_tokens)

@@ -117,6 +117,7 @@ class DeltaNet(nn.Module):
         self.allow_neg_eigval, self.use_gate = allow_neg_eigval, use_gate
         self.chunk_size, self.schedule, self.norm_eps = chunk_size, schedule, norm_eps
         self.mixer_piece_tokens = mixer_piece_tokens
+        self._in_flight = []  # pieces.py's one-way sends not yet settled
         self.halo = conv_size - 1 if use_short_conv else 0  # context rows the conv reads
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(dim, inner, bias=False)
@@ -191,11 +192,17 @@ class DeltaNet(nn.Module):
                                   schedule=self.schedule, check=check)
         return self._readout(o, x), state
 
-    def forward(self, x: torch.Tensor, mesh: Mesh | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mesh: Mesh | None = None,
+                check: bool = True) -> torch.Tensor:
+        """check: NaN/inf and, with a mesh, one agreement all-gather per call; False where the
+        caller agreed already (DeltaNetLM checks its token shards once per forward)."""
         if x.dim() != 3:
             raise ValueError(f"DeltaNet expects x [B, N_local, dim], got {tuple(x.shape)}")
-        halo = causal_halo(x, self.halo, mesh)  # [B, halo, dim]
         pieces = self.mixer_piece_tokens
         if pieces is not None and x.shape[1] > pieces:
-            return deltanet_in_pieces(self, x, halo, mesh, pieces)
-        return self._mix(x, halo, mesh=mesh)[0]
+            # unchecked: the halo goes one way inside (no two-way ring_shift, which would
+            # make rank 0 wait for the last rank at every layer)
+            halo = causal_halo(x, self.halo, mesh) if check else None  # [B, halo, dim]
+            return deltanet_in_pieces(self, x, halo, mesh, pieces, check=check)
+        halo = causal_halo(x, self.halo, mesh)  # [B, halo, dim]
+        return self._mix(x, halo, mesh=mesh, check=check)[0]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from seqshard.dist import Mesh, agree, exclusive_scan
+from seqshard.dist import Mesh, agree, exchange, exclusive_scan
 
 from .api import _FLOATS, _nonfinite, agreement_facts
 from .chunk import default_chunk_size, prepare_blocked, shard_map
@@ -79,6 +79,21 @@ class _Shard:
         device = x.device.type  # backward recomputes the pieces under the forward's autocast
         self.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
                              dtype=torch.get_autocast_dtype(device))
+        self.pair_only = self.mesh is not None and self.mesh.size == 2
+        self.recompute = _recomputing()
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        """A one-way send that this rank never waits for in line: the receiver may be a whole
+        layer behind (backward) and waiting would make the ranks take turns. The pending send
+        is kept on the layer and settled at its next forward (`settle`)."""
+        self.layer._in_flight.append(exchange([(t.contiguous(), dst)], [], self.mesh.group,
+                                              timeout=self.mesh.timeout, op="DeltaNet handoff"))
+
+    def post_recv(self, like: torch.Tensor, src: int):
+        """A receive posted now, waited for (`.wait()[0]`) where its value is needed."""
+        return exchange([], [(torch.empty_like(like, memory_format=torch.contiguous_format),
+                              src)], self.mesh.group, timeout=self.mesh.timeout,
+                        op="DeltaNet handoff")
 
     def zeros(self, x: torch.Tensor):
         """(A, B) = (0 [B, H, Dk, Dk], 0 [B, H, Dk, Dv]): the map nobody reads."""
@@ -111,18 +126,72 @@ class _Shard:
         return None if prefix is None else prefix[1]
 
 
-def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor):
-    """Returns y [B, N, dim], the state before each piece [pieces, B, H, Dk, Dv] and the
-    shard's transition A [B, H, Dk, Dk] (None where backward does not need it)."""
-    layer, a_map = shard.layer, None
-    state = x.new_zeros(shard.state_shape, dtype=shard.work)
-    if not shard.first:
-        if shard.last:
-            pair = shard.zeros(x)  # nobody reads the last rank's map
-        else:
-            pair = shard.shard_map(x, halo)
-            a_map = pair[0]
-        state = shard.scan(pair, reverse=False)
+def _recomputing() -> bool:
+    """True inside a backward pass: activation checkpointing is running this forward again.
+    The recomputation then reuses what the first forward received (`_recall`) instead of
+    asking the other ranks again: they are a layer or more ahead in backward and would
+    otherwise have to wait for this rank's forward, making the ranks take turns."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _keep(layer, x, halo, state, a_map) -> None:
+    """Remember, on the layer, what this forward received from the other ranks (a few rows
+    and one state: O(B H Dk Dv)) with x's first and last rows to recognise its recomputation."""
+    layer._kept = (x.shape, x[:, :1].clone(), x[:, -1:].clone(), halo, state, a_map)
+
+
+def _recall(layer, x):
+    """(halo, incoming state, A) that the forward of this same x received."""
+    kept = getattr(layer, "_kept", None)
+    if (kept is None or kept[0] != x.shape or not torch.equal(kept[1], x[:, :1])
+            or not torch.equal(kept[2], x[:, -1:])):
+        raise RuntimeError("DeltaNet in pieces: recomputing a forward (activation "
+                           "checkpointing) whose input differs from the layer's last forward; "
+                           "run each forward's backward before the layer's next forward")
+    return kept[3:]
+
+
+def _halo_in(shard: _Shard, x: torch.Tensor) -> torch.Tensor:
+    """The conv context before the shard [B, halo, dim]: rank r - 1's last rows (zeros on
+    rank 0), one way: each rank posts its own last rows to rank r + 1 first, then waits."""
+    rows = shard.layer.halo
+    zeros = x.new_zeros(x.shape[0], rows, x.shape[2])
+    if shard.mesh is None or rows == 0:
+        return zeros
+    if x.shape[1] < rows:
+        raise ValueError(f"ShortConv: local length {x.shape[1]} is shorter than the halo "
+                         f"conv_size - 1 = {rows}; use fewer ranks or a longer sequence")
+    rank = shard.mesh.rank
+    if not shard.last:
+        shard.send(x[:, x.shape[1] - rows:], rank + 1)
+    return zeros if shard.first else shard.post_recv(zeros, rank - 1).wait()[0]
+
+
+def _state_in(shard: _Shard, x: torch.Tensor, halo: torch.Tensor):
+    """(this shard's incoming state [B, H, Dk, Dv], its transition A or None)."""
+    zeros = x.new_zeros(shard.state_shape, dtype=shard.work)
+    if shard.first:
+        return zeros, None
+    if shard.pair_only:  # P = 2: the scan is one message from rank 0
+        return shard.post_recv(zeros, 0).wait()[0], None
+    if shard.last:
+        return shard.scan(shard.zeros(x), reverse=False), None  # nobody reads its map
+    pair = shard.shard_map(x, halo)
+    return shard.scan(pair, reverse=False), pair[0]
+
+
+def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor | None):
+    """Returns y [B, N, dim], the state before each piece [pieces, B, H, Dk, Dv], the
+    shard's transition A [B, H, Dk, Dk] (None where backward does not need it) and the halo
+    [B, halo, dim] the conv read."""
+    layer = shard.layer
+    if shard.recompute:
+        kept_halo, state, a_map = _recall(layer, x)
+        halo = kept_halo if halo is None else halo
+    else:
+        halo = _halo_in(shard, x) if halo is None else halo
+        state, a_map = _state_in(shard, x, halo)
+        _keep(layer, x, halo, state, a_map)
     y = None  # [B, N, dim], in the dtype of the layer's output (autocast may lower it)
     starts = x.new_empty((len(shard.spans),) + shard.state_shape, dtype=shard.work)
     for i, (start, end) in enumerate(shard.spans):
@@ -131,12 +200,15 @@ def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor):
         if y is None:
             y = y_part.new_empty(x.shape[:2] + y_part.shape[2:])
         y[:, start:end] = y_part
-    if shard.mesh is not None and shard.first:
-        # rank 0 joins with the constant map S -> S_end after its outputs: running its state
-        # chain alone first (so rank 1 could start earlier) measured no faster at P = 2
-        # (128K tokens: the same wall time, 1.3x the CPU), the backward dominates the wait
-        shard.scan((shard.zeros(x)[0], state.to(shard.work)), reverse=False)
-    return y, starts, a_map
+    if shard.mesh is not None and shard.first and not shard.recompute:
+        # rank 0's end state leaves after its outputs: running its chain alone first would
+        # cost a second pass over the features, while with one-way messages the next rank
+        # lags by this one layer once per step, not once per layer
+        if shard.pair_only:
+            shard.send(state.to(shard.work), 1)
+        else:
+            shard.scan((shard.zeros(x)[0], state.to(shard.work)), reverse=False)
+    return y, starts, a_map, halo
 
 
 def _sweep(shard: _Shard, x, halo, starts, params, dy, ds_end, grads):
@@ -167,30 +239,56 @@ def _sweep(shard: _Shard, x, halo, starts, params, dy, ds_end, grads):
     return grad_state
 
 
-def _bwd(shard: _Shard, x, halo, starts, a_map, params, dy):
-    """Gradients of x [B, N, dim], halo [B, halo, dim] and every parameter."""
+def _bwd(shard: _Shard, x, halo, starts, a_map, params, dy, halo_given: bool):
+    """Gradients of x [B, N, dim], halo [B, halo, dim] and every parameter. Without a given
+    halo its gradient goes one way to rank r - 1, and rank r + 1's comes back into dx."""
     grads = [torch.zeros_like(x), torch.zeros_like(halo)] + [torch.zeros_like(p) for p in params]
     if shard.mesh is None:
         _sweep(shard, x, halo, starts, params, dy, None, grads)
         return grads
+    rank = shard.mesh.rank
     if shard.first:  # nobody needs rank 0's incoming-state gradient: one sweep, after the scan
-        ds_end = shard.scan(shard.zeros(x), reverse=True)
+        if shard.pair_only:
+            ds_end = shard.post_recv(starts[0], 1).wait()[0]
+        else:
+            ds_end = shard.scan(shard.zeros(x), reverse=True)
         _sweep(shard, x, halo, starts, params, dy, ds_end, grads)
-        return grads
-    own = _sweep(shard, x, halo, starts, params, dy, None, grads)  # L: with dS_end = 0
-    # the shard's gradient map G -> A^T G + L; the last rank's A^T is never read
-    pair = (shard.zeros(x)[0] if shard.last else a_map.mT, own.to(shard.work))
-    ds_end = shard.scan(pair, reverse=True)
-    if not shard.last:  # linear in (dy, dS_end): add the dS_end part
-        _sweep(shard, x, halo, starts, params, None, ds_end, grads)
+    else:
+        own = _sweep(shard, x, halo, starts, params, dy, None, grads)  # L: with dS_end = 0
+        if shard.pair_only:  # P = 2: the reverse scan is this one message, not waited for
+            shard.send(own.to(shard.work), 0)
+        else:
+            # the shard's gradient map G -> A^T G + L; the last rank's A^T is never read
+            pair = (shard.zeros(x)[0] if shard.last else a_map.mT, own.to(shard.work))
+            ds_end = shard.scan(pair, reverse=True)
+            if not shard.last:  # linear in (dy, dS_end): add the dS_end part
+                _sweep(shard, x, halo, starts, params, None, ds_end, grads)
+    rows = halo.shape[1]
+    if not halo_given and rows:  # after the state messages, in the order the peers send
+        if not shard.first:
+            shard.send(grads[1], rank - 1)
+        if not shard.last:
+            grads[0][:, x.shape[1] - rows:] += shard.post_recv(halo, rank + 1).wait()[0]
     return grads
+
+
+def _settle(layer) -> None:
+    """Wait for the one-way sends of the layer's previous call: long delivered by now (the
+    receiver needed them), and a send must stay alive until it completes."""
+    in_flight = getattr(layer, "_in_flight", None)
+    if in_flight is None:
+        layer._in_flight = in_flight = []
+    while in_flight:
+        in_flight.pop(0).wait()
 
 
 class _LayerInPieces(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, halo, layer, mesh, piece_tokens, *params):
+        _settle(layer)
         shard = _Shard(layer, mesh, piece_tokens, x)
-        y, starts, a_map = _fwd(shard, x, halo)
+        ctx.halo_given = halo is not None
+        y, starts, a_map, halo = _fwd(shard, x, halo)
         ctx.save_for_backward(x, halo, starts, a_map)
         ctx.shard = shard
         return y
@@ -202,21 +300,31 @@ class _LayerInPieces(torch.autograd.Function):
         # only those that want a gradient are differentiated
         wanted = ctx.needs_input_grad[5:]
         params = [p for p, want in zip(ctx.shard.layer.parameters(), wanted) if want]
-        grads = _bwd(ctx.shard, x, halo, starts, a_map, params, dy)
+        grads = _bwd(ctx.shard, x, halo, starts, a_map, params, dy, ctx.halo_given)
         dparams = iter(grads[2:])
-        return (grads[0], grads[1], None, None, None,
+        return (grads[0], grads[1] if ctx.halo_given else None, None, None, None,
                 *(next(dparams) if want else None for want in wanted))
 
 
-def deltanet_in_pieces(layer, x: torch.Tensor, halo: torch.Tensor, mesh: Mesh | None,
-                       piece_tokens: int) -> torch.Tensor:
+def deltanet_in_pieces(layer, x: torch.Tensor, halo: torch.Tensor | None, mesh: Mesh | None,
+                       piece_tokens: int, check: bool = True) -> torch.Tensor:
     """`layer` (a `DeltaNet`) over its shard in pieces of `piece_tokens` tokens, exactly.
 
     x [B, N_local, dim]: this rank's contiguous shard; halo [B, conv_size - 1, dim]: the
     tokens before it (`causal_halo` in layer.py: rank r - 1's last ones, zeros on rank 0),
-    through which the conv's gradient reaches rank r - 1. Returns y [B, N_local, dim]. Every
-    rank of mesh calls this (mesh None or of size 1: one process). `DeltaNet.forward` calls it
-    when N_local > its mixer_piece_tokens.
+    through which the conv's gradient reaches rank r - 1; None: fetched here one way (rank r
+    sends its last rows to r + 1 without waiting; the gradient returns the same way).
+    Returns y [B, N_local, dim]. Every rank of mesh calls this (mesh None or of size 1: one
+    process). `DeltaNet.forward` calls it when N_local > its mixer_piece_tokens.
+
+    check: reject NaN/inf input and, with a mesh, agree with the other ranks first (one small
+    all-gather). A caller that agreed already (DeltaNetLM checks its token shards once per
+    forward) passes False: the layer then sends nothing but the state and the halo.
+
+    At P = 2 the state crosses as one message each way that the sender never waits for, and
+    a recomputation under activation checkpointing reuses what the first forward received, so
+    in backward the last rank never waits for rank 0: the ranks lag by one layer once per step
+    instead of taking turns at every layer. P >= 3 runs the scan (README.md).
 
     >>> from seqshard.ops.delta_rule import DeltaNet
     >>> layer, x = DeltaNet(32, 2, mixer_piece_tokens=None), torch.randn(1, 50, 32)
@@ -224,8 +332,8 @@ def deltanet_in_pieces(layer, x: torch.Tensor, halo: torch.Tensor, mesh: Mesh | 
     >>> torch.allclose(y, layer(x), atol=1e-6)
     True
     """
-    problems = _nonfinite([("x", x), ("halo", halo)])
-    if mesh is not None and mesh.size > 1:
+    problems = _nonfinite([("x", x), ("halo", halo)]) if check else []
+    if check and mesh is not None and mesh.size > 1 and not _recomputing():
         # the same facts as delta_rule's check on the whole-shard path (the "path" fact says
         # which), so ranks that took different paths raise instead of mixing scans
         head_dim = layer.head_dim
