@@ -196,3 +196,73 @@ def test_report_writes_table_and_valid_pngs(sweep):
                      ("seqshard", "sdpa", 96), ("chunk", "naive", 64), ("scan", "chunk", 64),
                      ("fit", "naive", 96)}
     assert all(r["time_ratio"] > 0 and math.isfinite(r["time_ratio"]) for r in ratios)
+
+
+# --- memory-only max context: the seed paper's "attention scale-up" (issue 18) ----------------
+TINY_MHA = {"batch": 1, "heads": 2, "kv_heads": 2, "head_dim": 16, "causal": True}
+
+
+@pytest.mark.parametrize("impl,world,start,budget_mib", [("naive", 1, 128, 1.0),
+                                                         ("ring", 2, 512, 1.0)])
+def test_memory_only_search_stops_where_the_next_grid_step_does_not_fit(impl, world, start,
+                                                                         budget_mib):
+    from seqshard.launch.perf import maxctx
+
+    job = {"family": "attention", "impl": impl, "world": world, "ulysses": 1,
+           "shape": TINY_MHA, "start": start, "mem_budget_mib": budget_mib,
+           "time_budget_s": None, "probe_cap_s": 120}
+    found = maxctx.find(job, resolution=0.0, log=lambda s: None)
+    step = maxctx._multiple(job)  # naive: 2 (one process, causal), ring P=2: 4 (zigzag 2P)
+    by_n = {p["n"]: p for p in found["probes"]}
+    best = found["max_n"]
+    assert found["memory_only"] and found["time_budget_s"] == math.inf and not found["capped"]
+    assert best is not None and best % step == 0, found
+    assert by_n[best]["ok"] and by_n[best]["mem_bytes"] <= budget_mib * MiB
+    over = by_n[best + step]  # the next grid step was measured, and memory failed it
+    assert not over["ok"] and over["reason"].startswith("memory"), over
+    assert over["mem_bytes"] > budget_mib * MiB
+    res = results.new_results("pytest maxctx")
+    res["maxctx"].append(dict(found, mem_budget_mib=float(budget_mib)))
+    results.validate_results(res)  # the record schema accepts a search with no time budget
+
+
+def test_scaleup_jobs_cover_each_strategy_and_mark_the_default():
+    from seqshard.launch.perf import maxctx
+
+    jobs = maxctx.scaleup_jobs(1024, (1, 2, 4), maxctx.SCALEUP_SHAPE, 300.0)
+    got = [(j["impl"], j["world"], j["ulysses"], j["default"]) for j in jobs]
+    assert got == [("naive", 1, 1, False), ("seqshard", 1, 1, True),
+                   ("ring", 2, 1, False), ("allgather", 2, 1, False), ("ulysses", 2, 2, True),
+                   ("ring", 4, 1, False), ("allgather", 4, 1, False), ("ulysses", 4, 4, True),
+                   ("hybrid", 4, 2, False)]
+    assert all(j["time_budget_s"] is None and j["start"] % maxctx._multiple(j) == 0
+               for j in jobs)
+    # heads that do not split over P ranks: no Ulysses, and the default is the ring
+    odd = [(j["impl"], j["default"]) for j in
+           maxctx.scaleup_jobs(64, (2,), dict(TINY_MHA, heads=3, kv_heads=3), 60.0)]
+    assert odd == [("naive", False), ("ring", True), ("allgather", False)]
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match=f"mem_mib={bad}: the memory budget"):
+            maxctx.scaleup_jobs(bad, (1, 2), TINY_MHA, 60.0)
+
+
+def test_maxctx_memory_flag_parses_and_rejects_non_positive_values(capsys):
+    import argparse
+
+    from seqshard.launch.perf.bench_cmd import bench_arguments
+
+    parser = argparse.ArgumentParser(prog="seqshard bench")
+    bench_arguments(parser)
+    args = parser.parse_args(["--maxctx-memory", "1024", "--maxctx-worlds", "1,4",
+                              "--maxctx-probe-cap", "90"])
+    assert (args.maxctx_memory, args.maxctx_worlds, args.maxctx_probe_cap) == (1024.0, (1, 4),
+                                                                               90.0)
+    assert parser.parse_args([]).maxctx_memory is None  # off unless asked for
+    for bad in ("0", "-5", "lots", "inf"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--maxctx-memory", bad])
+        assert f"--maxctx-memory={bad}: expected a positive number of MiB" in \
+            capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--maxctx-worlds", "0,2"])
+    assert "--maxctx-worlds=0,2: expected rank counts >= 1" in capsys.readouterr().err

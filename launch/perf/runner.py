@@ -119,20 +119,41 @@ def _bench_setup() -> None:
 _meshes: dict = {}  # inside a bench rank: Mesh objects by (ulysses, ring)
 
 
+def _mesh_of(spec: dict, timeout_s: float):
+    from seqshard.dist import Mesh
+
+    key = (spec["ulysses"], spec["ring"])
+    if key not in _meshes:  # every rank creates the same groups in the same order
+        _meshes[key] = Mesh.new(ulysses=key[0], ring=key[1], timeout_s=timeout_s)
+    return _meshes[key]
+
+
 def _measure_task(rank: int, world: int, items, modes, warmup: int, repeats: tuple,
                   timeout_s: float) -> dict[int, dict]:
     import torch
 
-    from seqshard.dist import Mesh
+    torch.manual_seed(1234 + rank)
+    return _measure_points(items, lambda spec: _mesh_of(spec, timeout_s), modes, warmup,
+                           repeats)
 
-    def mesh_of(spec):
-        key = (spec["ulysses"], spec["ring"])
-        if key not in _meshes:  # every rank creates the same groups in the same order
-            _meshes[key] = Mesh.new(ulysses=key[0], ring=key[1], timeout_s=timeout_s)
-        return _meshes[key]
+
+def _memory_task(rank: int, world: int, spec: dict, timeout_s: float) -> dict:
+    """One untimed fwd+bwd inside the memory window only (a memory-only search needs no
+    timing runs): this rank's peak bytes, resident high-water mark and wall seconds."""
+    import torch
+
+    from .measure import measuring
+    from .workloads import build
 
     torch.manual_seed(1234 + rank)
-    return _measure_points(items, mesh_of, modes, warmup, repeats)
+    mesh = _mesh_of(spec, timeout_s)
+    workload = build(spec, mesh)
+    started = time.perf_counter()
+    with measuring(mesh.device) as (pm, _):
+        inputs = workload.make_inputs()
+        workload.run(inputs, True)
+        del inputs
+    return {"mem": pm.peak_bytes, "rss": pm.rss_bytes, "wall_s": time.perf_counter() - started}
 
 
 class World:
@@ -156,6 +177,11 @@ class World:
         args = (list(items), tuple(modes), warmup, tuple(repeats), self.timeout_s)
         # fail fast: the other ranks may be stuck in a collective the failed one never joins
         return self.pool.run(_measure_task, args, timeout_s=timeout_s, fail_fast=True)
+
+    def peak_memory(self, spec: dict, timeout_s: float) -> list[dict]:
+        """Per rank {mem, rss, wall_s} of one fwd+bwd of `spec` (see _memory_task)."""
+        return self.pool.run(_memory_task, (spec, self.timeout_s), timeout_s=timeout_s,
+                             fail_fast=True)
 
     def close(self) -> None:
         self.pool.close()

@@ -6,6 +6,7 @@ forward + backward. Peers run side by side in the same sweep:
 
     family      impl         what runs                                           ranks
     attention   sdpa         torch scaled_dot_product_attention on the whole N  1
+    attention   naive        ops.attention.naive: the [N, N] scores materialised 1
     attention   seqshard     sharded_attention with one process (fused kernel)  1
     attention   ring | ulysses | hybrid | allgather   sharded_attention         P
     attention   ds_ulysses   deepspeed.sequence.layer.DistributedAttention      P
@@ -26,10 +27,10 @@ from typing import Callable
 
 import torch
 
-SINGLE_ONLY = {("attention", "sdpa"), ("attention", "seqshard"), ("delta_rule", "naive"),
+SINGLE_ONLY = {("attention", "sdpa"), ("attention", "naive"), ("attention", "seqshard"), ("delta_rule", "naive"),
                ("delta_rule", "chunk"), ("fit", "naive")}
 IMPLS = {
-    "attention": ("sdpa", "seqshard", "ring", "ulysses", "hybrid", "allgather", "ds_ulysses"),
+    "attention": ("sdpa", "naive", "seqshard", "ring", "ulysses", "hybrid", "allgather", "ds_ulysses"),
     "delta_rule": ("naive", "chunk", "scan", "pass"),
     "fit": ("naive", "fit"),
     "model": ("transformer", "deltanet", "fit"),
@@ -105,6 +106,12 @@ def _attention(spec: dict, mesh) -> Workload:
         def forward(x):
             return torch.nn.functional.scaled_dot_product_attention(
                 *x, is_causal=causal, enable_gqa=h != hkv)
+    elif impl == "naive":
+        # vanilla multi-head attention: the seed paper's "attention scale-up" baseline
+        from seqshard.ops.attention.naive import naive_attention
+
+        def forward(x):
+            return naive_attention(*x, causal=causal)[0]
     else:
         from seqshard.ops.attention import sharded_attention
 
