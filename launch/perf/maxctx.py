@@ -134,7 +134,7 @@ def find(job: dict, *, warmup: int = 0, repeats: int = 1, max_n: int = 1 << 20,
             pool = World(world)
             return Probe(n, False, f"failed: {str(err).splitlines()[0][:120]}")
         reason = ("fits" if mem <= budget and t <= time_budget else
-                  f"memory {mem / MiB:.0f} MiB > {job['mem_budget_mib']} MiB" if mem > budget
+                  f"memory {mem / MiB:.0f} MiB > {job['mem_budget_mib']:g} MiB" if mem > budget
                   else f"time {t:.2f} s > {time_budget} s")
         log(f"    N={n}: {t:.2f} s, {mem / MiB:.0f} MiB/rank -> {reason}")
         return Probe(n, mem <= budget and t <= time_budget, reason, t, mem)
@@ -144,9 +144,10 @@ def find(job: dict, *, warmup: int = 0, repeats: int = 1, max_n: int = 1 << 20,
                               resolution=resolution)
     finally:
         pool.close()
-    # capped only matters when a capped probe bounds the answer from above
+    # capped only matters when a capped probe bounds the answer from above (a timed search
+    # whose probe outlived 20x its time budget simply did not fit it)
     first_fail = min((p.n for p in probes if not p.ok), default=None)
-    capped = capped and any(p.n == first_fail and p.reason.startswith("capped") for p in probes)
+    capped = memory_only and capped and any(p.n == first_fail and p.reason.startswith("capped") for p in probes)
     return {"family": job["family"], "impl": job["impl"], "world": world, "ulysses": u,
             "mem_budget_mib": job["mem_budget_mib"], "time_budget_s": float(time_budget),
             "memory_only": memory_only, "probe_cap_s": cap, "guard": guard,
