@@ -2,7 +2,7 @@
 single-process attention with an explicit band mask (naive_attention's `mask`): outputs and
 dq/dk/dv, windows smaller than, equal to and larger than a shard (the halo then spans several
 ranks) and larger than the whole sequence; GQA/MQA, odd lengths, head dim 48, batch 2, packed
-documents; and the DeltaNetLM hybrid (delta, window and global layers) sharded vs unsharded."""
+documents; the same on the zigzag and striped layouts (windows shorter and longer than a run); and the DeltaNetLM hybrid (delta, window and global layers) sharded vs unsharded."""
 
 from __future__ import annotations
 
@@ -27,9 +27,11 @@ def band_reference(q, k, v, window, doc_lens=None):
     return naive_attention(q, k, v, mask=mask)[0]
 
 
-def _window_cases(rank, world, cases):
+def _window_cases(rank, world, cases, layout="contiguous"):
     """Each case: (B, Hq, Hkv, n_local, D, window, block, doc_lens, entry) -> outputs and
-    every gradient of this rank's shard vs the reference on the whole sequence."""
+    every gradient of this rank's shard (placed by `layout`) vs the reference on the whole
+    sequence."""
+    from seqshard.dist import get_layout
     from seqshard.ops.attention import sharded_attention, window_attention
 
     m = mesh()
@@ -39,18 +41,20 @@ def _window_cases(rank, world, cases):
         n_all = n * world
         q, k, v = (torch.randn(b, h, n_all, d, generator=gen) for h in (hq, hkv, hkv))
         dout = torch.randn(b, hq, n_all, d, generator=gen)
-        rows = slice(rank * n, rank * n + n)
+        rows = get_layout(layout).positions(n_all, rank, world)  # global positions held here
         local = [t[:, :, rows].clone().requires_grad_() for t in (q, k, v)]
         if entry == "sharded_attention":
-            out = sharded_attention(*local, m, causal=True, window=window, doc_lens=doc_lens)
+            out = sharded_attention(*local, m, causal=True, window=window, doc_lens=doc_lens,
+                                    layout=layout)
         else:
-            out = window_attention(*local, m, window=window, doc_lens=doc_lens, block=block)
+            out = window_attention(*local, m, window=window, doc_lens=doc_lens, block=block,
+                                   layout=layout)
         grads = torch.autograd.grad(out, local, dout[:, :, rows])
 
         full = [t.clone().requires_grad_() for t in (q, k, v)]
         ref = band_reference(*full, window, doc_lens)
         ref_grads = torch.autograd.grad(ref, full, dout)
-        tag = f"P={world} rank={rank} case={seed} W={window} n={n} Hq/Hkv={hq}/{hkv}"
+        tag = f"{layout} P={world} rank={rank} case={seed} W={window} n={n} Hq/Hkv={hq}/{hkv}"
         assert_close(f"{tag} out", ref[:, :, rows], out, TOL["out"])
         for name, ref_g, g in zip(("dq", "dk", "dv"), ref_grads, grads):
             assert_close(f"{tag} {name}", ref_g[:, :, rows], g, TOL[name])
@@ -79,6 +83,32 @@ def test_window_attention_matches_band_reference(world, n):
     assert run_ranks(_window_cases, world, cases) == [len(cases)] * world
 
 
+def _balanced_cases(n: int, world: int):
+    """Zigzag runs are n/2 long: windows below a run, between a run and a shard, and
+    reaching back over several runs (so over ranks on both sides); documents that start
+    inside runs, GQA/MQA, batch 2. Striped runs are one token: every W > 1 spans ranks."""
+    n_all, run = n * world, n // 2
+    return [
+        (2, 4, 2, n, 8, 3, 2, None, "window_attention"),
+        (1, 2, 1, n, 8, run + 2, None, None, "window_attention"),
+        (2, 2, 2, n, 8, min(3 * run + 1, n_all - 1), 3, None, "sharded_attention"),
+        (1, 2, 1, n, 8, n + 3, None, [5, n_all - 9, 4], "sharded_attention"),
+        (2, 2, 2, n, 8, 1, None, [run + 1, n_all - run - 1], "window_attention"),
+    ]
+
+
+def _balanced(rank, world, n):
+    return [_window_cases(rank, world, _balanced_cases(n, world), layout)
+            for layout in ("zigzag", "striped")]
+
+
+@pytest.mark.parametrize("world, n", [(1, 12), (2, 10), (4, 6)])
+def test_window_on_zigzag_and_striped_matches_band_reference(world, n):
+    """Used to raise "window=W needs layout='contiguous'"; now exact on both layouts."""
+    expected = [len(_balanced_cases(n, world))] * 2
+    assert run_ranks(_balanced, world, n) == [expected] * world
+
+
 def _bad_window(rank, world):
     from seqshard.ops.attention import ShardedAttention, make_sdpa, sharded_attention
     from seqshard.ops.attention.window import window_attention
@@ -90,12 +120,14 @@ def _bad_window(rank, world):
         (dict(window=2.5, causal=True), "window=2.5"),
         (dict(window=4, causal=False), "causal=False"),
         (dict(window=4, causal=True, strategy="ulysses"), "strategy='ulysses'"),
-        (dict(window=4, causal=True, layout="zigzag"), "layout='zigzag'"),
+        (dict(window=4, causal=True, layout="zigzig"), "layout='zigzig'"),
+        (dict(window=4, causal=True, layout="zigzag", doc_lens=[3, 8]), "doc_lens"),
     ]:
         with pytest.raises(ValueError, match=match):
             sharded_attention(q, q, q, m, **kwargs)
-    with pytest.raises(ValueError, match="layout='striped'"):
-        ShardedAttention(m, causal=True, layout="striped", window=3)
+    with pytest.raises(ValueError, match="zigzag layout"):  # 5 * 2 tokens over 4 chunks
+        window_attention(q[:, :, :5], q[:, :, :5], q[:, :, :5], m, window=3, layout="zigzag")
+    assert ShardedAttention(m, causal=True, layout="striped", window=3).window == 3
     with pytest.raises(ValueError, match="block=0"):
         window_attention(q, q, q, m, window=3, block=0)
     # no tokens: an empty result, as torch's SDPA gives (tests/test_attention_inputs.py)

@@ -131,9 +131,9 @@ def sharded_attention(q, k, v, mesh: Mesh | None = None, *, causal: bool = False
     doc_lens: lengths of packed documents over the global sequence (sum == N); tokens never
     attend across a document boundary. mesh None or Mesh.single(): plain local attention.
     window: causal sliding window of W tokens including the token itself (token t reads
-    t-W+1 .. t); needs causal=True, strategy='auto' and, sharded, layout='contiguous'
-    (a halo exchange with the previous ranks, see ops/attention/window.py). W >= N is
-    plain causal attention.
+    t-W+1 .. t); needs causal=True and strategy='auto'; any layout (each run of a rank's
+    shard gets the W-1 keys before it, see ops/attention/window.py). W >= N is plain
+    causal attention.
     check_agreement: with P > 1, first check with one small all-gather that every rank
     passed the same shapes, dtype and options, so a mismatch (or bad input on one rank)
     raises the same ValueError on every rank instead of hanging; pass False in hot loops
@@ -167,7 +167,8 @@ def sharded_attention(q, k, v, mesh: Mesh | None = None, *, causal: bool = False
     if window is not None and window >= q.shape[2] * mesh.size:
         window = None  # the window covers the whole sequence: plain causal attention
     if window is not None:
-        return window_attention(q, k, v, mesh, window=window, scale=scale, doc_lens=doc_lens)
+        return window_attention(q, k, v, mesh, window=window, scale=scale, doc_lens=doc_lens,
+                                layout=layout)
     layout = get_layout(layout)
     strategy = resolve_strategy(strategy, mesh, q.shape[1])
     if mesh.size > 1:

@@ -1,4 +1,4 @@
-"""Exact causal sliding-window attention on a contiguously sharded sequence.
+"""Exact causal sliding-window attention on a sharded sequence (any layout).
 
 Convention: a window of W tokens *includes the token itself*. Token t attends to keys
 t-W+1 .. t (those that exist): W = 1 sees only itself, W >= N is plain causal attention.
@@ -30,12 +30,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqshard.dist import Mesh, get_layout, ring_shift
+from seqshard.dist import Layout, Mesh, get_layout, ring_shift
 
 from .checks import check_qkv
 from .kernels import default_scale, empty_attention, varlen_attention, varlen_ok
 from .naive import doc_ids
 from .plain import TILE_ROWS
+from .window_layouts import MAX_HALO_RUNS, gather_run_halos, relayout
 
 # Query rows per block: max(W // 2, MIN_BLOCK). A row computes block + W - 1 scores of which
 # W count, but the fused kernel is slow on short blocks. Provenance: introduced as 256 in
@@ -56,10 +57,7 @@ def check_window(window, *, causal: bool, layout, strategy: str, world: int) -> 
     if strategy != "auto":
         raise ValueError(f"window={window} has one algorithm (a halo exchange with the "
                          f"previous ranks); pass strategy='auto', got strategy={strategy!r}")
-    name = get_layout(layout).name
-    if world > 1 and name != "contiguous":
-        raise ValueError(f"window={window} needs layout='contiguous' when sharded over "
-                         f"{world} ranks, got layout={name!r}")
+    get_layout(layout)  # ValueError naming an unknown layout; every layout runs a window
     return int(window)
 
 
@@ -232,15 +230,18 @@ def local_window_attention(q, k, v, window: int, scale: float, q_start: int = 0,
 
 def window_attention(q, k, v, mesh: Mesh | None = None, *, window: int,
                      scale: float | None = None, doc_lens=None,
-                     block: int | None = None) -> torch.Tensor:
-    """Causal sliding-window attention over a contiguously sharded sequence.
+                     block: int | None = None, layout: str | Layout = "contiguous") -> torch.Tensor:
+    """Causal sliding-window attention over a sharded sequence.
 
-    q [B, Hq, n, D]; k, v [B, Hkv, n, D] (Hq % Hkv == 0): this rank's contiguous shard of a
-    global sequence of N = n * P tokens. Token t reads keys t-W+1 .. t (W = `window`, the
-    token itself included). Returns out [B, Hq, n, D]. Usually reached through
-    `sharded_attention(q, k, v, mesh, causal=True, window=W)`, which checks the inputs.
-    doc_lens: packed document lengths over the global sequence. block: query rows per
-    local block (default max(W // 2, MIN_BLOCK)); any value gives the same result.
+    q [B, Hq, n, D]; k, v [B, Hkv, n, D] (Hq % Hkv == 0): this rank's shard, placed by
+    `layout`, of a global sequence of N = n * P tokens. Token t reads keys t-W+1 .. t
+    (W = `window`, the token itself included). Returns out [B, Hq, n, D]. Usually reached
+    through `sharded_attention(q, k, v, mesh, causal=True, window=W, layout=...)`, which
+    checks the inputs. doc_lens: packed document lengths over the global sequence. block:
+    query rows per local block (default max(W // 2, MIN_BLOCK)); any value gives the same
+    result. Contiguous: the halo hops above. A few runs per rank (zigzag): each run's halo
+    from its owners (`window_layouts.gather_run_halos`). Many runs (striped): re-laid out
+    to contiguous and back (`window_layouts.relayout`).
 
     Example (one process):
 
@@ -250,18 +251,47 @@ def window_attention(q, k, v, mesh: Mesh | None = None, *, window: int,
     """
     check_qkv(q, k, v)
     mesh = Mesh.single(q.device) if mesh is None else mesh
-    window = check_window(window, causal=True, layout="contiguous", strategy="auto",
+    window = check_window(window, causal=True, layout=layout, strategy="auto",
                           world=mesh.size)
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise ValueError(f"block={block!r} must be a positive integer")
     if q.numel() == 0:  # B, n or D = 0 (on every rank: they hold equal shapes)
         return empty_attention(q, k, v)
     n = q.shape[2]
+    seq_len = n * mesh.size
+    layout = get_layout(layout)
+    if mesh.size > 1:
+        layout.check(seq_len, mesh.size)
     # W >= N is plain causal attention: W = N gives it too, and sizes the blocks by N, not W
-    window = min(window, n * mesh.size)
-    doc = None if doc_lens is None else doc_ids(doc_lens, n * mesh.size)  # int64 [N], host
+    window = min(window, seq_len)
+    doc = None if doc_lens is None else doc_ids(doc_lens, seq_len)  # int64 [N], host
+    scale = default_scale(q.shape[-1], scale)
+    if mesh.size == 1 or layout.name == "contiguous":
+        return _contiguous(q, k, v, mesh, window, scale, doc, block)
+    runs = layout.runs(seq_len, mesh.rank, mesh.size)
+    if len(runs) > MAX_HALO_RUNS:  # striped: see window_layouts.py for why not halos
+        contiguous = get_layout("contiguous")
+        hq, hkv = q.shape[1], k.shape[1]
+        # one all-to-all for q, k and v: heads side by side [B, Hq + 2 Hkv, n, D]
+        qkv = relayout(torch.cat((q, k, v), dim=1), mesh, layout, contiguous)
+        q, k, v = qkv.split((hq, hkv, hkv), dim=1)
+        out = _contiguous(q, k, v, mesh, window, scale, doc, block)  # [B, Hq, n, D]
+        return relayout(out, mesh, contiguous, layout)
+    halos = gather_run_halos(k, v, mesh, layout, window)  # per run [2, B, Hkv, h, D]
+    outs, offset = [], 0
+    for (start, length), halo in zip(runs, halos):
+        rows = slice(offset, offset + length)
+        k_run, v_run = (torch.cat((h, x[:, :, rows]), dim=2) for h, x in zip(halo, (k, v)))
+        outs.append(local_window_attention(q[:, :, rows], k_run, v_run, window, scale,
+                                           q_start=start, doc=doc, block=block))
+        offset += length
+    return torch.cat(outs, dim=2)  # [B, Hq, n, D]
+
+
+def _contiguous(q, k, v, mesh: Mesh, window: int, scale: float, doc, block) -> torch.Tensor:
+    """The window on a contiguous shard: halo hops, then the local kernel."""
     k_halo, v_halo = gather_halo(k, v, mesh, window)  # [B, Hkv, h, D]
     if k_halo.shape[2] or mesh.size > 1:
         k, v = torch.cat((k_halo, k), dim=2), torch.cat((v_halo, v), dim=2)  # [B, Hkv, h+n, D]
-    return local_window_attention(q, k, v, window, default_scale(q.shape[-1], scale),
-                                  q_start=mesh.rank * n, doc=doc, block=block)
+    return local_window_attention(q, k, v, window, scale, q_start=mesh.rank * q.shape[2],
+                                  doc=doc, block=block)

@@ -1,0 +1,179 @@
+"""Moving a sliding window's keys on layouts other than contiguous (used by window.py).
+
+Two mechanisms, chosen by how many runs of the sequence a rank holds (`Layout.runs`):
+
+- A few runs (zigzag: 2). Every run needs the W-1 keys before it, wherever they sit.
+  `halo_pieces` cuts that interval into pieces by owner (rank, local offset), from the
+  layout's runs alone, so every rank knows what every other rank needs without talking.
+  `gather_run_halos` then sends, for each distance d = (receiver - owner) mod P that occurs
+  anywhere, ONE message per rank to rank r+d, carrying every piece it owes that rank
+  (zero-padded to the longest such message, so that all ranks post equal shapes; receivers
+  slice the padding away); the messages of all distances go out as one batch. Zigzag with W-1 <= N/(2P): distances 1 and
+  P-1 (the first run's halo is on rank r-1, the second's on rank r+1), so two hops, one
+  for P = 2; the last rank's second run is preceded by its own first run (no message).
+- Many runs (striped: N/P runs of one token). The W-1 keys before a token sit on
+  min(W-1, P-1) other ranks, so the union of a rank's halos is min(W-1, P-1) whole shards:
+  for W >= P every rank would receive every other rank's K/V, the whole sequence. Instead
+  `relayout` moves each token once with an all-to-all into the contiguous layout, where the
+  halo is W-1 tokens from the previous ranks; the output comes back the same way. That moves
+  q, k, v and out, about 4 n (P-1)/P rows per rank, against 2 n min(W-1, P-1) for the
+  halos: less whenever W > 2, and it never holds more than one shard plus the halo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from seqshard.dist import Layout, Mesh, all_to_all, exchange
+from seqshard.dist.collectives import group_rank, group_size
+
+# A layout whose ranks hold at most this many runs exchanges halos; more runs re-layout.
+# Zigzag holds 2, striped N/P; the plan costs O(P^2 runs^2) host work per call.
+MAX_HALO_RUNS = 8
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of the halo of a receiver's run `run`: `length` keys from global `start` on,
+    held by rank `src` at local offset `src_start`."""
+
+    run: int
+    src: int
+    src_start: int
+    length: int
+    start: int
+
+
+def halo_pieces(layout: Layout, seq_len: int, world: int, rank: int, window: int) -> list[Piece]:
+    """The pieces of the W-1 keys before each of `rank`'s runs, by run then position."""
+    owners = []  # (global start, length, rank, local offset) of every run of every rank
+    for b in range(world):
+        offset = 0
+        for start, length in layout.runs(seq_len, b, world):
+            owners.append((start, length, b, offset))
+            offset += length
+    pieces = []
+    for i, (start, _) in enumerate(layout.runs(seq_len, rank, world)):
+        lo = max(0, start - (window - 1))
+        for o_start, o_len, b, offset in owners:
+            a, e = max(lo, o_start), min(start, o_start + o_len)
+            if a < e:
+                pieces.append(Piece(i, b, offset + a - o_start, e - a, a))
+    return sorted(pieces, key=lambda p: (p.run, p.start))
+
+
+class _Shifts(torch.autograd.Function):
+    """Ring shifts by several distances posted as ONE batch (forward, and backward in
+    reverse): separate `ring_shift`s would have their backwards ordered by each rank's own
+    autograd graph, which differs by rank here, and two ranks waiting on different shifts
+    deadlock."""
+
+    @staticmethod
+    def forward(ctx, group, timeout, distances, *messages):
+        ctx.args = (group, timeout, distances)
+        world, me = group_size(group), group_rank(group)
+        sends = [(x, (me + d) % world) for d, x in zip(distances, messages)]
+        recvs = [(torch.empty_like(x, memory_format=torch.contiguous_format), (me - d) % world)
+                 for d, x in zip(distances, messages)]
+        return tuple(exchange(sends, recvs, group, timeout=timeout, op="window_halo").wait())
+
+    @staticmethod
+    def backward(ctx, *grads):
+        group, timeout, distances = ctx.args
+        world, me = group_size(group), group_rank(group)
+        sends = [(g, (me - d) % world) for d, g in zip(distances, grads)]
+        recvs = [(torch.empty_like(g, memory_format=torch.contiguous_format), (me + d) % world)
+                 for d, g in zip(distances, grads)]
+        back = exchange(sends, recvs, group, timeout=timeout, op="window_halo").wait()
+        return (None, None, None, *back)
+
+
+def gather_run_halos(k, v, mesh: Mesh, layout: Layout, window: int) -> list[torch.Tensor]:
+    """Stacked K/V halos [2, B, Hkv, h_i, D], oldest first, one per run of this rank.
+
+    k, v [B, Hkv, n, D]. One `ring_shift` per distance between an owner and a receiver of
+    some piece (the same list on every rank, so all ranks run the same collectives forward
+    and backward; the backward of a shift returns the halo's dK/dV to its owner).
+    """
+    world, me, n = mesh.size, mesh.rank, k.shape[2]
+    seq_len = n * world
+    plans = [halo_pieces(layout, seq_len, world, r, window) for r in range(world)]
+    kv = torch.stack((k, v))  # [2, B, Hkv, n, D]
+
+    def rows(p: Piece) -> torch.Tensor:
+        return kv[:, :, :, p.src_start:p.src_start + p.length]
+
+    got: dict[int, torch.Tensor] = {i: rows(p) for i, p in enumerate(plans[me]) if p.src == me}
+    # an empty slice of every received message joins the first halo, so each shift stays in
+    # the graph even where this rank uses none of it: its backward must run on every rank
+    anchors = []
+    distances = sorted({(r - p.src) % world for r in range(world) for p in plans[r]} - {0})
+    messages = []
+    for d in distances:
+        # every rank sends what rank me+d needs from it, padded to the longest message
+        width = max(sum(p.length for p in plans[r] if p.src == (r - d) % world)
+                    for r in range(world))
+        sends = [rows(p) for p in plans[(me + d) % world] if p.src == me]
+        used = sum(x.shape[3] for x in sends)
+        sends.append(kv.new_zeros(kv.shape[:3] + (width - used, kv.shape[4])))
+        messages.append(torch.cat(sends, dim=3))  # [2, B, Hkv, width, D]
+    received = _Shifts.apply(mesh.group, mesh.timeout, tuple(distances), *messages) if distances else ()
+    for d, recv in zip(distances, received):
+        anchors.append(recv[:, :, :, :0])
+        offset = 0  # the pieces arrive in the sender's order, which is our plan's order
+        for i, p in enumerate(plans[me]):
+            if p.src == (me - d) % world:
+                got[i] = recv[:, :, :, offset:offset + p.length]
+                offset += p.length
+    runs = len(layout.runs(seq_len, me, world))
+    halos = []
+    for run in range(runs):
+        parts = [got[i] for i, p in enumerate(plans[me]) if p.run == run]
+        if run == 0:
+            parts = anchors + parts
+        halos.append(torch.cat(parts, dim=3) if parts else kv[:, :, :, :0])
+    return halos
+
+
+def _routes(src: Layout, dst: Layout, seq_len: int, world: int):
+    """For every rank a: the local rows it sends to each rank c, in dst's local order
+    (padded with row n, a zero row), and the dst local position of each; plus the slot
+    count m of one rank-to-rank piece."""
+    n = seq_len // world
+    dst_rank = torch.empty(seq_len, dtype=torch.int64)
+    dst_local = torch.empty(seq_len, dtype=torch.int64)
+    for r in range(world):
+        pos = dst.positions(seq_len, r, world)
+        dst_rank[pos], dst_local[pos] = r, torch.arange(n)
+    sends = []  # sends[a][c]: (src local rows, dst local rows)
+    for a in range(world):
+        pos = src.positions(seq_len, a, world)
+        to = dst_rank[pos]
+        sends.append([])
+        for c in range(world):
+            rows = torch.nonzero(to == c).flatten()
+            rows = rows[torch.argsort(dst_local[pos[rows]])]
+            sends[a].append((rows, dst_local[pos[rows]]))
+    m = max(len(rows) for per in sends for rows, _ in per)
+    return sends, m
+
+
+def relayout(x: torch.Tensor, mesh: Mesh, src: Layout, dst: Layout) -> torch.Tensor:
+    """This rank's shard of the same sequence under layout `dst`, from x [B, H, n, D]
+    sharded by `src`: one all-to-all (autograd-aware: backward is the reverse all-to-all)."""
+    world, me, n = mesh.size, mesh.rank, x.shape[2]
+    sends, m = _routes(src, dst, n * world, world)
+    pad = n  # index of the zero row appended below
+    index = torch.full((world, m), pad, dtype=torch.int64)
+    for c, (rows, _) in enumerate(sends[me]):
+        index[c, :len(rows)] = rows
+    x = torch.cat((x, x.new_zeros(x.shape[:2] + (1, x.shape[3]))), dim=2)  # [B, H, n+1, D]
+    out = x.index_select(2, index.flatten().to(x.device))  # [B, H, P*m, D], piece c to rank c
+    got = all_to_all(out, mesh.group, 2, 2, timeout=mesh.timeout)  # piece a from rank a
+    slot = torch.empty(n, dtype=torch.int64)  # slot of got holding our local row t
+    for a in range(world):
+        _, local = sends[a][me]
+        slot[local] = a * m + torch.arange(len(local))
+    return got.index_select(2, slot.to(x.device))  # [B, H, n, D]
