@@ -86,9 +86,9 @@ class DeltaNet(nn.Module):
     many tokens (pieces.py: one autograd.Function, recomputed piece by piece in backward), so
     its activations are O(piece) instead of O(N_local): ~16 KB per token of the shard drop to
     the input, output and their gradients (see README.md). None: never. The default, 65536,
-    keeps shards up to 64K tokens on the whole-shard path: at P = 2 the pieces cost about 2x
-    the wall time (the ranks take turns; README.md), a price worth paying only where memory
-    runs out; pass a smaller value (e.g. 16384) for the least memory. Every rank must hold
+    keeps shards up to 64K tokens on the whole-shard path (the pieces recompute the layer
+    once more in backward; the ranks no longer take turns over them, README.md; the value is
+    not yet re-chosen by measurement); pass a smaller value (e.g. 16384) for the least memory. Every rank must hold
     the same N_local (the contiguous layout does), so all take the same path.
 
     >>> layer = DeltaNet(dim=32, num_heads=2)
