@@ -9,7 +9,7 @@
 Registration goes through transformers' public `AttentionInterface.register(name, fn)`, so every
 model whose attention layers dispatch through that registry (Llama, Qwen2/3, Mistral, ...)
 computes exact attention over the whole sequence while each rank holds only its shard
-(sliding-window layers too, on the contiguous layout). The
+(sliding-window layers and `layer_types` mixes too, on every layout). The
 rotary embeddings stay right because `position_ids` carry the layout's global positions. The
 name is deliberately NOT registered with the attention-mask registry, so transformers builds no
 (local, hence wrong) mask and passes attention_mask=None; causality comes from the layer.
@@ -54,7 +54,7 @@ def register_sharded_attention(mesh: Mesh | None, *, layout: str | Layout = "con
         _unsupported(kwargs)
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         # sliding-window layers (Mistral, Qwen's layer_types): transformers passes the window
-        # per call; key t-W+1 .. t, its convention, is the op's; needs the contiguous layout
+        # per call; key t-W+1 .. t, its convention, is the op's; any layout
         window = kwargs.get("sliding_window")
         out = sharded_attention(query, key, value, mesh, causal=causal, scale=scaling,
                                 layout=layout, strategy="auto" if window else strategy,

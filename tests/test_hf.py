@@ -16,15 +16,22 @@ TOL = 5e-5
 
 
 def _tiny_config(style: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3Config
 
     common = dict(vocab_size=61, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, head_dim=48,
                   max_position_embeddings=256, tie_word_embeddings=False)
     if style == "llama":
         return LlamaConfig(**common)
-    if style == "mistral":  # every layer a sliding window of 7 keys, shorter than a shard
+    if style == "mistral":  # every layer a sliding window of 7 keys
         return MistralConfig(**common, sliding_window=7)
+    if style == "gemma3":  # Gemma 3's mix: window layers, then a global one (5 : 1 there)
+        return Gemma3TextConfig(**dict(common, num_hidden_layers=3), sliding_window=5,
+                                query_pre_attn_scalar=48,
+                                layer_types=["sliding_attention"] * 2 + ["full_attention"])
+    if style == "qwen_mix":  # Qwen's layer_types: a window layer and a global one
+        return Qwen3Config(**common, use_sliding_window=True, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"])
     return Qwen3Config(**common, use_sliding_window=False)
 
 
@@ -85,6 +92,27 @@ def test_hf_sharded_equals_unsharded(style, layout, strategy, world, degrees):
         assert len(errors) > 10, errors  # loss, logits and every parameter
         bad = {k: v for k, v in errors.items() if v > TOL}
         assert not bad, f"{style} rank {rank}: {bad}"
+
+
+def _hf_cases(rank, world, cases, seq_len):
+    return [_hf_case(rank, world, style, layout, strategy, seq_len, {})
+            for style, layout, strategy in cases]
+
+
+# windows on balanced layouts (they raised "needs layout='contiguous'" before): 24 tokens,
+# so zigzag runs of 3 at P = 4, shorter than every window; global layers on the ring
+WINDOW_CASES = [("mistral", "zigzag", "auto"), ("gemma3", "zigzag", "ring"),
+                ("qwen_mix", "striped", "ring")]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_hf_windows_on_balanced_layouts_equal_unsharded(world):
+    results = run_ranks(_hf_cases, world, WINDOW_CASES, 24)
+    for rank, per_case in enumerate(results):
+        for (style, layout, _), errors in zip(WINDOW_CASES, per_case):
+            assert len(errors) > 10, errors  # loss, logits and every parameter
+            bad = {k: v for k, v in errors.items() if v > TOL}
+            assert not bad, f"{style} on {layout}, P={world} rank {rank}: {bad}"
 
 
 def _mask_rejected(rank, world):
