@@ -15,6 +15,11 @@ hop). The shifts are cyclic (`seqshard.dist.ring_shift`): the first ranks receiv
 tail they do not need. They still take part and slice it away, so every rank runs the same
 collectives in forward and backward (the backward of a shift sends the halo's dK/dV home).
 
+Other layouts (`window_layouts.py`): a zigzag rank holds two runs; each gets the W-1 keys
+before it from their owners, one message per rank distance. A striped rank holds N/P runs
+whose halos together are whole shards, so q/k/v are re-laid out to contiguous (one
+all-to-all) and the output sent back.
+
 Locally, query blocks of ~W/2 rows meet their key span (the W-1 keys before the block
 through its last query) under a band mask, so time and memory are O(n * W), never O(n^2).
 All blocks go to `torch.nn.functional.scaled_dot_product_attention` as one batch (blocks in

@@ -16,8 +16,9 @@ Two mechanisms, chosen by how many runs of the sequence a rank holds (`Layout.ru
   for W >= P every rank would receive every other rank's K/V, the whole sequence. Instead
   `relayout` moves each token once with an all-to-all into the contiguous layout, where the
   halo is W-1 tokens from the previous ranks; the output comes back the same way. That moves
-  q, k, v and out, about 4 n (P-1)/P rows per rank, against 2 n min(W-1, P-1) for the
-  halos: less whenever W > 2, and it never holds more than one shard plus the halo.
+  (2 Hq + 2 Hkv) n (P-1)/P head-rows per rank against 2 Hkv n min(W-1, P-1) for the halos
+  (for MHA: no more once W > 2, less once P > 2 too), and never holds more than a shard
+  plus the halo.
 """
 
 from __future__ import annotations
