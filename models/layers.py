@@ -93,7 +93,7 @@ class ShardedCausalAttention(nn.Module):
     x [B, N_local, C] -> [B, N_local, C]. The attention itself is
     `seqshard.ops.attention.sharded_attention` with the mesh, layout and strategy, so the
     result equals attention over the whole (gathered) sequence. `window` (tokens, the token
-    itself included) makes it causal sliding-window attention (contiguous layout).
+    itself included) makes it causal sliding-window attention (on any layout).
     (Not `seqshard.ops.fit.layers.Attention`, FIT's unsharded attention inside a group or
     over latents.)
     """
