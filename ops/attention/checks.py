@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import torch
 
-# What the kernels compute in: integer, bool and complex inputs have no softmax attention
-# (torch's SDPA rejects them too), and float8 has no kernel here.
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ..dtypes import FLOAT_DTYPES
 
 
 def check_qkv(q, k, v, *, same_len: bool = True) -> None:
@@ -19,8 +17,8 @@ def check_qkv(q, k, v, *, same_len: bool = True) -> None:
             raise ValueError(f"{name} must be a 4-D tensor [B, H, N_local, D], got {shape}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v have different dtypes: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in DTYPES:
-        raise ValueError(f"attention needs a floating dtype ({', '.join(map(str, DTYPES))}), "
+    if q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"attention needs a floating dtype ({', '.join(map(str, FLOAT_DTYPES))}), "
                          f"got {q.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")

@@ -7,12 +7,11 @@ import torch
 
 from seqshard.dist import Mesh, agree
 
+from ..dtypes import FLOAT_DTYPES
 from .chunk import LocalSchedule, default_chunk_size, run
 from .sharded import SCHEDULES, sharded_delta_rule
 
 
-# real floating dtypes the kernel takes (it computes in fp32, float64 stays float64)
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _shape_problems(q, k, v, beta, gate, initial_state, schedule, chunk_size,
@@ -23,7 +22,7 @@ def _shape_problems(q, k, v, beta, gate, initial_state, schedule, chunk_size,
                           ("gate", gate, 3), ("initial_state", initial_state, 4)):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS or t.dim() != dims:
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES or t.dim() != dims:
             what = (f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor)
                     else type(t).__name__)
             problems.append(f"{name} must be a {dims}-D floating tensor (float16, bfloat16, "

@@ -33,7 +33,8 @@ import torch
 
 from seqshard.dist import Mesh, agree, exchange, exclusive_scan
 
-from .api import _FLOATS, _nonfinite, agreement_facts
+from ..dtypes import FLOAT_DTYPES
+from .api import _nonfinite, agreement_facts
 from .chunk import default_chunk_size, prepare_blocked, shard_map
 from .sharded import compose
 
@@ -337,7 +338,7 @@ def deltanet_in_pieces(layer, x: torch.Tensor, halo: torch.Tensor | None, mesh: 
         # the same facts as delta_rule's check on the whole-shard path (the "path" fact says
         # which), so ranks that took different paths raise instead of mixing scans
         head_dim = layer.head_dim
-        dtype = x.dtype if x.dtype in _FLOATS else None
+        dtype = x.dtype if x.dtype in FLOAT_DTYPES else None
         chunk = layer.chunk_size or default_chunk_size(x.device)
         facts = agreement_facts("pieces", x.shape[0], layer.num_heads, head_dim, head_dim,
                                 [dtype] * 4 + [dtype if layer.use_gate else None],

@@ -22,13 +22,12 @@ import torch
 from seqshard.dist import Mesh, all_gather
 from seqshard.dist.agree import agree
 
+from ..dtypes import FLOAT_DTYPES
+
 
 def world_and_rank(mesh: Mesh | None) -> tuple[int, int]:
     """(sp size, sp rank); None means one process."""
     return (1, 0) if mesh is None else (mesh.size, mesh.rank)
-
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _token_problem(x, dim: int, group_size: int, dtype: torch.dtype | None) -> str | None:
@@ -36,7 +35,7 @@ def _token_problem(x, dim: int, group_size: int, dtype: torch.dtype | None) -> s
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         what = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         return f"x must be [batch, seq_local, dim], got shape {what}"
-    if x.dtype not in _FLOATS:
+    if x.dtype not in FLOAT_DTYPES:
         return f"x has dtype {x.dtype}: expected float16, bfloat16, float32 or float64"
     if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
         return (f"x is {x.dtype} but FIT's parameters are {dtype}: cast one to the other "
