@@ -140,3 +140,15 @@ def test_block_v_must_be_a_power_of_two():
 
 if __name__ == "__main__":
     run_cases(sys.argv[1])
+
+
+def test_shape_errors_name_the_triton_chain():
+    # the C and Triton backends share one set of shape checks; each names its own backend
+    from seqshard.ops.delta_rule import triton_chain
+
+    nc, bh, c, dk, dv = 2, 3, 4, 5, 6
+    w = kt = torch.zeros(nc, bh, c, dk)
+    u = torch.zeros(nc, bh, c, dv)
+    states = torch.zeros(nc, bh, dk, dv)  # one chunk-start state short: nc + 1 expected
+    with pytest.raises(ValueError, match=r"^triton chain: states has shape \(2, 3, 5, 6\)"):
+        triton_chain.forward(states, torch.zeros(nc, bh, c, dv), w, u, kt, None)

@@ -98,26 +98,27 @@ def _native(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
     return _load(first.dtype)
 
 
-def _expect(name: str, x: torch.Tensor | None, shape: tuple, contiguous: bool = False):
-    """ValueError unless x has `shape` (and, where the C loop writes it as one block, is
-    contiguous): the C loops index by these sizes with no bounds of their own. Not assert,
-    which `python -O` strips."""
+def expect(name: str, x: torch.Tensor | None, shape: tuple, contiguous: bool = False,
+           who: str = "fused chain"):
+    """ValueError unless x has `shape` (and, where the native loop writes it as one block, is
+    contiguous): the C and Triton loops index by these sizes with no bounds of their own. Not
+    assert, which `python -O` strips. `who` names the backend in the message."""
     if x is None:
         return
     if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"fused chain: {name} has shape {tuple(x.shape)}, expected "
-                         f"{tuple(shape)}")
+        raise ValueError(f"{who}: {name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
     if contiguous and not x.is_contiguous():
-        raise ValueError(f"fused chain: {name} must be contiguous; its strides are {x.stride()}")
+        raise ValueError(f"{who}: {name} must be contiguous; its strides are {x.stride()}")
 
 
-def _sizes(w: torch.Tensor, kt: torch.Tensor, decay: torch.Tensor | None):
+def chain_sizes(w: torch.Tensor, kt: torch.Tensor, decay: torch.Tensor | None,
+                who: str = "fused chain"):
     """(nc, BH, C, Dk) of w [nc, BH, C, Dk], with kt and decay [nc, BH] checked against it."""
     if w.dim() != 4:
-        raise ValueError(f"fused chain: w has shape {tuple(w.shape)}, expected [nc, BH, C, Dk]")
+        raise ValueError(f"{who}: w has shape {tuple(w.shape)}, expected [nc, BH, C, Dk]")
     nc, BH, C, Dk = w.shape
-    _expect("kt", kt, w.shape)
-    _expect("decay", decay, (nc, BH))
+    expect("kt", kt, w.shape, who=who)
+    expect("decay", decay, (nc, BH), who=who)
     return nc, BH, C, Dk
 
 
@@ -161,12 +162,12 @@ def chain_forward(states, deltas, w, u, kt, decay, threads: int | None = None) -
     contiguous, from w, kt [nc, BH, C, Dk], u [nc, BH, C, Dv], decay [nc, BH] or None.
     False (nothing written) where the native path does not apply; ValueError for shapes or
     strides that do not fit. threads: see _threads."""
-    nc, BH, C, Dk = _sizes(w, kt, decay)
+    nc, BH, C, Dk = chain_sizes(w, kt, decay)
     threads = _threads(threads, BH, nc)
     Dv = _last(u)
-    _expect("u", u, (nc, BH, C, Dv))
-    _expect("states", states, (nc + 1, BH, Dk, Dv), contiguous=True)
-    _expect("deltas", deltas, (nc, BH, C, Dv), contiguous=True)
+    expect("u", u, (nc, BH, C, Dv))
+    expect("states", states, (nc + 1, BH, Dk, Dv), contiguous=True)
+    expect("deltas", deltas, (nc, BH, C, Dv), contiguous=True)
     lib = _native(states, w, u, kt, decay)
     if lib is None:
         return False
@@ -181,12 +182,12 @@ def chain_backward(g, w, kt, decay, ds_states, after, threads: int | None = None
     by that of the first chunk's state; w, kt [nc, BH, C, Dk]; decay [nc, BH] or None;
     ds_states and after (written, or None) [nc, BH, Dk, Dv]. False (nothing written) where
     the native path does not apply. threads: see _threads."""
-    nc, BH, C, Dk = _sizes(w, kt, decay)
+    nc, BH, C, Dk = chain_sizes(w, kt, decay)
     threads = _threads(threads, BH, nc)
     Dv = _last(g)
-    _expect("g", g, (BH, Dk, Dv), contiguous=True)
-    _expect("ds_states", ds_states, (nc, BH, Dk, Dv))
-    _expect("after", after, (nc, BH, Dk, Dv))
+    expect("g", g, (BH, Dk, Dv), contiguous=True)
+    expect("ds_states", ds_states, (nc, BH, Dk, Dv))
+    expect("after", after, (nc, BH, Dk, Dv))
     if after is not None and after.stride(-1) != 1:  # written in place: cannot be copied
         raise ValueError(f"fused chain: after's last dim must be contiguous; strides "
                          f"{after.stride()}")
@@ -206,11 +207,11 @@ def chain_map(m, w, u, kt, decay, threads: int | None = None) -> bool:
     all chunks together, S -> A S + B) through every chunk in place: w, kt [nc, BH, C, Dk];
     u [nc, BH, C, Dv]; decay [nc, BH] or None. False (nothing written) where the native
     path does not apply. threads: see _threads."""
-    nc, BH, C, Dk = _sizes(w, kt, decay)
+    nc, BH, C, Dk = chain_sizes(w, kt, decay)
     threads = _threads(threads, BH, nc)
     Dv = _last(u)
-    _expect("u", u, (nc, BH, C, Dv))
-    _expect("m", m, (BH, Dk, Dk + Dv), contiguous=True)
+    expect("u", u, (nc, BH, C, Dv))
+    expect("m", m, (BH, Dk, Dk + Dv), contiguous=True)
     lib = _native(m, w, u, kt, decay)
     if lib is None:
         return False

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from .fused_chain import _expect, _sizes
+from .fused_chain import chain_sizes, expect
 
 # Columns of the state per program, and warps per program. Provenance: commit 0672b13
 # (2026-11-29), chosen by register arithmetic, not measured: no GPU has run this kernel
@@ -31,6 +31,7 @@ from .fused_chain import _expect, _sizes
 # chunk tile within 4 warps' registers up to Dk = 128.
 BLOCK_V = 32
 NUM_WARPS = 4
+WHO = "triton chain"  # names this backend in the shared shape checks' errors
 
 
 def enabled() -> bool:
@@ -86,11 +87,11 @@ def _strides(x: torch.Tensor | None, dims: int) -> tuple[int, ...]:
 
 def forward(states, deltas, w, u, kt, decay, block_v: int = BLOCK_V) -> None:
     """fused_chain.chain_forward's contract, launched unconditionally (see the module doc)."""
-    nc, BH, C, Dk = _sizes(w, kt, decay)
+    nc, BH, C, Dk = chain_sizes(w, kt, decay, who=WHO)
     Dv = u.shape[-1]
-    _expect("u", u, (nc, BH, C, Dv))
-    _expect("states", states, (nc + 1, BH, Dk, Dv))
-    _expect("deltas", deltas, (nc, BH, C, Dv))
+    expect("u", u, (nc, BH, C, Dv), who=WHO)
+    expect("states", states, (nc + 1, BH, Dk, Dv), who=WHO)
+    expect("deltas", deltas, (nc, BH, C, Dv), who=WHO)
     if nc == 0 or BH == 0 or Dv == 0:
         return
     _launch(kernels().chain_forward_kernel, (states, deltas, w, u, kt, _or(decay, w)),
@@ -102,11 +103,11 @@ def forward(states, deltas, w, u, kt, decay, block_v: int = BLOCK_V) -> None:
 
 def backward(g, w, kt, decay, ds_states, after, block_v: int = BLOCK_V) -> None:
     """fused_chain.chain_backward's contract, launched unconditionally."""
-    nc, BH, C, Dk = _sizes(w, kt, decay)
+    nc, BH, C, Dk = chain_sizes(w, kt, decay, who=WHO)
     Dv = g.shape[-1]
-    _expect("g", g, (BH, Dk, Dv))
-    _expect("ds_states", ds_states, (nc, BH, Dk, Dv))
-    _expect("after", after, (nc, BH, Dk, Dv))
+    expect("g", g, (BH, Dk, Dv), who=WHO)
+    expect("ds_states", ds_states, (nc, BH, Dk, Dv), who=WHO)
+    expect("after", after, (nc, BH, Dk, Dv), who=WHO)
     if nc == 0 or BH == 0 or Dv == 0:
         return
     _launch(kernels().chain_backward_kernel, (g, w, kt, _or(decay, w), ds_states, _or(after, g)),
@@ -119,10 +120,10 @@ def backward(g, w, kt, decay, ds_states, after, block_v: int = BLOCK_V) -> None:
 
 def shard_map(m, w, u, kt, decay, block_v: int = BLOCK_V) -> None:
     """fused_chain.chain_map's contract, launched unconditionally."""
-    nc, BH, C, Dk = _sizes(w, kt, decay)
+    nc, BH, C, Dk = chain_sizes(w, kt, decay, who=WHO)
     Dv = u.shape[-1]
-    _expect("u", u, (nc, BH, C, Dv))
-    _expect("m", m, (BH, Dk, Dk + Dv))
+    expect("u", u, (nc, BH, C, Dv), who=WHO)
+    expect("m", m, (BH, Dk, Dk + Dv), who=WHO)
     if nc == 0 or BH == 0:
         return
     _launch(kernels().chain_map_kernel, (m, w, u, kt, _or(decay, w)), (nc, C, Dk, Dv),
