@@ -197,6 +197,13 @@ command("worker", "run one rank of a job under torchrun / deepspeed (reads RANK,
 from .perf import register as _register_perf  # noqa: E402  (seqshard bench, seqshard plan)
 
 _register_perf(command)
+from .data_cmd import register as _register_data  # noqa: E402  (seqshard data prepare)
+from .eval_cmd import register as _register_eval  # noqa: E402  (seqshard eval)
+from .generate_cmd import register as _register_generate  # noqa: E402  (seqshard generate)
+from .sweep import register as _register_sweep  # noqa: E402  (seqshard sweep)
+
+for _register in (_register_data, _register_eval, _register_sweep, _register_generate):
+    _register(command)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -8,6 +8,9 @@ A job file has one table per dataclass below:
     [model]   kind + the model's own config (passed to seqshard.models as a dict)
     [train]   the task's training config (models.TrainConfig for "train", ProbeConfig for "probe")
     [fault]   deliberate failures, for testing the restart path
+    [data]    where training and evaluation tokens come from (models.DataConfig)
+    [eval]    evaluation run at the end of training and by `seqshard eval` (models.EvalConfig)
+    [log]     what the driver logs besides records.msgpack (TensorBoard, the progress line)
 
 Unknown tables or keys, values of the wrong type and meshes that do not multiply to the worker
 count raise ValueError naming the key or the degrees, so a typo never reaches a cluster.
@@ -24,6 +27,8 @@ from typing import Any
 
 from seqshard.dist import MeshShape, get_layout
 from seqshard.models import RecallTask, TrainConfig, merged_model_config, model_class
+from seqshard.models.corpus import DataConfig
+from seqshard.models.evaluate import EvalConfig
 from seqshard.models.config import CONFIGS
 from seqshard.models.fill import fill, suggest
 
@@ -95,6 +100,12 @@ class LaunchSection:
 
 
 @dataclass
+class LogSection:
+    tensorboard: bool = False
+    """Also write TensorBoard event files beside records.msgpack (needs `tensorboard`)."""
+
+
+@dataclass
 class FaultSection:
     """Deliberate failures, for testing the failure path end to end (leave unset in real jobs)."""
 
@@ -135,8 +146,11 @@ class JobConfig:
     mesh: MeshSection = field(default_factory=MeshSection)
     launch: LaunchSection = field(default_factory=LaunchSection)
     fault: FaultSection = field(default_factory=FaultSection)
+    log: LogSection = field(default_factory=LogSection)
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
 
     @property
     def out_dir(self) -> Path:
@@ -150,7 +164,10 @@ class JobConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"job": JobSection, "mesh": MeshSection, "launch": LaunchSection, "fault": FaultSection}
+SECTIONS = {"job": JobSection, "mesh": MeshSection, "launch": LaunchSection, "fault": FaultSection,
+            "log": LogSection}
+MODEL_SECTIONS = ("model", "train", "data", "eval")
+"""Tables kept as dicts: their schemas belong to seqshard.models (checked in `validate`)."""
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -174,7 +191,7 @@ def build(data: dict, overrides: list[str] = ()) -> JobConfig:
     for text in overrides:
         section, key, value = parse_override(text)
         data.setdefault(section, {})[key] = value
-    allowed = set(SECTIONS) | {"model", "train"}
+    allowed = set(SECTIONS) | set(MODEL_SECTIONS)
     unknown = sorted(set(data) - allowed)
     if unknown:
         named = ", ".join(f"[{u}]" + suggest(u, allowed, "[{}]") for u in unknown)
@@ -183,7 +200,7 @@ def build(data: dict, overrides: list[str] = ()) -> JobConfig:
             f"expected {', '.join(f'[{a}]' for a in sorted(allowed))}"
         )
     parts = {name: fill(cls, data.get(name, {}), name) for name, cls in SECTIONS.items()}
-    cfg = JobConfig(**parts, model=dict(data.get("model", {})), train=dict(data.get("train", {})))
+    cfg = JobConfig(**parts, **{name: dict(data.get(name, {})) for name in MODEL_SECTIONS})
     validate(cfg)
     return cfg
 
@@ -251,6 +268,8 @@ def validate(cfg: JobConfig) -> None:
             )
     if cfg.job.task == "train":
         _validate_model(cfg, shape)
+        fill(DataConfig, cfg.data, "data")
+        fill(EvalConfig, cfg.eval, "eval")
 
 
 def train_config(cfg: JobConfig):

@@ -207,7 +207,8 @@ class TrainConfig:
     dtype: str = "fp32"
     """fp32, or bf16 autocast (weights and optimizer stay fp32)."""
     task: str = "recall"
-    """Synthetic data: 'recall' (multi-query associative recall) or 'random' (uniform tokens)."""
+    """'recall' (synthetic multi-query associative recall), 'random' (uniform tokens) or 'data'
+    (real tokens from the job's [data] section, models.DataConfig)."""
     recall_pairs: int = 8
     """Key-value pairs written at the start of each recall sequence."""
     recall_queries: int = 8
@@ -226,8 +227,8 @@ class TrainConfig:
             raise ValueError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer={self.optimizer!r}: expected 'adamw' or 'sgd'")
-        if self.task not in ("recall", "random"):
-            raise ValueError(f"task={self.task!r}: expected 'recall' or 'random'")
+        if self.task not in ("recall", "random", "data"):
+            raise ValueError(f"task={self.task!r}: expected 'recall', 'random' or 'data'")
         if self.warmup_steps < 0 or self.lr <= 0:
             raise ValueError(f"warmup_steps={self.warmup_steps}, lr={self.lr}: need >= 0 and > 0")
         self.betas = tuple(float(b) for b in self.betas)

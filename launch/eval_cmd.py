@@ -1,0 +1,7 @@
+"""`seqshard eval` (being built)."""
+
+from __future__ import annotations
+
+
+def register(command) -> None:
+    """Add `seqshard eval` to the `seqshard` CLI's registry (launch/cli.py's `command`)."""
