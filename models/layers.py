@@ -23,20 +23,30 @@ class ShardContext:
 
     mesh: the Mesh (size 1 when unsharded). layout: the Layout. seq_len: global length N.
     positions: int64 [N_local] global positions of the local tokens, in local order.
+    doc_lens: lengths of the packed documents over the global sequence (sum == N; the same
+    for every row of the batch), or None for one document.
     """
 
     mesh: Mesh
     layout: Layout
     seq_len: int
     positions: torch.Tensor
+    doc_lens: tuple[int, ...] | None = None
 
     @classmethod
-    def make(cls, n_local: int, mesh: Mesh | None, layout: str | Layout, device) -> "ShardContext":
+    def make(cls, n_local: int, mesh: Mesh | None, layout: str | Layout, device,
+             doc_lens=None) -> "ShardContext":
         mesh = mesh or Mesh.single()
         layout = get_layout(layout)
         seq_len = n_local * mesh.size
         positions = layout.positions(seq_len, mesh.rank, mesh.size).to(device)
-        return cls(mesh, layout, seq_len, positions)
+        if doc_lens is not None:
+            doc_lens = tuple(int(n) for n in torch.as_tensor(doc_lens).flatten().tolist())
+            if sum(doc_lens) != seq_len or min(doc_lens, default=0) < 1:
+                raise ValueError(f"doc_lens={list(doc_lens)[:8]}{'...' if len(doc_lens) > 8 else ''}"
+                                 f" must be positive lengths summing to the global sequence "
+                                 f"length N={seq_len} (sum {sum(doc_lens)})")
+        return cls(mesh, layout, seq_len, positions, doc_lens)
 
 
 class RMSNorm(nn.Module):
@@ -120,5 +130,6 @@ class ShardedCausalAttention(nn.Module):
         # the model checked once per forward that every rank's token shard agrees
         out = sharded_attention(q, k, v, ctx.mesh, causal=True, layout=ctx.layout,
                                 strategy=self.strategy, window=self.window,
+                                doc_lens=ctx.doc_lens,
                                 check_agreement=False)  # [B, Hq, N_local, D]
         return self.wo(out.transpose(1, 2).reshape(batch, n_local, self.num_heads * self.head_dim))

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seqshard.dist import Mesh
-from seqshard.dist.agree import agree
+from seqshard.dist.agree import agree, digest
 
 from .config import LMConfig
 from .layers import ShardContext, RMSNorm
@@ -51,6 +51,8 @@ class CausalLM(nn.Module):
     """Base class; see the module docstring. Subclasses call `finish()` after their blocks."""
 
     supported_layouts: tuple[str, ...] = ("contiguous", "zigzag", "striped")
+    packs_documents: bool = False
+    """Whether every mixer honours document boundaries (`doc_lens`): attention-only models."""
 
     def __init__(self, config: LMConfig, mesh: Mesh | None = None):
         super().__init__()
@@ -76,9 +78,9 @@ class CausalLM(nn.Module):
         """The modules recomputed one by one under activation checkpointing."""
         return self.blocks
 
-    def context(self, input_ids: torch.Tensor) -> ShardContext:
+    def context(self, input_ids: torch.Tensor, doc_lens=None) -> ShardContext:
         return ShardContext.make(input_ids.shape[1], self.mesh, self.config.layout,
-                                 input_ids.device)
+                                 input_ids.device, doc_lens)
 
     def mix(self, x: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
         for block in self.blocks:
@@ -86,8 +88,12 @@ class CausalLM(nn.Module):
         return x
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None):
+                loss_mask: torch.Tensor | None = None, doc_lens=None):
         """input_ids [B, N_local] (this rank's shard) -> logits [B, N_local, vocab_size].
+
+        doc_lens: lengths of packed documents over the global sequence (sum == N, the same
+        list on every rank and for every row): no token attends across a document boundary.
+        Only models whose every mixer is attention take it (`packs_documents`).
 
         With targets [B, N_local] (from `next_token_targets`; loss_mask optional) it returns
         (loss, predictions [B, N_local]) instead, equal to `sharded_lm_loss` of the logits and
@@ -98,15 +104,20 @@ class CausalLM(nn.Module):
         problem = None
         if input_ids.dim() != 2:
             problem = f"input_ids must be [B, N_local], got {tuple(input_ids.shape)}"
+        elif doc_lens is not None and not self.packs_documents:
+            problem = (f"{type(self).__name__} does not take doc_lens (packed documents): its "
+                       f"recurrent or grouped mixers carry context across document boundaries")
         if self.mesh.size > 1:
             # once per forward, so that the layers below (whose shapes all follow from the
             # token shard and the config) can skip their own per-call agreement gathers
             agree({"input_ids": tuple(input_ids.shape), "targets": targets is not None,
-                   "loss_mask": loss_mask is not None}, self.mesh.group,
+                   "loss_mask": loss_mask is not None,
+                   "doc_lens": None if doc_lens is None else digest(
+                       torch.as_tensor(doc_lens).flatten().tolist())}, self.mesh.group,
                   what=type(self).__name__, problem=problem, timeout=self.mesh.timeout)
         elif problem is not None:
             raise ValueError(problem)
-        ctx = self.context(input_ids)
+        ctx = self.context(input_ids, doc_lens)
         x = self.mix(self.embed(input_ids), ctx)  # [B, N_local, C]
         hidden = self.norm(x)  # [B, N_local, C]
         if targets is None:

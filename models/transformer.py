@@ -39,6 +39,8 @@ class TransformerLM(CausalLM):
         torch.Size([1, 10, 64])
     """
 
+    packs_documents = True
+
     def __init__(self, config: TransformerConfig, mesh: Mesh | None = None):
         super().__init__(config, mesh)
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))

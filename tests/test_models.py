@@ -215,3 +215,42 @@ def test_lm_ranks_that_disagree_raise_on_every_rank():
     for text in said:
         assert "ranks were called with different arguments" in text, text
         assert "input_ids=(1, 8) (rank 0: (1, 6))" in text, text
+
+
+def _packed_documents(rank, world, doc_lens):
+    """Packed TransformerLM on `world` ranks (zigzag) vs each document run alone, unsharded."""
+    from seqshard.dist import Mesh, get_layout
+    from seqshard.models import build_model
+
+    m, layout = mesh(), get_layout("zigzag")
+    torch.manual_seed(0)
+    config = dict(TRANSFORMER, layout="zigzag", strategy="ring")
+    sharded = build_model("transformer", config, m)
+    reference = build_model("transformer", TRANSFORMER, Mesh.single())  # contiguous
+    reference.load_state_dict(sharded.state_dict())
+    ids = torch.randint(0, 61, (2, sum(doc_lens)), generator=torch.Generator().manual_seed(1))
+    logits = sharded(layout.shard(ids, 1, m.rank, m.size), doc_lens=doc_lens)
+    alone = torch.cat([reference(part) for part in ids.split(list(doc_lens), 1)], 1)
+    assert_close(f"packed P={world}", layout.shard(alone, 1, m.rank, m.size).detach(),
+                 logits.detach(), TOL["logits"])
+    said = []
+    for kind, lens in (("deltanet", doc_lens),
+                       ("transformer", doc_lens if rank == 0 else (sum(doc_lens),))):
+        model = build_model(kind, dict(DELTANET if kind == "deltanet" else TRANSFORMER), m)
+        try:
+            model(layout.shard(ids, 1, m.rank, m.size), doc_lens=lens)
+            said.append("no error")
+        except ValueError as err:
+            said.append(str(err))
+    return said
+
+
+def test_packed_documents_match_each_document_alone():
+    # TransformerLM honours doc_lens on a sharded zigzag sequence; a model whose mixers carry
+    # context across documents refuses them; ranks passing different doc_lens both raise
+    for world in (1, 2):
+        said = run_ranks(_packed_documents, world, (5, 9, 6))
+        for refused, disagree in said:
+            assert "DeltaNetLM does not take doc_lens" in refused, refused
+            if world > 1:
+                assert "ranks were called with different arguments" in disagree, disagree
