@@ -219,13 +219,19 @@ def write_report(results: dict, out: str | Path, log=print, earlier: dict | None
                   "|---|---|---|---|---|---|"]
         for f in results["maxctx"]:
             probes = ", ".join(f"{p['n']}{'' if p['ok'] else ' x'}" for p in f["probes"])
-            lines.append(f"| {f['family']}/{f['impl']} | {f['world']} | {f['mem_budget_mib']:g} "
-                         f"| {f['time_budget_s']:g} | {f['max_n']} | {probes} |")
+            budgets = [_budget(f["mem_budget_mib"]), _budget(f["time_budget_s"])]
+            lines.append(f"| {f['family']}/{f['impl']} | {f['world']} | {budgets[0]} "
+                         f"| {budgets[1]} | {f['max_n']} | {probes} |")
         lines.append("")
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     path = out / "results.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _budget(value: float) -> str:
+    """A max-context budget: 'off' where the search did not use it (an infinite budget)."""
+    return "off" if value == float("inf") else f"{value:g}"
 
 
 def machine_line(m: dict) -> str:
