@@ -7,15 +7,18 @@
 - `local_attention(q, k, v, causal, scale) -> (out, lse)`: the fused single-device kernel.
 - `window_attention(q, k, v, mesh, window=W)`: causal sliding window (also reached through
   `sharded_attention(..., causal=True, window=W)`).
+- `decode_attention(q, k_cache, v_cache, key_positions, query_positions, mesh, window=W)`:
+  new tokens' queries (replicated) against a KV cache sharded over ranks, merged by LSE.
 
 The readable reference lives in `seqshard.ops.attention.naive` (tests import it).
 """
 
+from .decode import decode_attention
 from .kernels import local_attention
 from .sharded import STRATEGIES, ShardedAttention, make_sdpa, resolve_strategy, sharded_attention
 from .window import window_attention
 
 __all__ = [
-    "STRATEGIES", "ShardedAttention", "local_attention", "make_sdpa", "resolve_strategy",
-    "sharded_attention", "window_attention",
+    "STRATEGIES", "ShardedAttention", "decode_attention", "local_attention", "make_sdpa",
+    "resolve_strategy", "sharded_attention", "window_attention",
 ]
