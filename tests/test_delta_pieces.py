@@ -172,3 +172,44 @@ def test_bad_input_on_one_rank_raises_on_every_rank():
     assert "rank 1: x has 1 NaN/inf values" in nan1
     for said in (paths0, paths1):
         assert "rank 1 has path=whole shard (rank 0: pieces)" in said, said
+
+
+def _final_state(rank, world):
+    """forward(final_state=True) on the pieces and the whole-shard path: the state after the
+    whole sequence and the conv tail on every rank, and the next token decoded from them on
+    one process equals the layer over the sequence one token longer."""
+    m = mesh()
+    layout = Contiguous()
+    for i, (kwargs, n, piece) in enumerate(CASES[:3]):
+        for pieces in (piece, None):
+            torch.manual_seed(90 + i)
+            layer = DeltaNet(mixer_piece_tokens=None, **kwargs)
+            x = torch.randn(2, n * world + 1, kwargs["dim"])  # the last row: the next token
+            with torch.no_grad():
+                y_ref, s_ref = layer._mix(x[:, :-1], x.new_zeros(2, layer.halo, x.shape[2]))
+                layer.mixer_piece_tokens = pieces
+                xs = layout.shard(x[:, :-1], 1, rank, world)
+                y, state, tail = layer(xs, mesh=m, check=i % 2 == 0, final_state=True)
+                y_next, _ = layer._mix(x[:, -1:], tail, state)
+                y_all = layer._mix(x, x.new_zeros(2, layer.halo, x.shape[2]))[0]
+            where = f"case {i} pieces={pieces} rank {rank}/{world}"
+            assert_close(f"{where} y", layout.shard(y_ref, 1, rank, world), y, TOL["y"])
+            assert_close(f"{where} state", s_ref, state, TOL["y"])
+            rows = layer.halo
+            assert torch.equal(tail, x[:, x.shape[1] - 1 - rows:x.shape[1] - 1]), where
+            assert_close(f"{where} next token", y_all[:, -1:], y_next, TOL["y"])
+    return True
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_final_state_continues_the_sequence(world):
+    assert run_ranks(_final_state, world) == [True] * world
+
+
+def test_final_state_of_a_sequence_shorter_than_the_halo():
+    torch.manual_seed(8)
+    layer = DeltaNet(16, 2, conv_size=4, mixer_piece_tokens=None)
+    x = torch.randn(1, 2, 16)
+    _, state, tail = layer(x, final_state=True)
+    assert tail.shape == (1, 3, 16) and torch.equal(tail[:, 1:], x) and not tail[:, 0].any()
+    assert state.shape == (1, 2, 8, 8) and not state.requires_grad

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqshard.dist import Mesh, ring_shift
+from seqshard.dist import Mesh, all_reduce, ring_shift
 
 from .api import delta_rule
 from .pieces import deltanet_in_pieces
@@ -169,12 +169,13 @@ class DeltaNet(nn.Module):
         return self.o_proj(o)
 
     def _mix(self, x: torch.Tensor, context: torch.Tensor, state: torch.Tensor | None = None,
-             mesh: Mesh | None = None, check: bool = True):
+             mesh: Mesh | None = None, check: bool = True, *, global_state: bool = False):
         """The layer on n tokens x [B, n, dim] with their conv context [B, halo, dim].
 
         state: the delta-rule state before the n tokens [B, H, Dk, Dv] (None: zeros, or the
         state across ranks with a mesh). Returns (y [B, n, dim], the state after the n
-        tokens [B, H, Dk, Dv], or None with a mesh)."""
+        tokens [B, H, Dk, Dv], or None with a mesh unless global_state: then the state after
+        the whole sharded sequence, on every rank, from `delta_rule`'s all-reduce)."""
         features = self._features(x, context)  # q, k, v, beta, gate
         # one dtype for all (delta_rule rejects a mix): under autocast the projections come
         # out in bf16 / fp16 and the gate in fp32. The widest of them (and of the state, which
@@ -188,14 +189,27 @@ class DeltaNet(nn.Module):
         # the kernel computes in fp32 itself; autocast would lower its matmuls to bf16
         with torch.autocast(x.device.type, enabled=False):
             o, state = delta_rule(q, k, v, beta, mesh=mesh, gate=gate, initial_state=state,
-                                  output_final_state=alone, chunk_size=self.chunk_size,
+                                  output_final_state=alone or global_state, chunk_size=self.chunk_size,
                                   schedule=self.schedule, check=check)
         return self._readout(o, x), state
 
-    def forward(self, x: torch.Tensor, mesh: Mesh | None = None,
-                check: bool = True) -> torch.Tensor:
-        """check: NaN/inf and, with a mesh, one agreement all-gather per call; False where the
-        caller agreed already (DeltaNetLM checks its token shards once per forward)."""
+    def forward(self, x: torch.Tensor, mesh: Mesh | None = None, check: bool = True,
+                final_state: bool = False):
+        """x [B, N_local, dim] -> y [B, N_local, dim].
+
+        check: NaN/inf and, with a mesh, one agreement all-gather per call; False where the
+        caller agreed already (DeltaNetLM checks its token shards once per forward).
+
+        final_state: also return what continuing the sequence needs (a prefill), as
+        (y, state, conv_tail), both valid on EVERY rank and carrying no gradient:
+        state [B, H, Dk, Dv] the delta-rule state after the last token of the whole global
+        sequence (fp32; float64 for float64 input), and conv_tail [B, conv_size - 1, dim] the
+        last conv_size - 1 rows of the layer input x of the global sequence (zeros before the
+        sequence start when it is shorter; [B, 0, dim] without the conv). No extra pass: the
+        state is the last rank's chain end state, sent to the others with one all-reduce
+        (and the tail with another). The next token x_t [B, 1, dim] then runs on one process
+        as `self._mix(x_t, context=conv_tail, state=state)` -> (y_t, next state), with the
+        next tail `torch.cat([conv_tail, x_t], 1)[:, 1:]`."""
         if x.dim() != 3:
             raise ValueError(f"DeltaNet expects x [B, N_local, dim], got {tuple(x.shape)}")
         pieces = self.mixer_piece_tokens
@@ -203,6 +217,22 @@ class DeltaNet(nn.Module):
             # unchecked: the halo goes one way inside (no two-way ring_shift, which would
             # make rank 0 wait for the last rank at every layer)
             halo = causal_halo(x, self.halo, mesh) if check else None  # [B, halo, dim]
-            return deltanet_in_pieces(self, x, halo, mesh, pieces, check=check)
-        halo = causal_halo(x, self.halo, mesh)  # [B, halo, dim]
-        return self._mix(x, halo, mesh=mesh, check=check)[0]
+            y, state = deltanet_in_pieces(self, x, halo, mesh, pieces, check=check,
+                                          end_state=True)
+            if final_state:
+                state = _from_last_rank(state.detach(), mesh)
+        else:
+            halo = causal_halo(x, self.halo, mesh)  # [B, halo, dim]
+            y, state = self._mix(x, halo, mesh=mesh, check=check, global_state=final_state)
+        if not final_state:
+            return y
+        tail = torch.cat([x.new_zeros(x.shape[0], self.halo, x.shape[2]), x.detach()], 1)
+        return y, state.detach(), _from_last_rank(tail[:, tail.shape[1] - self.halo:], mesh)
+
+
+def _from_last_rank(t: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
+    """The last rank's t on every rank of mesh (one all-reduce), t itself on one process."""
+    if mesh is None or mesh.size == 1:
+        return t
+    last = mesh.rank == mesh.size - 1
+    return all_reduce(t if last else torch.zeros_like(t), mesh.group, timeout=mesh.timeout)

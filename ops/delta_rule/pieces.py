@@ -209,7 +209,7 @@ def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor | None):
             shard.send(state.to(shard.work), 1)
         else:
             shard.scan((shard.zeros(x)[0], state.to(shard.work)), reverse=False)
-    return y, starts, a_map, halo
+    return y, starts, a_map, halo, state.to(shard.work)
 
 
 def _sweep(shard: _Shard, x, halo, starts, params, dy, ds_end, grads):
@@ -289,13 +289,14 @@ class _LayerInPieces(torch.autograd.Function):
         _settle(layer)
         shard = _Shard(layer, mesh, piece_tokens, x)
         ctx.halo_given = halo is not None
-        y, starts, a_map, halo = _fwd(shard, x, halo)
+        y, starts, a_map, halo, end = _fwd(shard, x, halo)
         ctx.save_for_backward(x, halo, starts, a_map)
         ctx.shard = shard
-        return y
+        ctx.mark_non_differentiable(end)
+        return y, end
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _d_end):  # the end state carries no gradient
         x, halo, starts, a_map = ctx.saved_tensors
         # the pieces are recomputed with the layer's parameters (as torch's checkpoint does);
         # only those that want a gradient are differentiated
@@ -308,14 +309,17 @@ class _LayerInPieces(torch.autograd.Function):
 
 
 def deltanet_in_pieces(layer, x: torch.Tensor, halo: torch.Tensor | None, mesh: Mesh | None,
-                       piece_tokens: int, check: bool = True) -> torch.Tensor:
+                       piece_tokens: int, check: bool = True, end_state: bool = False):
     """`layer` (a `DeltaNet`) over its shard in pieces of `piece_tokens` tokens, exactly.
 
     x [B, N_local, dim]: this rank's contiguous shard; halo [B, conv_size - 1, dim]: the
     tokens before it (`causal_halo` in layer.py: rank r - 1's last ones, zeros on rank 0),
     through which the conv's gradient reaches rank r - 1; None: fetched here one way (rank r
     sends its last rows to r + 1 without waiting; the gradient returns the same way).
-    Returns y [B, N_local, dim]. Every rank of mesh calls this (mesh None or of size 1: one
+    Returns y [B, N_local, dim], or with end_state (y, the delta-rule state after this shard's
+    last token [B, H, Dk, Dv] in the chain's dtype, without gradient: on the last rank the
+    state after the whole sequence, which `DeltaNet.forward(final_state=True)` hands to every
+    rank). Every rank of mesh calls this (mesh None or of size 1: one
     process). `DeltaNet.forward` calls it when N_local > its mixer_piece_tokens.
 
     check: reject NaN/inf input and, with a mesh, agree with the other ranks first (one small
@@ -348,4 +352,5 @@ def deltanet_in_pieces(layer, x: torch.Tensor, halo: torch.Tensor | None, mesh: 
     elif problems:
         raise ValueError("DeltaNet: " + "; ".join(problems))
     params = list(layer.parameters())
-    return _LayerInPieces.apply(x, halo, layer, mesh, piece_tokens, *params)
+    y, end = _LayerInPieces.apply(x, halo, layer, mesh, piece_tokens, *params)
+    return (y, end) if end_state else y
