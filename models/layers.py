@@ -25,6 +25,9 @@ class ShardContext:
     positions: int64 [N_local] global positions of the local tokens, in local order.
     doc_lens: lengths of the packed documents over the global sequence (sum == N; the same
     for every row of the batch), or None for one document.
+    cache: inference only (`models.kv_cache.ModelCache`): while it fills, the attention layers
+    store their K/V in it (prefill); once it decodes, the tokens are the same new token(s) on
+    every rank at `positions`, and attention reads every rank's cache (`decoding`).
     """
 
     mesh: Mesh
@@ -32,10 +35,17 @@ class ShardContext:
     seq_len: int
     positions: torch.Tensor
     doc_lens: tuple[int, ...] | None = None
+    cache: object | None = None
+
+    @classmethod
+    def for_token(cls, position: int, mesh: Mesh, cache, device) -> "ShardContext":
+        """The context of one new token at global `position`, replicated on every rank."""
+        positions = torch.tensor([position], dtype=torch.int64, device=device)
+        return cls(mesh, get_layout("contiguous"), position + 1, positions, None, cache)
 
     @classmethod
     def make(cls, n_local: int, mesh: Mesh | None, layout: str | Layout, device,
-             doc_lens=None) -> "ShardContext":
+             doc_lens=None, cache=None) -> "ShardContext":
         mesh = mesh or Mesh.single()
         layout = get_layout(layout)
         seq_len = n_local * mesh.size
@@ -46,7 +56,7 @@ class ShardContext:
                 raise ValueError(f"doc_lens={list(doc_lens)[:8]}{'...' if len(doc_lens) > 8 else ''}"
                                  f" must be positive lengths summing to the global sequence "
                                  f"length N={seq_len} (sum {sum(doc_lens)})")
-        return cls(mesh, layout, seq_len, positions, doc_lens)
+        return cls(mesh, layout, seq_len, positions, doc_lens, cache)
 
 
 class RMSNorm(nn.Module):
@@ -127,9 +137,35 @@ class ShardedCausalAttention(nn.Module):
         v = self.wv(x).view(kv_heads).transpose(1, 2)
         cos, sin = rope_tables(ctx.positions, self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.cache is not None and ctx.cache.decoding:
+            out = self._decode(q, k, v, ctx)  # [B, Hq, T, D]
+            return self.wo(out.transpose(1, 2).reshape(batch, n_local, -1))
+        if ctx.cache is not None:  # prefill: this rank's K/V stay here, with their positions
+            ctx.cache.attention(self, self.window).fill(k, v, ctx.positions, ctx.seq_len)
         # the model checked once per forward that every rank's token shard agrees
         out = sharded_attention(q, k, v, ctx.mesh, causal=True, layout=ctx.layout,
                                 strategy=self.strategy, window=self.window,
                                 doc_lens=ctx.doc_lens,
                                 check_agreement=False)  # [B, Hq, N_local, D]
         return self.wo(out.transpose(1, 2).reshape(batch, n_local, self.num_heads * self.head_dim))
+
+    def _decode(self, q, k, v, ctx: ShardContext) -> torch.Tensor:
+        """New tokens q [B, Hq, T, D], k, v [B, Hkv, T, D] (the same on every rank) at
+        ctx.positions: append their K/V to the cache (round-robin over ranks), then attend
+        over every rank's cache. Returns [B, Hq, T, D], the same on every rank."""
+        cache = ctx.cache.attention(self, self.window)
+        for j, position in enumerate(ctx.positions.tolist()):
+            cache.append(k[:, :, j:j + 1], v[:, :, j:j + 1], position)
+        k_cache, v_cache, key_positions = cache.view()
+        return decode_attention(q, k_cache, v_cache, key_positions, ctx.positions, ctx.mesh,
+                                window=self.window)
+
+
+def decode_attention(*args, **kwargs):
+    """`seqshard.ops.attention.decode.decode_attention` (one token's queries against every
+    rank's cache shard), or the local stand-in while that op is not there."""
+    try:
+        from seqshard.ops.attention.decode import decode_attention as op
+    except ImportError:
+        from .decode_fallback import decode_attention as op
+    return op(*args, **kwargs)
