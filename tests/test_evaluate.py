@@ -1,0 +1,154 @@
+"""Evaluation: loss by position against the unsharded model, passkey samples and scoring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.harness import mesh, run_ranks
+
+MODEL = {"vocab_size": 256, "dim": 32, "num_layers": 2, "num_heads": 2, "layout": "zigzag",
+         "tokenwise_piece_tokens": 5}
+
+
+def _source(length, index, positions):
+    g = torch.Generator().manual_seed(100 + index)
+    return torch.randint(0, 256, (1, length), generator=g)[:, positions]  # [1, N_local]
+
+
+class Forced(torch.nn.Module):
+    """A 'model' whose greedy predictions are the targets (right) or targets + 1 (wrong)."""
+
+    def __init__(self, right: bool):
+        super().__init__()
+        self.right = right
+
+    def forward(self, ids, targets, mask):
+        return torch.zeros(()), targets if self.right else targets + 1
+
+
+def _loss_by_position(rank, world, length, samples, buckets):
+    import torch.nn.functional as F
+
+    from seqshard.dist import Mesh
+    from seqshard.models import build_model
+    from seqshard.models.evaluate import bucket_edges, loss_by_position
+
+    m = mesh() if world > 1 else Mesh.single()
+    torch.manual_seed(0)
+    model = build_model("transformer", MODEL, m).eval()
+    reference = build_model("transformer", MODEL, Mesh.single()).eval()
+    reference.load_state_dict(model.state_dict())
+    got = loss_by_position(model, m, "zigzag", _source, length, samples, buckets, piece_tokens=5)
+    # the unsharded per-position loss, bucketed by hand
+    everything = torch.arange(length)
+    losses = []
+    with torch.no_grad():
+        for index in range(samples):
+            ids = _source(length, index, everything)
+            logits = reference(ids)[0, :-1]  # [N - 1, V]
+            losses.append(F.cross_entropy(logits, ids[0, 1:], reduction="none"))
+    losses = torch.stack(losses)  # [samples, N - 1]
+    edges = bucket_edges(length, buckets)
+    assert [(r["start"], r["end"]) for r in got] == list(zip(edges[:-1], edges[1:]))
+    for r in got:
+        part = losses[:, r["start"]:r["end"]]
+        assert r["tokens"] == part.numel()
+        assert abs(r["loss"] - float(part.mean())) < 1e-5, (r, float(part.mean()))
+    return [r["loss"] for r in got]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_loss_by_position_equals_the_unsharded_loss_bucketed(world):
+    if world == 1:
+        results = [_loss_by_position(0, 1, 24, 2, 4)]
+    else:
+        results = run_ranks(_loss_by_position, world, 24, 2, 4)
+    assert all(r == results[0] for r in results)  # the same numbers on every rank
+    assert all(math.isfinite(x) for x in results[0])
+
+
+def test_bucket_edges_are_log_spaced_and_cover_every_scored_position():
+    from seqshard.models.evaluate import bucket_edges
+
+    assert bucket_edges(64, 4) == [0, 1, 3, 8, 22, 63]
+    assert bucket_edges(3, 8) == [0, 1, 2]  # short sequences merge buckets
+    with pytest.raises(ValueError, match="length >= 2"):
+        bucket_edges(1, 4)
+
+
+def test_passkey_sample_in_bytes():
+    from seqshard.models.passkey import PasskeyTokens, passkey_shard
+
+    tokens = PasskeyTokens.for_vocab(256)
+    n = 128
+    filler = torch.full((1, n), ord("."))
+    ids, answer = passkey_shard(filler, torch.arange(n), n, 0.5, [3, 1, 4], tokens)
+    text = bytes(ids[0].tolist())
+    assert text.endswith(b" What is the pass key? The pass key is 314")
+    needle = b"The pass key is 314. Remember it. "
+    room = n - len(needle) - len(b" What is the pass key? The pass key is 314")
+    assert text.index(needle) == round(0.5 * room)
+    assert answer[0].nonzero().flatten().tolist() == [n - 4, n - 3, n - 2]  # predict 3, 1, 4
+    with pytest.raises(ValueError, match="shorter than the needle"):
+        passkey_shard(filler[:, :40], torch.arange(40), 40, 0.5, [3, 1, 4], tokens)
+    with pytest.raises(ValueError, match="depth = 1.5"):
+        passkey_shard(filler, torch.arange(n), n, 1.5, [3, 1, 4], tokens)
+    small = PasskeyTokens.for_vocab(32)
+    assert small.digits == tuple(range(10)) and max(small.intro) == 31
+    with pytest.raises(ValueError, match="vocab_size = 8"):
+        PasskeyTokens.for_vocab(8)
+
+
+def _passkey_sharded(rank, world):
+    from seqshard.dist import get_layout
+    from seqshard.models.evaluate import passkey_accuracy, passkey_correct
+    from seqshard.models.loss import next_token_targets
+    from seqshard.models.passkey import PasskeyTokens, passkey_shard
+
+    m, layout, n = mesh(), get_layout("zigzag"), 96
+    tokens = PasskeyTokens.for_vocab(256)
+    full_filler = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(3))
+    whole, whole_answer = passkey_shard(full_filler, torch.arange(n), n, 0.3, [9, 0, 7], tokens)
+    positions = layout.positions(n, m.rank, m.size)
+    ids, answer = passkey_shard(full_filler[:, positions], positions, n, 0.3, [9, 0, 7], tokens)
+    # every rank's shard is the shard of the whole sample
+    assert torch.equal(ids, layout.shard(whole, 1, m.rank, m.size))
+    assert torch.equal(answer, layout.shard(whole_answer, 1, m.rank, m.size))
+    targets = next_token_targets(ids, m, layout=layout)
+    right = passkey_correct(targets, targets, answer, m)
+    # wrong digits on the rank that holds the answer (rank 0 under zigzag): wrong on every rank
+    wrong_pred = targets.clone()
+    wrong_pred[answer] += 1
+    held = bool(answer.any())
+    wrong = passkey_correct(wrong_pred, targets, answer, m)
+    outcomes = []
+    for forced in (True, False):
+        records = passkey_accuracy(Forced(forced), m, layout, _source, tokens, n, (0.0, 1.0),
+                                   trials=2, digits=4, seed=0)
+        outcomes.append([(r["depth"], r["accuracy"], r["samples"]) for r in records])
+    return bool(right.all()), bool(wrong.any()), held, outcomes
+
+
+def test_passkey_shards_and_scoring_on_two_zigzag_ranks():
+    results = run_ranks(_passkey_sharded, 2)
+    assert [held for _, _, held, _ in results] == [True, False]  # the answer sits on rank 0
+    for right, wrong, _, (forced_right, forced_wrong) in results:
+        assert right and not wrong
+        assert forced_right == [(0.0, 1.0, 2), (1.0, 1.0, 2)]
+        assert forced_wrong == [(0.0, 0.0, 2), (1.0, 0.0, 2)]
+
+
+def test_eval_config_names_bad_values():
+    from seqshard.models.evaluate import EvalConfig
+    from seqshard.models.fill import fill
+
+    assert fill(EvalConfig, {"lengths": [1, 2]}, "eval").lengths == (1, 2)
+    with pytest.raises(ValueError, match=r"eval.lengths = \[1, 0\]"):
+        fill(EvalConfig, {"lengths": [1, 0]}, "eval")
+    with pytest.raises(ValueError, match="eval.passkey_depths"):
+        fill(EvalConfig, {"passkey_depths": [0.5, 2.0]}, "eval")
+    with pytest.raises(ValueError, match="eval.passkey_trials = 0"):
+        fill(EvalConfig, {"passkey_trials": 0}, "eval")
