@@ -27,7 +27,7 @@ from typing import Any
 
 from seqshard.dist import MeshShape, get_layout
 from seqshard.models import RecallTask, TrainConfig, merged_model_config, model_class
-from seqshard.models.corpus import DataConfig
+from seqshard.models.corpus import DataConfig, open_corpus
 from seqshard.models.evaluate import EvalConfig
 from seqshard.models.config import CONFIGS
 from seqshard.models.fill import fill, suggest
@@ -268,8 +268,9 @@ def validate(cfg: JobConfig) -> None:
             )
     if cfg.job.task == "train":
         _validate_model(cfg, shape)
-        fill(DataConfig, cfg.data, "data")
+        data = fill(DataConfig, cfg.data, "data")
         fill(EvalConfig, cfg.eval, "eval")
+        _validate_data(cfg, data)
 
 
 def train_config(cfg: JobConfig):
@@ -323,6 +324,19 @@ def _validate_strategy(mc, shape: MeshShape) -> None:
                          f"sp = {shape.sp}): Ulysses splits heads across ranks")
 
 
+def _validate_data(cfg: JobConfig, data: DataConfig) -> None:
+    """train.task = 'data': the corpus opens, its ids fit the vocabulary and each split holds
+    a sequence (errors name the file and the number); packing needs a model that honours it."""
+    tc = train_config(cfg)
+    if tc.task != "data":
+        return
+    if data.packed and not model_class(cfg.model["kind"]).packs_documents:
+        raise ValueError(f"data.packed = true: model.kind = {cfg.model['kind']!r} does not take "
+                         f"packed documents (its recurrent or grouped mixers cross document "
+                         f"boundaries); use 'transformer' or data.packed = false")
+    open_corpus(data, tc.vocab_size, seq_len=tc.seq_len, batch_size=tc.batch_size)
+
+
 def _validate_task(tc) -> None:
     """The synthetic recall task's own limits (the Trainer would find them only in a worker)."""
     if tc.task != "recall":
@@ -370,7 +384,8 @@ RESUMABLE_TRAIN_KEYS = ("steps",)
 
 def resume_meta(cfg: JobConfig) -> dict:
     """What a checkpoint records of its job, to refuse resuming it under another job: the task,
-    the model config, the train config (but train.steps), and the mesh sizes that shape the saved
+    the model config, the train config (but train.steps), the data (train.task = 'data': the
+    [data] section, the source and its token count) and the mesh sizes that shape the saved
     state (per-rank files, ZeRO shards). The ulysses / ring split may change: state is the same."""
     shape = cfg.mesh.shape()
     tc = train_config(cfg)
@@ -380,6 +395,9 @@ def resume_meta(cfg: JobConfig) -> dict:
     if kind in CONFIGS:  # with defaults filled in, so spelling a default out is no change
         values = {key: value for key, value in model.items() if key != "kind"}
         model = {"kind": kind, **dataclasses.asdict(fill(CONFIGS[kind], values, "model"))}
-    return {"task": cfg.job.task, "model": model,
+    meta = {"task": cfg.job.task, "model": model,
             "train": {k: v for k, v in train.items() if k not in RESUMABLE_TRAIN_KEYS},
             "mesh": {"workers": shape.world_size, "dp": shape.dp}}
+    if cfg.job.task == "train" and tc.task == "data":  # other tasks read no data
+        meta["data"] = open_corpus(cfg.data, tc.vocab_size).fingerprint()
+    return meta

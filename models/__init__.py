@@ -1,5 +1,5 @@
 """seqshard.models: language models built from the sharded ops, the sharded LM loss, the
-synthetic recall data and the DeepSpeed Trainer.
+synthetic recall data, real-text corpora (`open_corpus`) and the DeepSpeed Trainer.
 
     from seqshard.models import build_model, sharded_lm_loss, Trainer, TrainConfig
     model = build_model("transformer", {"dim": 128, "num_heads": 4}, mesh)
@@ -21,14 +21,15 @@ from .config import (
     make_train_config,
     merged_model_config,
 )
+from .corpus import Corpus, DataConfig, open_corpus
 from .data import RecallTask, random_batch, recall_batch
 from .loss import next_token_targets, sharded_accuracy, sharded_lm_loss
 from .tokenwise import in_pieces, lm_loss_in_pieces
 from .trainer import Trainer
 
 __all__ = [
-    "DeltaNetConfig", "FITConfig", "LMConfig", "RecallTask", "TrainConfig", "Trainer",
-    "TransformerConfig", "build_model", "in_pieces", "lm_loss_in_pieces", "make_config",
-    "make_train_config", "merged_model_config", "model_class",
+    "Corpus", "DataConfig", "DeltaNetConfig", "FITConfig", "LMConfig", "RecallTask",
+    "TrainConfig", "Trainer", "TransformerConfig", "build_model", "in_pieces", "lm_loss_in_pieces", "make_config",
+    "make_train_config", "merged_model_config", "model_class", "open_corpus",
     "next_token_targets", "random_batch", "recall_batch", "sharded_accuracy", "sharded_lm_loss",
 ]

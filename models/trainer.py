@@ -9,7 +9,8 @@ DeepSpeed averages gradients over its whole data-parallel world, which here is e
 so backpropagating sp * loss gives exactly (1 / dp) sum_replicas g_replica.
 
 Data: every rank of a replica builds the same global batch from (seed, step, replica) and keeps
-its shard, so the data position is just the step counter; `save` / `load` store it with the
+its shard (train.task = 'data': reads only its shard from the corpus, models/corpus.py), so
+the data position is just the step counter; `save` / `load` store it with the
 DeepSpeed checkpoint (model, optimizer, LR schedule) so a resumed run continues identically.
 
 The optimizer and LR schedule live in optim.py, DeepSpeed's config in engine_config.py, the
@@ -31,6 +32,7 @@ from seqshard.dist.memory import peak_bytes, reset_peak
 from .bootstrap import ensure_single_process_group
 from .build import build_model
 from .config import LMConfig, TrainConfig, make_train_config, merged_model_config
+from .corpus import DataConfig, open_corpus
 from .data import RecallTask, random_batch, recall_batch
 from .engine_config import deepspeed_config
 from .loss import next_token_targets, sharded_accuracy, sharded_lm_loss
@@ -52,7 +54,9 @@ class Trainer:
     """
 
     def __init__(self, kind: str, model_config: dict | LMConfig,
-                 train_config: TrainConfig | dict, mesh: Mesh | None = None):
+                 train_config: TrainConfig | dict, mesh: Mesh | None = None,
+                 data: DataConfig | dict | None = None):
+        """data: the [data] section, read when train_config's task is 'data'."""
         import deepspeed  # deferred: importing deepspeed costs about a second
 
         self.tc = tc = make_train_config(train_config)
@@ -67,6 +71,10 @@ class Trainer:
         if tc.task == "recall" and tc.seq_len < self.task.min_len():
             raise ValueError(f"seq_len={tc.seq_len} < {self.task.min_len()} needed by the "
                              f"recall task (2 * pairs + 2 * queries)")
+        self.corpus = None
+        if tc.task == "data":  # checked here too: a Trainer need not come from the launcher
+            self.corpus = open_corpus(data or {}, tc.vocab_size, seq_len=tc.seq_len,
+                                      batch_size=tc.batch_size)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         model = build_model(kind, self.model_config, self.mesh).to(self.mesh.device)
         optimizer, scheduler = make_optimizer(model, tc)
@@ -87,11 +95,31 @@ class Trainer:
         """(ids [B, N], mask [B, N]) of this replica at `step`, before sharding."""
         tc = self.tc
         seq_len = seq_len or tc.seq_len
+        if tc.task == "data":
+            ids = self.corpus.batch("train", tc.batch_size, seq_len, seed=tc.seed, step=step,
+                                    replica=self.mesh.dp_rank)
+            return ids, torch.ones_like(ids, dtype=torch.bool)
         if tc.task == "recall":
             return recall_batch(self.task, tc.batch_size, seq_len, seed=tc.seed, step=step,
                                 replica=self.mesh.dp_rank)
         return random_batch(tc.vocab_size, tc.batch_size, seq_len, seed=tc.seed, step=step,
                             replica=self.mesh.dp_rank)
+
+    def local_batch(self, step: int):
+        """(ids [B, N_local], mask [B, N_local], doc_lens or None): this rank's shard of the
+        batch at `step`. Real data is read shard-only, straight from the corpus."""
+        tc = self.tc
+        if tc.task != "data":
+            ids, mask = self.global_batch(step)
+            return self.shard(ids), self.shard(mask), None
+        where = dict(seed=tc.seed, step=step, replica=self.mesh.dp_rank)
+        positions = self.layout.positions(tc.seq_len, self.mesh.rank, self.mesh.size)
+        ids = self.corpus.batch("train", tc.batch_size, tc.seq_len, positions=positions, **where)
+        doc_lens = None
+        if self.corpus.cfg.packed:  # batch_size is 1 (open_corpus checked): one list
+            doc_lens = self.corpus.doc_lens("train", 1, tc.seq_len, **where)[0]
+        ids = ids.to(self.mesh.device)
+        return ids, torch.ones_like(ids, dtype=torch.bool), doc_lens
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         return self.layout.shard(x, 1, self.mesh.rank, self.mesh.size).to(self.mesh.device)
@@ -109,13 +137,15 @@ class Trainer:
         peak_mem_bytes; loss and accuracy are the same on every rank."""
         reset_peak(self.mesh.device)
         start = time.perf_counter()
-        ids, mask = self.global_batch(self.step_count)
-        ids, mask = self.shard(ids), self.shard(mask)  # [B, N_local]
+        ids, mask, doc_lens = self.local_batch(self.step_count)  # [B, N_local]
         targets = next_token_targets(ids, self.mesh, layout=self.layout)
         self.engine.train()
         with self.autocast:
             # the loss path of the model: head + loss in pieces, no [N_local, V] logits
-            loss, predictions = self.engine(ids, targets, mask)
+            if doc_lens is None:
+                loss, predictions = self.engine(ids, targets, mask)
+            else:
+                loss, predictions = self.engine(ids, targets, mask, doc_lens=doc_lens)
         self.engine.backward(loss * self.mesh.size)  # see the module docstring
         lr = self.engine.get_lr()[0]
         self.engine.step()
@@ -137,7 +167,7 @@ class Trainer:
         if not os.path.isdir(directory):
             raise ValueError(f"checkpoint directory {directory!r} does not exist")
         state = {"step": self.step_count, "torch_rng": torch.get_rng_state(),
-                 "kind": self.kind, "seed": self.tc.seed}
+                 "kind": self.kind, "seed": self.tc.seed, "data": self._data_fingerprint()}
         self.engine.save_checkpoint(directory, tag=f"step{self.step_count}", client_state=state)
 
     def load(self, directory: str) -> None:
@@ -159,8 +189,14 @@ class Trainer:
         if state.get("kind") != self.kind or state.get("seed") != self.tc.seed:
             raise ValueError(f"checkpoint in {directory!r} is for kind={state.get('kind')!r} "
                              f"seed={state.get('seed')!r}, not {self.kind!r} seed={self.tc.seed}")
+        if state.get("data") != self._data_fingerprint():
+            raise ValueError(f"checkpoint in {directory!r} was trained on data "
+                             f"{state.get('data')}, not {self._data_fingerprint()}")
         self.step_count = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
+
+    def _data_fingerprint(self) -> dict | None:
+        return None if self.corpus is None else self.corpus.fingerprint()
 
     @staticmethod
     def _latest_tag(directory: str) -> str:
