@@ -30,19 +30,29 @@ from .lm import CausalLM
 
 
 def _mixer(model: CausalLM):
-    """The (prefill, step) pair that runs `model`'s blocks with a cache: each maps
-    (x [B, n, C], ctx) -> [B, n, C]. Attention-only models run their own blocks; recurrent
-    ones need their layers' final states, which their plain forward does not return."""
+    """(prefill, step, layout) that run `model`'s blocks with a cache: prefill and step map
+    (model, x [B, n, C], ctx) -> [B, n, C]; layout is the one the prefill runs on (None: the
+    model's). Attention-only models run their own blocks; recurrent ones need their layers'
+    final states, which their plain forward does not return."""
     from .deltanet import DeltaNetLM
     from .fit import FITLM
 
     if isinstance(model, DeltaNetLM):
-        from .deltanet_decode import deltanet_prefill, deltanet_step
-        return deltanet_prefill, deltanet_step
+        from .deltanet_decode import PREFILL_LAYOUT, deltanet_prefill, deltanet_step
+        return deltanet_prefill, deltanet_step, PREFILL_LAYOUT
     if isinstance(model, FITLM):
         from .fit_decode import fit_prefill, fit_step
-        return fit_prefill, fit_step
-    return (lambda m, x, ctx: m.mix(x, ctx)), (lambda m, x, ctx: m.mix(x, ctx))
+        return fit_prefill, fit_step, None
+    return (lambda m, x, ctx: m.mix(x, ctx)), (lambda m, x, ctx: m.mix(x, ctx)), None
+
+
+def _relaid_ids(ids_local: torch.Tensor, mesh: Mesh, layout: str, to: str) -> torch.Tensor:
+    """This rank's shard of the prompt ids under layout `to`, from its shard under `layout`:
+    one all-gather of the token ids (N integers, not the hidden stream)."""
+    if layout == to or mesh.size == 1:
+        return ids_local
+    full = get_layout(layout).gather(ids_local, 1, mesh)  # [B, N]
+    return get_layout(to).shard(full, 1, mesh.rank, mesh.size)
 
 
 def _last_token_logits(model: CausalLM, x: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
@@ -68,9 +78,11 @@ def prefill(model: CausalLM, prompt_ids_local: torch.Tensor,
     n = prompt_ids_local.shape[1] * mesh.size
     capacity = prompt_ids_local.shape[1] + math.ceil(max(0, max_len - n) / mesh.size)
     cache = ModelCache(mesh, capacity, max_len=max_len, next_position=n)
-    ctx = ShardContext.make(prompt_ids_local.shape[1], mesh, model.config.layout,
-                            prompt_ids_local.device, cache=cache)
-    run, _ = _mixer(model)
+    run, _, layout = _mixer(model)
+    layout = layout or model.config.layout
+    prompt_ids_local = _relaid_ids(prompt_ids_local, mesh, model.config.layout, layout)
+    ctx = ShardContext.make(prompt_ids_local.shape[1], mesh, layout, prompt_ids_local.device,
+                            cache=cache)
     x = run(model, model.embed(prompt_ids_local), ctx)  # [B, N_local, C]
     cache.decoding = True
     return cache, _last_token_logits(model, x, ctx)
@@ -86,7 +98,7 @@ def decode_step(model: CausalLM, token_ids: torch.Tensor, cache: ModelCache) -> 
         raise ValueError(f"the cache is full: it was sized for max_len={cache.max_len} tokens "
                          f"and position {position} is past it")
     ctx = ShardContext.for_token(position, model.mesh, cache, token_ids.device)
-    _, step = _mixer(model)
+    _, step, _ = _mixer(model)
     x = step(model, model.embed(token_ids[:, None]), ctx)  # [B, 1, C]
     cache.next_position += 1
     return model.head(model.norm(x[:, 0]))  # [B, V]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqshard.dist import Layout, Mesh, get_layout
-from seqshard.ops.attention import sharded_attention
+from seqshard.ops.attention import decode_attention, sharded_attention
 
 
 @dataclass(frozen=True)
@@ -157,15 +157,6 @@ class ShardedCausalAttention(nn.Module):
         for j, position in enumerate(ctx.positions.tolist()):
             cache.append(k[:, :, j:j + 1], v[:, :, j:j + 1], position)
         k_cache, v_cache, key_positions = cache.view()
+        # generate agreed once on the shapes and options: skip the per-call agreement gather
         return decode_attention(q, k_cache, v_cache, key_positions, ctx.positions, ctx.mesh,
-                                window=self.window)
-
-
-def decode_attention(*args, **kwargs):
-    """`seqshard.ops.attention.decode.decode_attention` (one token's queries against every
-    rank's cache shard), or the local stand-in while that op is not there."""
-    try:
-        from seqshard.ops.attention.decode import decode_attention as op
-    except ImportError:
-        from .decode_fallback import decode_attention as op
-    return op(*args, **kwargs)
+                                window=self.window, check_agreement=False)

@@ -76,6 +76,25 @@ def test_transformer_greedy_matches_unsharded(world):
     assert run_ranks(_generate_cases, world, cases) == [len(cases)] * world
 
 
+DELTANET = dict(vocab_size=53, dim=32, num_layers=3, num_heads=2, chunk_size=4, init_std=0.1)
+# window 3 < the prompt, so decoding evicts keys; the hybrid mixes all three mixers
+HYBRID = dict(DELTANET, attn_layers=(1,), window_layers=(2,), window=3)
+DELTANET_CASES = {
+    1: [("deltanet", DELTANET, {}, 7, 2), ("deltanet", HYBRID, {}, 6, 1)],
+    2: [("deltanet", DELTANET, {}, 8, 2),
+        ("deltanet", dict(HYBRID, use_gate=True, schedule="pass", strategy="allgather"), {}, 10, 1),
+        ("deltanet", dict(DELTANET, use_short_conv=False, mixer_piece_tokens=2), {}, 8, 1)],
+    4: [("deltanet", HYBRID, {}, 12, 2),
+        ("deltanet", dict(HYBRID, strategy="hybrid"), {"ulysses": 2, "ring": 2}, 16, 1)],
+}
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_deltanet_greedy_matches_unsharded(world):
+    cases = DELTANET_CASES[world]
+    assert run_ranks(_generate_cases, world, cases) == [len(cases)] * world
+
+
 def _bad_generate(rank, world):
     """Each bad call raises ValueError on every rank (none hangs in a collective)."""
     from seqshard.models import build_model
