@@ -213,3 +213,24 @@ def test_final_state_of_a_sequence_shorter_than_the_halo():
     _, state, tail = layer(x, final_state=True)
     assert tail.shape == (1, 3, 16) and torch.equal(tail[:, 1:], x) and not tail[:, 0].any()
     assert state.shape == (1, 2, 8, 8) and not state.requires_grad
+
+
+def test_checkpoint_recomputation_keeps_the_last_piece_for_backward():
+    """Under activation checkpointing each piece runs in the forward, in its recomputation and
+    in the backward sweep, except the last one: the recomputation keeps its graph for the
+    sweep, which starts there. Gradients stay exact."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(9)
+    layer = DeltaNet(16, 2, chunk_size=4, use_gate=True, mixer_piece_tokens=None)
+    x = torch.randn(1, 14, 16, requires_grad=True)
+    params = list(layer.parameters())
+    g_ref = torch.autograd.grad(layer(x).square().sum(), [x] + params)
+    layer.mixer_piece_tokens = 4  # pieces 4, 4, 4, 2
+    calls, mix = [], layer._mix
+    layer._mix = lambda *a, **kw: calls.append(1) or mix(*a, **kw)
+    y = checkpoint(layer, x, use_reentrant=False)
+    grads = torch.autograd.grad(y.square().sum(), [x] + params)
+    assert len(calls) == 4 + 4 + 3
+    for (name, _), ref, g in zip([("x", x)] + list(layer.named_parameters()), g_ref, grads):
+        assert_close(f"d{name}", ref, g, TOL["grad"])

@@ -82,6 +82,8 @@ class _Shard:
                              dtype=torch.get_autocast_dtype(device))
         self.pair_only = self.mesh is not None and self.mesh.size == 2
         self.recompute = _recomputing()
+        self.wants_grad = False  # set by the Function: will backward run?
+        self.graphs = {}  # piece index -> (x_part, context, state, y, s_end) with autograd
 
     def send(self, t: torch.Tensor, dst: int) -> None:
         """A one-way send that this rank never waits for in line: the receiver may be a whole
@@ -197,10 +199,17 @@ def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor | None):
     starts = x.new_empty((len(shard.spans),) + shard.state_shape, dtype=shard.work)
     for i, (start, end) in enumerate(shard.spans):
         starts[i] = state
-        y_part, state = layer._mix(x[:, start:end], _context(x, halo, start), state, check=False)
+        if shard.recompute and shard.wants_grad and i == len(shard.spans) - 1:
+            # the backward sweep starts with this piece: keep its graph for it
+            y_part, state = _graph(shard, x, halo, i, state)
+            state = state.detach()
+        else:
+            y_part, state = layer._mix(x[:, start:end], _context(x, halo, start), state,
+                                       check=False)
         if y is None:
             y = y_part.new_empty(x.shape[:2] + y_part.shape[2:])
-        y[:, start:end] = y_part
+        y[:, start:end] = y_part.detach()
+    layer._graphs = shard.graphs  # for this recomputation's backward (empty otherwise)
     if shard.mesh is not None and shard.first and not shard.recompute:
         # rank 0's end state leaves after its outputs: running its chain alone first would
         # cost a second pass over the features, while with one-way messages the next rank
@@ -212,18 +221,52 @@ def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor | None):
     return y, starts, a_map, halo, state.to(shard.work)
 
 
+def _graph(shard: _Shard, x, halo, i: int, state):
+    """Piece i's forward with autograd from state [B, H, Dk, Dv], its graph kept on the shard
+    for `_sweep` (an activation-checkpointing recomputation of the layer builds it for the
+    last piece, which the sweep needs first, so that piece is not computed a third time).
+    Returns (y_part, the state after the piece)."""
+    start, end = shard.spans[i]
+    x_part = x[:, start:end].detach().requires_grad_()
+    context = _context(x, halo, start).detach().requires_grad_()
+    state = state.detach().requires_grad_()
+    # identity hooks: inside a checkpoint's recomputation its own saved-tensor hooks would
+    # take this graph's saved tensors for the ones the recomputation is looking for
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        y, s_end = shard.layer._mix(x_part, context, state, check=False)
+    shard.graphs[i] = (x_part, context, state, y, s_end)
+    return y, s_end
+
+
+def _graphs_for(shard: _Shard, x: torch.Tensor) -> dict:
+    """The piece graphs that a checkpoint recomputation of this layer over this same x kept
+    (on the layer: backward runs on the first forward's node, not the recomputation's)."""
+    graphs = shard.layer.__dict__.pop("_graphs", {})
+    for i, (x_part, *_) in graphs.items():
+        start, end = shard.spans[i]
+        if x_part.shape != x[:, start:end].shape or not torch.equal(x_part, x[:, start:end]):
+            return {}  # from another input: not this backward's
+    return graphs
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _sweep(shard: _Shard, x, halo, starts, params, dy, ds_end, grads):
     """Backward through the pieces in reverse, adding into grads = [dx, dhalo, *dparams].
-    dy [B, N, dim] or None (zero), ds_end: gradient of the shard's last state or None.
-    Returns the gradient on the shard's incoming state."""
-    layer, grad_state = shard.layer, ds_end
+    dy [B, N, dim] or None (zero), ds_end: gradient of the shard's last state, None, or a
+    callable returning it (waited for only once the first piece's graph is built, so that
+    forward overlaps the wait). Returns the gradient on the shard's incoming state."""
+    grad_state = ds_end
     for i in range(len(shard.spans) - 1, -1, -1):
+        if i not in shard.graphs:
+            with torch.autocast(**shard.autocast):
+                _graph(shard, x, halo, i, starts[i])
+        x_part, context, state, y, s_end = shard.graphs.pop(i)
         start, end = shard.spans[i]
-        x_part = x[:, start:end].detach().requires_grad_()
-        context = _context(x, halo, start).detach().requires_grad_()
-        state = starts[i].detach().requires_grad_()
-        with torch.enable_grad(), torch.autocast(**shard.autocast):
-            y, s_end = layer._mix(x_part, context, state, check=False)
+        if callable(grad_state):
+            grad_state = grad_state()
         outs, pulls = [], []
         if dy is not None:
             outs.append(y), pulls.append(dy[:, start:end].to(y.dtype))
@@ -244,15 +287,17 @@ def _bwd(shard: _Shard, x, halo, starts, a_map, params, dy, halo_given: bool):
     """Gradients of x [B, N, dim], halo [B, halo, dim] and every parameter. Without a given
     halo its gradient goes one way to rank r - 1, and rank r + 1's comes back into dx."""
     grads = [torch.zeros_like(x), torch.zeros_like(halo)] + [torch.zeros_like(p) for p in params]
+    shard.graphs = _graphs_for(shard, x)
     if shard.mesh is None:
         _sweep(shard, x, halo, starts, params, dy, None, grads)
         return grads
     rank = shard.mesh.rank
     if shard.first:  # nobody needs rank 0's incoming-state gradient: one sweep, after the scan
         if shard.pair_only:
-            ds_end = shard.post_recv(starts[0], 1).wait()[0]
+            pending = shard.post_recv(starts[0], 1)
+            ds_end = lambda: pending.wait()[0]  # noqa: E731
         else:
-            ds_end = shard.scan(shard.zeros(x), reverse=True)
+            ds_end = lambda: shard.scan(shard.zeros(x), reverse=True)  # noqa: E731
         _sweep(shard, x, halo, starts, params, dy, ds_end, grads)
     else:
         own = _sweep(shard, x, halo, starts, params, dy, None, grads)  # L: with dS_end = 0
@@ -288,6 +333,7 @@ class _LayerInPieces(torch.autograd.Function):
     def forward(ctx, x, halo, layer, mesh, piece_tokens, *params):
         _settle(layer)
         shard = _Shard(layer, mesh, piece_tokens, x)
+        shard.wants_grad = any(ctx.needs_input_grad)
         ctx.halo_given = halo is not None
         y, starts, a_map, halo, end = _fwd(shard, x, halo)
         ctx.save_for_backward(x, halo, starts, a_map)
