@@ -5,7 +5,17 @@ Block: x + Mixer(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)); the mixer is
 `seqshard.ops.delta_rule.DeltaNet` (state passed across ranks), or for layers listed in
 `attn_layers` the causal sharded attention with RoPE, or for `window_layers` causal
 sliding-window attention of `window` tokens with RoPE (the halo comes from the previous
-ranks). DeltaNet shards are contiguous only.
+ranks).
+
+Layouts: the delta rule passes its state rank to rank in sequence order, so it runs on
+contiguous shards only; global attention is balanced only on zigzag or striped shards. On a
+balanced layout the residual stream moves to the contiguous layout before a delta layer and
+back before a global layer (`seqshard.dist.relayout`: each token once, O(shard) memory, the
+reverse move in backward). Window layers and the token-wise halves run wherever the stream
+is, so a move happens only where a delta layer and a global layer meet (sliding windows
+between them attach to either side): (delta, window, delta, global) moves twice, not four
+times. A stack without global layers on a balanced layout moves in after the embedding and
+out before the head: the contiguous model plus two moves.
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqshard.dist import Mesh
+from seqshard.dist import Mesh, relayout, relayout_plan
 from seqshard.ops.delta_rule import DeltaNet
 
 from .config import DeltaNetConfig
@@ -57,15 +67,13 @@ class DeltaNetBlock(nn.Module):
 
 
 class DeltaNetLM(CausalLM):
-    """Causal DeltaNet LM on a contiguously sharded sequence.
+    """Causal DeltaNet LM (and its attention hybrids) on a sharded sequence, any layout.
 
     Example:
         >>> model = DeltaNetLM(DeltaNetConfig(vocab_size=64, dim=96, num_heads=2))
         >>> model(torch.randint(0, 64, (1, 10))).shape
         torch.Size([1, 10, 64])
     """
-
-    supported_layouts = ("contiguous",)
 
     def __init__(self, config: DeltaNetConfig, mesh: Mesh | None = None):
         super().__init__(config, mesh)
@@ -80,3 +88,27 @@ class DeltaNetLM(CausalLM):
         if layer in self.config.attn_layers:
             return "global"
         return "window" if layer in self.config.window_layers else "delta"
+
+    def mix(self, x: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
+        """x [B, N_local, C] in ctx's layout -> the blocks' output in the same layout, each
+        block run on the layout its mixer needs (see the module docstring)."""
+        if ctx.mesh.size == 1 or ctx.layout.name == "contiguous":
+            return super().mix(x, ctx)
+        # built once per forward: the plans are O(N) host work, the context a positions table
+        to_contiguous = relayout_plan(ctx.layout, "contiguous", ctx.seq_len, ctx.mesh.size,
+                                      ctx.mesh.rank)
+        back = to_contiguous.inverse()
+        contiguous = ShardContext.make(x.shape[1], ctx.mesh, "contiguous", x.device)
+        here = ctx  # the layout x is in now
+        for i, block in enumerate(self.blocks):
+            kind = self.mixer_kind(i)
+            if kind == "delta" and here is ctx:
+                x, here = relayout(x, ctx.mesh, ctx.layout, "contiguous", dim=1,
+                                   plan=to_contiguous), contiguous  # [B, N_local, C]
+            elif kind == "global" and here is contiguous:
+                x, here = relayout(x, ctx.mesh, "contiguous", ctx.layout, dim=1,
+                                   plan=back), ctx
+            x = block(x, here)
+        if here is contiguous:
+            x = relayout(x, ctx.mesh, "contiguous", ctx.layout, dim=1, plan=back)
+        return x

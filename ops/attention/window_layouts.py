@@ -14,7 +14,8 @@ Two mechanisms, chosen by how many runs of the sequence a rank holds (`Layout.ru
 - Many runs (striped: N/P runs of one token). The W-1 keys before a token sit on
   min(W-1, P-1) other ranks, so the union of a rank's halos is min(W-1, P-1) whole shards:
   for W >= P every rank would receive every other rank's K/V, the whole sequence. Instead
-  `relayout` moves each token once with an all-to-all into the contiguous layout, where the
+  `relayout` (seqshard.dist.relayout) moves each token once, straight to its owner in the
+  contiguous layout (one batch of point-to-point messages), where the
   halo is W-1 tokens from the previous ranks; the output comes back the same way. That moves
   (2 Hq + 2 Hkv) n (P-1)/P head-rows per rank against 2 Hkv n min(W-1, P-1) for the halos
   (for MHA: no more once W > 2, less once P > 2 too), and never holds more than a shard
@@ -27,8 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from seqshard.dist import Layout, Mesh, all_to_all, exchange
+from seqshard.dist import Layout, Mesh, exchange
 from seqshard.dist.collectives import group_rank, group_size
+from seqshard.dist.relayout import relayout  # noqa: F401  (window.py's striped path)
 
 # A layout whose ranks hold at most this many runs exchanges halos; more runs re-layout.
 # Zigzag holds 2, striped N/P; the plan costs O(P^2 runs^2) host work per call.
@@ -136,45 +138,3 @@ def gather_run_halos(k, v, mesh: Mesh, layout: Layout, window: int) -> list[torc
             parts = anchors + parts
         halos.append(torch.cat(parts, dim=3) if parts else kv[:, :, :, :0])
     return halos
-
-
-def _routes(src: Layout, dst: Layout, seq_len: int, world: int):
-    """For every rank a: the local rows it sends to each rank c, in dst's local order
-    (padded with row n, a zero row), and the dst local position of each; plus the slot
-    count m of one rank-to-rank piece."""
-    n = seq_len // world
-    dst_rank = torch.empty(seq_len, dtype=torch.int64)
-    dst_local = torch.empty(seq_len, dtype=torch.int64)
-    for r in range(world):
-        pos = dst.positions(seq_len, r, world)
-        dst_rank[pos], dst_local[pos] = r, torch.arange(n)
-    sends = []  # sends[a][c]: (src local rows, dst local rows)
-    for a in range(world):
-        pos = src.positions(seq_len, a, world)
-        to = dst_rank[pos]
-        sends.append([])
-        for c in range(world):
-            rows = torch.nonzero(to == c).flatten()
-            rows = rows[torch.argsort(dst_local[pos[rows]])]
-            sends[a].append((rows, dst_local[pos[rows]]))
-    m = max(len(rows) for per in sends for rows, _ in per)
-    return sends, m
-
-
-def relayout(x: torch.Tensor, mesh: Mesh, src: Layout, dst: Layout) -> torch.Tensor:
-    """This rank's shard of the same sequence under layout `dst`, from x [B, H, n, D]
-    sharded by `src`: one all-to-all (autograd-aware: backward is the reverse all-to-all)."""
-    world, me, n = mesh.size, mesh.rank, x.shape[2]
-    sends, m = _routes(src, dst, n * world, world)
-    pad = n  # index of the zero row appended below
-    index = torch.full((world, m), pad, dtype=torch.int64)
-    for c, (rows, _) in enumerate(sends[me]):
-        index[c, :len(rows)] = rows
-    x = torch.cat((x, x.new_zeros(x.shape[:2] + (1, x.shape[3]))), dim=2)  # [B, H, n+1, D]
-    out = x.index_select(2, index.flatten().to(x.device))  # [B, H, P*m, D], piece c to rank c
-    got = all_to_all(out, mesh.group, 2, 2, timeout=mesh.timeout)  # piece a from rank a
-    slot = torch.empty(n, dtype=torch.int64)  # slot of got holding our local row t
-    for a in range(world):
-        _, local = sends[a][me]
-        slot[local] = a * m + torch.arange(len(local))
-    return got.index_select(2, slot.to(x.device))  # [B, H, n, D]
