@@ -5,6 +5,14 @@
     seqshard plan --hardware bench-out/quick/records.msgpack --n 4096 --world 4 \
                   --heads 8 --head-dim 64         # the CPU profile calibrated from a bench run
 
+The whole model of a job file (launch/perf/model_plan.py): the longest N that fits, with the
+mesh, strategy, checkpointing and pieces that get there, its step time and memory per rank;
+or the best way to run a given N; or the plan checked against real Trainer steps here:
+
+    seqshard plan --model launch/configs/long_1m_cpu.toml --hardware h100 --world 64 --max-context
+    seqshard plan --model launch/configs/demo.toml --hardware cpu --world 2 --seq-len 64K
+    seqshard plan --validate                     # small Trainer runs here against the plan
+
 Also runs as `python -m seqshard.launch.perf plan ...`.
 """
 
@@ -12,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 
+from .model_plan import fmt_bytes, fmt_time
 from .planner import HARDWARE, Hardware, load_hardware, plan
 
-GiB = 2**30
 SCALING_N = (1 << 20, 2 << 20, 4 << 20, 10 << 20)
 SCALING_P = (8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -50,6 +58,14 @@ def plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=2, help="FIT blocks")
     p.add_argument("--scaling", action="store_true",
                    help="best plan for 1M..10M tokens on 8..1024 ranks")
+    p.add_argument("--model", default=None, metavar="CONFIG.toml",
+                   help="plan the whole model of this job file (its [model] and [train])")
+    p.add_argument("--max-context", action="store_true",
+                   help="with --model: the largest N that fits per rank, and how")
+    p.add_argument("--seq-len", default=None,
+                   help="with --model: plan at this N (default: the job's train.seq_len)")
+    p.add_argument("--validate", action="store_true",
+                   help="run small real Trainer steps here and compare them with the plan")
 
 
 def shape_from_args(args) -> dict:
@@ -77,17 +93,13 @@ def hardware_from(text: str) -> Hardware:
     return load_hardware(text)
 
 
-def _fmt_time(s: float) -> str:
-    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
-
-
 def plan_table(family: str, shape: dict, n: int, world: int, hw: Hardware) -> str:
     rows = ["| strategy | mesh u x r | fwd+bwd / layer | compute | comm | memory / rank | "
             "sent / rank | fits |", "|---|---|---|---|---|---|---|---|"]
     for p in plan(family, shape, n, world, hw):
-        rows.append(f"| {p.impl} | {p.ulysses}x{p.ring} | {_fmt_time(p.time_s)} | "
-                    f"{_fmt_time(p.compute_s)} | {_fmt_time(p.comm_s)} | "
-                    f"{p.mem_bytes / GiB:.2f} GiB | {p.sent_bytes / GiB:.2f} GiB | "
+        rows.append(f"| {p.impl} | {p.ulysses}x{p.ring} | {fmt_time(p.time_s)} | "
+                    f"{fmt_time(p.compute_s)} | {fmt_time(p.comm_s)} | "
+                    f"{fmt_bytes(p.mem_bytes)} | {fmt_bytes(p.sent_bytes)} | "
                     f"{'yes' if p.fits else 'NO'} |")
     return "\n".join(rows) + "\n"
 
@@ -105,16 +117,60 @@ def scaling_table(family: str, shape: dict, hw: Hardware, ns=SCALING_N, worlds=S
                 continue
             best = ranked[0]
             second = (f"{ranked[1].impl} {ranked[1].ulysses}x{ranked[1].ring} "
-                      f"({_fmt_time(ranked[1].time_s)})") if len(ranked) > 1 else "-"
+                      f"({fmt_time(ranked[1].time_s)})") if len(ranked) > 1 else "-"
             note = "" if best.fits else " (does not fit)"
             rows.append(f"| {n >> 20}M | {world} | {best.impl}{note} | "
-                        f"{best.ulysses}x{best.ring} | {_fmt_time(best.time_s)} | "
-                        f"{best.mem_bytes / GiB:.2f} GiB | {second} |")
+                        f"{best.ulysses}x{best.ring} | {fmt_time(best.time_s)} | "
+                        f"{fmt_bytes(best.mem_bytes)} | {second} |")
     return "\n".join(rows) + "\n"
 
 
+def model_report(path: str, hw: Hardware, world: int, max_context: bool,
+                 seq_len: str | None) -> str:
+    """`seqshard plan --model`: the model-level plan, then the per-layer tables at its N."""
+    from seqshard.launch.config import load
+
+    from . import model_plan as mp
+
+    spec = mp.spec_from_job(load(path))
+    out = [f"hardware: {hw.name} ({hw.note})",
+           f"model: {spec.kind}, {spec.params:,} parameters, {spec.config.num_layers} blocks, "
+           f"ZeRO stage {spec.train.zero_stage}, {spec.train.dtype}, batch "
+           f"{spec.train.batch_size} per replica; {world} ranks", ""]
+    if max_context:
+        best = mp.max_context(spec, world, hw)
+        if best is None:
+            return "\n".join(out + ["nothing fits: even the smallest N overflows a rank's "
+                                    f"{mp.fmt_bytes(mp.budget(hw, world))}\n"])
+        out.append("largest N that fits:")
+    else:
+        n = parse_tokens(seq_len) if seq_len else spec.train.seq_len
+        ranked = mp.plan_at(spec, n, world, hw)
+        best = ranked[0]
+        out.append("best way to run it:" if best.fits else "nothing fits; the fastest:")
+    out.append(mp.describe(best))
+    for mixer in sorted(set(spec.mixers)):  # today's per-layer tables, at the plan's N
+        family, shape = mp.mixer_family(spec, mixer, hw)
+        out.append(f"one {mixer} layer on the sp group of {best.choice.sp} ranks at "
+                   f"N = {best.n:,} (windows: as global attention):")
+        try:
+            out.append(plan_table(family, shape, best.n, best.choice.sp, hw))
+        except ValueError as err:
+            out.append(f"({err})\n")
+    return "\n".join(out)
+
+
 def cmd_plan(args) -> int:
+    if args.validate:
+        from .model_validate import validate_report
+
+        print(validate_report(hardware_from(args.hardware if args.hardware != "h100"
+                                            else "cpu")))
+        return 0
     hw = hardware_from(args.hardware)
+    if args.model:
+        print(model_report(args.model, hw, args.world, args.max_context, args.seq_len))
+        return 0
     shape = shape_from_args(args)
     print(f"hardware: {hw.name} ({hw.note})")
     print(f"{args.family} {shape}")

@@ -77,6 +77,10 @@ class Hardware:
                                  # kernel calls per chunk
     step_overhead: float = 20e-6
     call_overhead: float = 50e-6
+    process_bytes: float = 0.0   # memory a rank's runtime holds before any model exists (the
+                                 # model-level plan's budget is memory_bytes less this): on
+                                 # the CPU the interpreter, torch and DeepSpeed; on a GPU the
+                                 # allocator's peak excludes the CUDA context, so 0 there
     # Fraction of `flops` each family's kernels reach. These defaults are what the GPU
     # profiles below use: assumptions set beside the datasheet rates (commit 35376f7,
     # 2026-11-25), never measured on any GPU (benchmarks/gpu_check.py would measure them).
@@ -111,6 +115,7 @@ CPU_DEFAULT = Hardware(
     name="cpu", flops=25e9, memory_bytes=8e9, devices_per_node=1 << 30, intra_bw=2e9,
     intra_latency=50e-6, inter_bw=2e9, inter_latency=50e-6, dtype_bytes=4, mem_bw=5e9,
     causal_tile=512, shared_cores=2, fused_chain=True,
+    process_bytes=400 * 2**20,  # resident set of a rank with torch and DeepSpeed imported
     overlap=False, step_overhead=1e-3, call_overhead=1e-3,
     efficiency={"attention": 1.0, "delta_rule": 1.0, "fit": 1.0},
     note="uncalibrated placeholder; run `seqshard bench` and calibrate from its records")

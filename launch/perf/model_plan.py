@@ -1,0 +1,468 @@
+"""The model-level plan: how long a sequence a whole model of a job file trains at, and how.
+
+For a model (TransformerLM, DeltaNetLM with its attention / window layers, FITLM), a world
+size and a hardware profile, every choice of
+    dp x ulysses x ring, the attention strategy, activation checkpointing on/off,
+    tokenwise_piece_tokens and (DeltaNet) mixer_piece_tokens
+gets a per-rank memory split and a step time; `max_context` finds the largest N that fits.
+
+Memory per rank (bytes; W = dp x sp ranks, over which ZeRO partitions here):
+    parameters   4 P        (/ W at ZeRO 3)      P = parameter count (the model built on the
+    gradients    4 P        (/ W at ZeRO >= 2)       meta device: exact, costs nothing)
+    optimizer    8 P AdamW + 4 P fp32 partition at ZeRO >= 1 (/ W at ZeRO >= 1)
+    activations  per layer: what its autograd graph keeps for backward, per local token;
+                 plus the worst layer's backward transient and the loss pieces' logits
+    comm         the gradient buckets (DeepSpeed, W > 1) and the attention strategy's
+                 buffers (ring blocks, all-to-all heads, gathered K/V: planner.py)
+Per-token counts (`kept_per_token`) are the tensors each sub-layer saves (see its comments),
+in the activation dtype (4 bytes, 2 under bf16 autocast). A checkpointed block keeps only its
+input; its whole graph exists again while it is recomputed, one block at a time.
+
+Time per step: each mixer's fwd+bwd from planner.py (the per-op cost model), the dense
+matmuls (projections, MLP, head: 6 flops per weight per token), x 4/3 where a forward is run
+twice (checkpointing, token-wise pieces, the DeltaNet mixer in pieces), plus the ZeRO/dp
+gradient reduction. A DeltaNet layer whose shard runs in pieces (issue 19) is serial across
+ranks only in its state chains: time = the parallel rest + P x one shard's chain
+(`delta_pieces_time`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from . import planner
+from .planner import Hardware
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+GRAD_BUCKET = 5e8  # elements: DeepSpeed's default reduce / allreduce bucket
+TOKENWISE_CHOICES = (8192, 2048)
+MIXER_CHOICES = (0, 65536, 16384)
+# What the whole-shard DeltaNet mixer keeps per token, in units of the width C (with
+# H x chunk more for the chunk-local attention): the q, k, v projections, their conv outputs
+# and activations, normalised q, k, the chunk kernel's W and U, the output and its norm.
+# Counted with saved-tensor hooks on a DeltaNetBlock (C = 64, H = 2, chunk 64: 12.9 C + H x
+# chunk); "~16 KB per token at width 256" in benchmarks/RESULTS.md (fp32) is 14.3 KB by it.
+DELTA_KEPT_C = 13
+# FIT per block and token, in units of C: the local layer's norms, q, k, v, out, MLP hidden
+# (the transformer block's count) where the group-local work is whole; in pieces it keeps the
+# pieces' inputs and the read / write paths (measured with saved-tensor hooks: 3.2 C).
+FIT_KEPT_C, FIT_PIECES_KEPT_C = 21, 3.2
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the plan needs of a model: its merged config and its parameter counts."""
+
+    kind: str
+    config: object          # the merged LMConfig (models/config.py)
+    train: object           # TrainConfig
+    params: int             # all parameters
+    block_dense: tuple      # per block: matmul weights every token passes through
+    mixers: tuple           # per block: 'attention' | 'window' | 'delta' | 'fit'
+
+
+def spec_of(kind: str, model: dict, train: dict) -> ModelSpec:
+    """The ModelSpec of a model config and a train config (dicts as in a job file)."""
+    import torch
+
+    from seqshard.models import build_model
+    from seqshard.models.config import make_train_config, merged_model_config
+
+    tc = make_train_config(train)
+    mc = merged_model_config(kind, dict(model), tc)
+    with torch.device("meta"):  # shapes only: a 70B model costs nothing to count
+        m = build_model(kind, mc, None)
+    params = sum(p.numel() for p in m.parameters())
+    linear = lambda mod: sum(s.weight.numel() for s in mod.modules()  # noqa: E731
+                             if isinstance(s, torch.nn.Linear))
+    if kind == "fit":
+        return ModelSpec(kind, mc, tc, params, (0,), ("fit",))
+    mixers = tuple(m.mixer_kind(i) if kind == "deltanet" else "attention"
+                   for i in range(mc.num_layers))
+    mixers = tuple({"global": "attention"}.get(x, x) for x in mixers)
+    return ModelSpec(kind, mc, tc, params, tuple(linear(b) for b in m.blocks), mixers)
+
+
+def spec_from_job(job) -> ModelSpec:
+    """From a launch.config JobConfig (`load(path)`)."""
+    model = {k: v for k, v in job.model.items() if k != "kind"}
+    return spec_of(job.model["kind"], model, job.train)
+
+
+@dataclass(frozen=True)
+class Choice:
+    dp: int
+    ulysses: int
+    ring: int
+    strategy: str               # the attention layers' (or the delta rule's schedule, 'fit')
+    checkpointing: bool
+    tokenwise_piece_tokens: int
+    mixer_piece_tokens: int     # 0: the DeltaNet mixer over the whole shard
+    layout: str = "contiguous"  # zigzag balances a TransformerLM's causal ring / all-gather
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+
+@dataclass
+class ModelPlan:
+    choice: Choice
+    n: int
+    world: int
+    memory: dict                # name -> bytes per rank (see the module doc); 'total' included
+    layers: list                # per block: (mixer, kept bytes, backward transient, seconds)
+    step_s: float
+    serial_s: float             # of step_s: chains that run rank after rank
+    fits: bool
+    budget: float               # bytes a rank may hold
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.choice.dp * self.n / self.step_s
+
+
+# --- shapes of the mixers, as planner.py takes them ---------------------------------------------
+def _attn_shape(spec: ModelSpec, batch: int) -> dict:
+    c = spec.config
+    kv = getattr(c, "num_kv_heads", None) or c.num_heads
+    return {"batch": batch, "heads": c.num_heads, "kv_heads": kv,
+            "head_dim": c.head_dim or c.dim // c.num_heads, "causal": True}
+
+
+def _delta_shape(spec: ModelSpec, batch: int, hw: Hardware) -> dict:
+    c = spec.config
+    d = c.head_dim or c.dim // c.num_heads
+    chunk = c.chunk_size or (32 if hw.shared_cores else 64)  # models/config.py's default
+    return {"batch": batch, "heads": c.num_heads, "dk": d, "dv": d, "chunk": chunk}
+
+
+def _fit_shape(spec: ModelSpec, batch: int) -> dict:
+    c = spec.config
+    return {"batch": batch, "dim": c.dim, "heads": c.num_heads, "group_size": c.group_size,
+            "latents": c.num_latents, "depth": c.num_layers, "causal": True,
+            "mlp_ratio": c.mlp_ratio, "global_layers": c.global_layers}
+
+
+def mixer_family(spec: ModelSpec, mixer: str, hw: Hardware) -> tuple[str, dict]:
+    """(planner family, its shape) of a block's mixer, for the per-layer tables."""
+    b = spec.train.batch_size
+    if mixer in ("attention", "window"):
+        return "attention", _attn_shape(spec, b)
+    if mixer == "delta":
+        return "delta_rule", _delta_shape(spec, b, hw)
+    return "fit", _fit_shape(spec, b)
+
+
+def _act_bytes(spec: ModelSpec) -> int:
+    return 2 if spec.train.dtype == "bf16" else 4
+
+
+def _hidden(spec: ModelSpec) -> int:
+    c = spec.config
+    return -(-(2 * c.mlp_ratio * c.dim // 3) // 8) * 8  # SwiGLU's width (models/layers.py)
+
+
+# --- memory -------------------------------------------------------------------------------------
+def kept_per_token(spec: ModelSpec, mixer: str, ch: Choice, n_local: int, hw: Hardware) -> float:
+    """Bytes one block keeps for backward per local token (not checkpointed)."""
+    c, e, h = spec.config, _act_bytes(spec), _hidden(spec)
+    tokenwise_whole = n_local <= ch.tokenwise_piece_tokens
+    # the MLP half: its RMSNorm keeps input, normalised and scaled rows (3 C); SwiGLU keeps
+    # w1 x, silu(w1 x), w3 x and their product (4 h). DeltaNet runs it in token-wise pieces,
+    # which keep only the pieces' inputs (views of x: C).
+    mlp = 3 * c.dim + 4 * h if (mixer != "delta" or tokenwise_whole) else c.dim
+    if mixer in ("attention", "window"):
+        a = _attn_shape(spec, 1)
+        qd, kvd = a["heads"] * a["head_dim"], a["kv_heads"] * a["head_dim"]
+        # RMSNorm: input, normalised, scaled (3 C); RoPE keeps only its cos / sin tables
+        # (2 head_dim: the tables need no gradient, so the products keep no q, k); the op
+        # keeps rotated q, k, v and its output (2 qd + 2 kvd) and the fp32 LSE per head
+        # (saved-tensor hooks on a TransformerBlock count the same)
+        return (e * (3 * c.dim + 2 * qd + 2 * kvd + 2 * a["head_dim"] + mlp)
+                + 4 * a["heads"])
+    if mixer == "delta":
+        d = _delta_shape(spec, 1, hw)
+        if ch.mixer_piece_tokens and n_local > ch.mixer_piece_tokens:
+            mixer_b = e * c.dim  # its input; one state per piece is counted in `_transient`
+        else:
+            mixer_b = _delta_mixer_kept(spec, 1, hw)
+        return e * 3 * c.dim + mixer_b + e * mlp
+    if mixer == "fit":  # the whole stack, per token
+        per_block = FIT_KEPT_C if tokenwise_whole else FIT_PIECES_KEPT_C
+        return e * c.dim * per_block * c.num_layers
+    raise ValueError(f"mixer={mixer!r}: expected attention, window, delta or fit")
+
+
+def _delta_mixer_kept(spec, n_tokens: int, hw: Hardware) -> float:
+    """Bytes the whole-shard DeltaNet mixer keeps over n_tokens (per batch row)."""
+    d = _delta_shape(spec, 1, hw)
+    return _act_bytes(spec) * (DELTA_KEPT_C * spec.config.dim + d["heads"] * d["chunk"]) * n_tokens
+
+
+def _transient(spec, mixer, ch, n_local, hw) -> float:
+    """Bytes a block's backward adds at its peak: the gradients entering and leaving it
+    (2 C per token); its graph again when checkpointed (rebuilt before its backward; FIT's
+    unit is one of its blocks); and for the DeltaNet mixer, the gradients of the chunk
+    kernel's intermediates (as large as what it keeps), over the whole shard or, in
+    pieces, over one piece plus one state per piece."""
+    c, b = spec.config, spec.train.batch_size
+    out = _act_bytes(spec) * 2 * c.dim * b * n_local
+    if ch.checkpointing:
+        graph = kept_per_token(spec, mixer, ch, n_local, hw) * b * n_local
+        out += graph / c.num_layers if mixer == "fit" else graph
+    if mixer == "delta":
+        pieces = ch.mixer_piece_tokens and n_local > ch.mixer_piece_tokens
+        span = ch.mixer_piece_tokens if pieces else n_local
+        out += _delta_mixer_kept(spec, span, hw) * b * (2 if pieces else 1)
+        if pieces:
+            d = _delta_shape(spec, b, hw)
+            out += 4 * b * d["heads"] * d["dk"] * d["dv"] * math.ceil(n_local / span)
+    return out
+
+
+def _op_buffers(spec, mixer, ch, n, hw) -> float:
+    """The strategy's own buffers beyond its inputs, outputs and their gradients: attention's
+    ring blocks / all-to-all heads / gathered K, V; FIT's latents of every rank, gathered for
+    each global layer and the causal write, and their gradients (4 per block)."""
+    if mixer == "fit" and ch.sp > 1:
+        c = spec.config
+        lat_b = (spec.train.batch_size * (n // ch.sp // c.group_size) * c.num_latents * c.dim
+                 * _act_bytes(spec))
+        return 4 * lat_b * ch.sp * c.num_layers
+    if mixer != "attention" or ch.sp == 1:
+        return 0.0
+    shape = _attn_shape(spec, spec.train.batch_size)
+    t = planner.terms("attention", ch.strategy, shape, n, ch.ulysses, ch.ring, hw)
+    q_b = shape["batch"] * shape["heads"] * (n // ch.sp) * shape["head_dim"] * hw.dtype_bytes
+    kv_b = q_b * shape["kv_heads"] // shape["heads"]
+    return max(0.0, t.mem_bytes - (2 * (q_b + 2 * kv_b) + q_b))
+
+
+def memory(spec: ModelSpec, n: int, ch: Choice, world: int, hw: Hardware):
+    """(split {name: bytes per rank}, per block [(mixer, kept, transient)])."""
+    tc, c = spec.train, spec.config
+    p, z, b, e = spec.params, tc.zero_stage, tc.batch_size, _act_bytes(spec)
+    n_local = n // ch.sp
+    split = {"parameters": 4 * p / (world if z >= 3 else 1),
+             "gradients": 4 * p / (world if z >= 2 else 1),
+             "optimizer": ((8 * p if tc.optimizer == "adamw" else 0) + (4 * p if z else 0))
+             / (world if z else 1)}
+    per_kind = {}  # the blocks of one mixer kind are alike: count each kind once
+    for mixer in set(spec.mixers):
+        ckpt = e * c.dim * (c.num_layers if mixer == "fit" else 1)  # the blocks' inputs
+        kept = (ckpt if ch.checkpointing else
+                kept_per_token(spec, mixer, ch, n_local, hw)) * b * n_local
+        per_kind[mixer] = (mixer, kept, _transient(spec, mixer, ch, n_local, hw))
+    blocks = [per_kind[m] for m in spec.mixers]
+    piece = min(n_local, ch.tokenwise_piece_tokens) * b
+    ends = e * 4 * c.dim * b * n_local  # embedding output, final norm (3 C)
+    loss = 3 * 4 * piece * c.vocab_size  # one loss piece's fp32 logits, softmax and gradient
+    # backward runs the loss first, then one block at a time: the peak is what every block
+    # keeps plus the largest of those transients
+    split["activations"] = (sum(k for _, k, _ in blocks) + ends
+                            + max(loss, *(t for _, _, t in blocks)))
+    buckets = 4 * min(p, GRAD_BUCKET) if world > 1 else 0
+    split["comm buffers"] = buckets + max(_op_buffers(spec, m, ch, n, hw) for m in per_kind)
+    split["total"] = sum(split.values())
+    return split, blocks
+
+
+# --- time ---------------------------------------------------------------------------------------
+def _share(hw: Hardware, world: int) -> float:
+    """A rank's share of a core on a shared CPU host (planner.features' rule), else 1."""
+    if not hw.shared_cores:
+        return 1.0
+    return min(1.0, hw.cores_by_world.get(world, hw.shared_cores) / world)
+
+
+def delta_pieces_time(shape: dict, n: int, p: int, hw: Hardware) -> tuple[float, float]:
+    """(serial s, parallel s) of one DeltaNet layer's fwd+bwd when its shards run in pieces
+    (ops/delta_rule/pieces.py after issue 19): every rank's projections, conv, chunk kernel
+    and readout run side by side (the parallel rest, plus one recomputed forward: x 4/3);
+    only the state chains cross ranks one after the other, so the serial part is P times one
+    shard's chain, run at a whole core (the others wait). The old schedule, where ranks took
+    turns over whole layers, would be P x (serial / P + parallel)."""
+    t = planner.terms("delta_rule", "pass", shape, n, 1, p, hw)
+    rate = hw.flops * planner.efficiency(hw, "delta_rule", "pass", p)
+    serial = t.flops_seq / rate + t.steps_seq * hw.step_overhead
+    f = planner.features(replace(t, flops_seq=0.0, steps_seq=0.0), p, hw)
+    parallel = (4 / 3) * (f["flops"] / rate + f["steps"] * hw.step_overhead
+                          + f["call"] * hw.call_overhead)
+    return serial, parallel
+
+
+def _mixer_time(spec, mixer, ch, n, world, hw) -> tuple[float, float]:
+    """(seconds, of which serial across ranks) of one block's mixer, fwd+bwd."""
+    b = spec.train.batch_size
+    if mixer in ("attention", "window"):
+        impl = ch.strategy if ch.sp > 1 else "ulysses"
+        pred = planner.predict("attention", impl, _attn_shape(spec, b), n, ch.ulysses, ch.ring,
+                               hw)
+        t = pred.time_s
+        if mixer == "window":  # keys per query: the window instead of half the sequence
+            t *= min(1.0, 2 * spec.config.window / n)
+        return t * (1 + 1 / 3.5 * ch.checkpointing), 0.0  # the forward is 1 / 3.5 of it
+    if mixer == "delta":
+        shape = _delta_shape(spec, b, hw)
+        pieces = ch.mixer_piece_tokens and n // ch.sp > ch.mixer_piece_tokens
+        if pieces and ch.sp == 2:
+            serial, par = delta_pieces_time(shape, n, ch.sp, hw)
+            return serial + par, serial
+        # whole shards; or pieces on one rank, or on P >= 3 ranks where pieces.py runs the
+        # scan schedule (middle ranks compose their maps side by side): the backward
+        # recomputes each piece's forward
+        pred = planner.predict("delta_rule", "scan" if pieces else spec.config.schedule,
+                               shape, n, 1, ch.sp, hw)
+        return pred.time_s * (1 + (ch.checkpointing or bool(pieces)) / 3), 0.0
+    pred = planner.predict("fit", "fit", _fit_shape(spec, b), n, 1, ch.sp, hw)
+    return pred.time_s * (1 + ch.checkpointing / 3), 0.0
+
+
+def step_time(spec: ModelSpec, n: int, ch: Choice, world: int, hw: Hardware):
+    """(step seconds, serial seconds, per-block seconds)."""
+    c, b = spec.config, spec.train.batch_size
+    n_local = n // ch.sp
+    rate = hw.flops * hw.efficiency.get("dense", hw.efficiency["attention"]) * _share(hw, world)
+    per_block, serial = [], 0.0
+    for mixer, dense in zip(spec.mixers, spec.block_dense):
+        t, s = _mixer_time(spec, mixer, ch, n, world, hw)
+        # dense matmuls: 2 flops per weight per token forward, 4 backward; a forward again
+        # when checkpointed or (DeltaNet's token-wise MLP) in pieces
+        twice = ch.checkpointing or (mixer == "delta" and n_local > ch.tokenwise_piece_tokens)
+        t += 6 * dense * b * n_local * (1 + twice / 3) / rate
+        per_block.append(t)
+        serial += s
+    head = 6 * c.dim * c.vocab_size * b * n_local * (4 / 3) / rate  # loss pieces recompute
+    # the gradient reduction over all W ranks (ring all-reduce: 2 (W-1)/W of the bytes), and
+    # the optimizer's pass over its state (memory-bound)
+    reduce = 0.0
+    if world > 1:
+        bw = hw.intra_bw if world <= hw.devices_per_node else hw.inter_bw
+        reduce = 2 * 4 * spec.params * (world - 1) / world / bw
+    opt = 16 * spec.params / max(1, world if spec.train.zero_stage else 1) / hw.mem_bw
+    return sum(per_block) + head + reduce + opt, serial, per_block
+
+
+# --- the search ---------------------------------------------------------------------------------
+def budget(hw: Hardware, world: int) -> float:
+    """Bytes a rank's model may hold: its device's memory (a shared host's, split over its
+    ranks) less what the runtime itself takes (`process_bytes`)."""
+    device = hw.memory_bytes / world if hw.shared_cores else hw.memory_bytes
+    return device - hw.process_bytes
+
+
+def choices(spec: ModelSpec, world: int) -> list[Choice]:
+    """Every (dp x ulysses x ring, strategy, checkpointing, pieces) the model can run."""
+    if not isinstance(world, int) or world < 1:
+        raise ValueError(f"world={world!r}: expected a positive number of ranks")
+    c = spec.config
+    out = []
+    tokenwise = sorted({c.tokenwise_piece_tokens, *TOKENWISE_CHOICES}, reverse=True)
+    mixer = (sorted({c.mixer_piece_tokens, *MIXER_CHOICES}) if spec.kind == "deltanet"
+             else [0])
+    for dp in (d for d in range(1, world + 1) if world % d == 0):
+        sp = world // dp
+        if "attention" in spec.mixers and spec.kind == "transformer":
+            meshes = planner.candidates("attention", _attn_shape(spec, 1), sp)
+        elif "attention" in spec.mixers:  # DeltaNet's shards are contiguous: no heads split
+            meshes = [("ring", 1, sp), ("allgather", 1, sp)]
+        else:
+            meshes = [(spec.config.schedule if spec.kind == "deltanet" else "fit", 1, sp)]
+        for impl, u, r in meshes:
+            for ckpt in (False, True):
+                for tw in tokenwise:
+                    for mx in mixer:
+                        layout = ("zigzag" if spec.kind == "transformer" and sp > 1
+                                  and impl != "ulysses" else "contiguous")
+                        out.append(Choice(dp, u, r, impl, ckpt, tw, mx, layout))
+    return out
+
+
+def quantum(spec: ModelSpec, ch: Choice) -> int:
+    """N must be a multiple of this: zigzag halves per rank, FIT's whole groups per rank."""
+    q = ch.sp * (2 if ch.layout == "zigzag" else 1)
+    if spec.kind == "fit":
+        q *= spec.config.group_size
+    return q
+
+
+def evaluate(spec: ModelSpec, n: int, ch: Choice, world: int, hw: Hardware) -> ModelPlan:
+    split, blocks = memory(spec, n, ch, world, hw)
+    step, serial, times = step_time(spec, n, ch, world, hw)
+    layers = [(m, k, t, s) for (m, k, t), s in zip(blocks, times)]
+    room = budget(hw, world)
+    return ModelPlan(ch, n, world, split, layers, step, serial, split["total"] <= room, room)
+
+
+def plan_at(spec: ModelSpec, n: int, world: int, hw: Hardware) -> list[ModelPlan]:
+    """Every choice that can run N tokens on `world` ranks: fitting first, fastest first."""
+    plans = [evaluate(spec, n, ch, world, hw) for ch in choices(spec, world)
+             if n % quantum(spec, ch) == 0]
+    if not plans:
+        raise ValueError(f"N={n} splits over no mesh of world={world} for {spec.kind}")
+    return sorted(plans, key=lambda p: (not p.fits, p.step_s))
+
+
+def _largest(spec, ch, world, hw, n_max: int) -> int:
+    """The largest multiple of quantum(ch) <= n_max whose memory fits (0: none)."""
+    q, room = quantum(spec, ch), budget(hw, world)
+    fits = lambda k: memory(spec, k * q, ch, world, hw)[0]["total"] <= room  # noqa: E731
+    lo, hi = 0, max(0, n_max // q)
+    if hi == 0 or not fits(1):
+        return 0
+    while lo < hi:  # memory grows with N: bisect on the multiple
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo * q
+
+
+def max_context(spec: ModelSpec, world: int, hw: Hardware,
+                n_max: int = 1 << 34) -> ModelPlan | None:
+    """The plan with the largest N that fits (ties: the fastest step); None if none fits."""
+    best = None
+    for ch in choices(spec, world):
+        n = _largest(spec, ch, world, hw, n_max)
+        if n == 0:
+            continue
+        p = evaluate(spec, n, ch, world, hw)
+        if best is None or (p.n, -p.step_s) > (best.n, -best.step_s):
+            best = p
+    return best
+
+
+# --- text ---------------------------------------------------------------------------------------
+def fmt_bytes(x: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if abs(x) >= size:
+            return f"{x / size:.2f} {unit}"
+    return f"{x:.0f} B"
+
+
+def fmt_time(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def describe(p: ModelPlan) -> str:
+    ch = p.choice
+    lines = [f"N = {p.n:,} tokens: dp {ch.dp} x ulysses {ch.ulysses} x ring {ch.ring}, "
+             f"strategy {ch.strategy}, layout {ch.layout}, activation checkpointing "
+             f"{'on' if ch.checkpointing else 'off'}, tokenwise_piece_tokens "
+             f"{ch.tokenwise_piece_tokens}, mixer_piece_tokens {ch.mixer_piece_tokens}",
+             f"step {fmt_time(p.step_s)} ({fmt_time(p.serial_s)} serial across ranks), "
+             f"{p.tokens_per_s:,.0f} tokens/s; {'fits' if p.fits else 'does NOT fit'} in "
+             f"{fmt_bytes(p.budget)} per rank", "",
+             "| memory per rank | bytes |", "|---|---:|"]
+    lines += [f"| {k} | {fmt_bytes(v)} |" for k, v in p.memory.items()]
+    lines += ["", "| block | mixer | kept for backward | backward transient | fwd+bwd |",
+              "|---:|---|---:|---:|---:|"]
+    start = 0
+    for i, row in enumerate(p.layers):  # runs of alike blocks share one row
+        if i + 1 < len(p.layers) and p.layers[i + 1] == row:
+            continue
+        m, k, t, s = row
+        blocks = f"{start}" if start == i else f"{start}-{i}"
+        lines.append(f"| {blocks} | {m} | {fmt_bytes(k)} | {fmt_bytes(t)} | {fmt_time(s)} |")
+        start = i + 1
+    return "\n".join(lines) + "\n"

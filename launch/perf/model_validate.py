@@ -1,0 +1,144 @@
+"""Real Trainer steps on this CPU against the model-level plan (`seqshard plan --validate`).
+
+Each point trains a small model of one kind for a few steps on P gloo ranks (a fresh
+`seqshard.dist.RankPool` per world size, 1 thread per rank, glibc's mmap threshold pinned so
+the resident set follows the live tensors) and records, per rank, what the plan predicts:
+  mem_bytes  the peak resident set during the last step above the resident set just before
+             the Trainer was built (imports done, DeepSpeed imported): the model's own
+             memory, without the interpreter and libraries (the profile's `process_bytes`);
+  step_s     the last step's wall seconds (the first step pays one-off set-up);
+  cpu_s      the rank's CPU seconds of that step.
+Memory is deterministic enough to assert on (tests/test_model_plan.py); time moves with the
+load of the machine, so time is compared here and written to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+from seqshard.dist import RankPool
+from seqshard.dist.memory import reset_peak, peak_bytes, rss_bytes
+
+from .runner import THREADS_PER_RANK, _bench_setup
+
+# (kind, model overrides, train overrides) at sizes that run in seconds on 2 cores
+SMALL = {"dim": 64, "num_layers": 2, "num_heads": 2, "vocab_size": 256, "mlp_ratio": 2}
+KIND_EXTRA = {"transformer": {}, "deltanet": {"chunk_size": 64},
+              "fit": {"group_size": 64, "num_latents": 4}}
+
+
+def small_job(kind: str, n: int, **extra) -> tuple[dict, dict]:
+    """(model dict, train dict) of a small validation point: 2 layers x 64, vocab 256."""
+    trained = ("activation_checkpointing", "layout", "strategy", "zero_stage")
+    model = {**SMALL, **KIND_EXTRA[kind], **{k: v for k, v in extra.items() if k not in trained}}
+    train = {"seq_len": n, "steps": 4, "task": "random", "vocab_size": 256, "warmup_steps": 1,
+             **{k: v for k, v in extra.items() if k in trained}}
+    return model, train
+
+
+def measure_steps(rank: int, world: int, kind: str, model: dict, train: dict,
+                  steps: int = 2) -> dict:
+    """Per-rank {mem_bytes, step_s, cpu_s} of the last of `steps` Trainer steps (see above).
+    Runs inside a rank process (RankPool / tests/harness.py run_ranks)."""
+    import deepspeed  # noqa: F401  (imported before the base is read: library, not model)
+    import torch
+
+    from seqshard.dist import Mesh
+    from seqshard.models import Trainer
+
+    mesh = Mesh.from_env(ulysses=1) if world > 1 else None
+    gc.collect()
+    base = rss_bytes()
+    trainer = Trainer(kind, model, train, mesh)
+    for _ in range(steps - 1):
+        trainer.step()
+    gc.collect()
+    reset_peak(torch.device("cpu"))
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    metrics = trainer.step()
+    out = {"mem_bytes": peak_bytes(torch.device("cpu")) - base,
+           "step_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0,
+           "loss": metrics["loss"]}
+    del trainer
+    gc.collect()
+    return out
+
+
+def run_points(points: list[tuple[int, str, dict, dict]], timeout_s: float = 900.0) -> list:
+    """[(world, kind, model, train)] -> per point the per-rank results, one pool per world."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    out = []
+    for world in sorted({p[0] for p in points}):
+        pool = RankPool(world, threads=THREADS_PER_RANK, timeout_s=timeout_s,
+                        start_timeout_s=180.0, setup=_bench_setup)
+        try:
+            # a throw-away point first: the runtime's one-off allocations (DeepSpeed's and
+            # torch's lazy set-up) belong to the process, not to the first measured model
+            pool.run(measure_steps, ("transformer", *small_job("transformer", 256)),
+                     timeout_s=timeout_s, fail_fast=True)
+            for w, kind, model, train in points:
+                if w == world:
+                    out.append(((w, kind, model, train),
+                                pool.run(measure_steps, (kind, model, train),
+                                         timeout_s=timeout_s, fail_fast=True)))
+        finally:
+            pool.close()
+    return out
+
+
+def default_points() -> list[tuple[int, str, dict, dict]]:
+    """Each model kind with and without checkpointing on 1 and 2 ranks, DeltaNet's mixer also
+    in pieces: seconds each on 2 cores."""
+    pts = []
+    for ckpt in (False, True):
+        pts.append((1, "transformer", *small_job("transformer", 4096,
+                                                  activation_checkpointing=ckpt)))
+        pts.append((2, "transformer", *small_job("transformer", 8192, layout="zigzag",
+                                                  strategy="ring",
+                                                  activation_checkpointing=ckpt)))
+        for pieces in (0, 4096):
+            pts.append((2, "deltanet", *small_job("deltanet", 32768, mixer_piece_tokens=pieces,
+                                                   activation_checkpointing=ckpt)))
+        pts.append((2, "fit", *small_job("fit", 32768, activation_checkpointing=ckpt)))
+    return pts
+
+
+def choice_of(spec, world: int):
+    """The model_plan.Choice a Trainer of `spec` runs on `world` ranks (dp 1, ring = world)."""
+    from .model_plan import Choice
+
+    c = spec.config
+    strategy = {"deltanet": getattr(c, "schedule", ""), "fit": "fit"}.get(
+        spec.kind, c.strategy if c.strategy != "auto" else "ring")
+    return Choice(1, 1, world, strategy, c.activation_checkpointing, c.tokenwise_piece_tokens,
+                  getattr(c, "mixer_piece_tokens", 0), c.layout)
+
+
+def predicted(world: int, kind: str, model: dict, train: dict, hw) -> tuple[float, float]:
+    """(memory bytes per rank, step seconds) the plan gives a measured point."""
+    from . import model_plan as mp
+
+    spec = mp.spec_of(kind, model, train)
+    ch = choice_of(spec, world)
+    split, _ = mp.memory(spec, train["seq_len"], ch, world, hw)
+    return split["total"], mp.step_time(spec, train["seq_len"], ch, world, hw)[0]
+
+
+def validate_report(hw, points=None) -> str:
+    """Measure `points` (default_points()) and tabulate them against the plan."""
+    rows = ["| model | P | N | checkpointing | mixer pieces | MiB measured | MiB planned | "
+            "ratio | step s measured | CPU s/rank | step s planned | ratio |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (world, kind, model, train), ranks in run_points(points or default_points()):
+        mem = max(r["mem_bytes"] for r in ranks)
+        wall = max(r["step_s"] for r in ranks)
+        cpu = max(r["cpu_s"] for r in ranks)
+        pm, pt = predicted(world, kind, model, train, hw)
+        rows.append(f"| {kind} | {world} | {train['seq_len']} | "
+                    f"{'on' if train.get('activation_checkpointing') else 'off'} | "
+                    f"{model.get('mixer_piece_tokens', '-')} | {mem / 2**20:.1f} | "
+                    f"{pm / 2**20:.1f} | {pm / mem:.2f} | {wall:.2f} | {cpu:.2f} | {pt:.2f} | "
+                    f"{pt / wall:.2f} |")
+    return "\n".join(rows) + "\n"
