@@ -135,11 +135,16 @@ def stdlib_root() -> str:
 
 @functools.lru_cache(maxsize=1)
 def stdlib_files() -> tuple[str, ...]:
-    """The standard library's own *.py files (not the packages installed beside it), sorted."""
-    root = Path(stdlib_root())
-    skip = {"site-packages", "dist-packages"}
-    return tuple(str(p) for p in sorted(root.rglob("*.py"))
-                 if p.is_file() and not skip & set(p.relative_to(root).parts))
+    """The standard library's own *.py files (not the packages installed beside it), sorted by
+    relative path; the installed packages' folders are never walked."""
+    root = stdlib_root()
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]
+        rel = os.path.relpath(folder, root)
+        found += [(Path(rel, n).parts, os.path.join(folder, n)) for n in names if n.endswith(".py")]
+    return tuple(path for _, path in sorted(found))
 
 
 def open_source(path: str, dtype: str = "uint16"):

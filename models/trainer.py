@@ -60,6 +60,9 @@ class Trainer:
         import deepspeed  # deferred: importing deepspeed costs about a second
 
         self.tc = tc = make_train_config(train_config)
+        if tc.task == "data" and data is None:  # never train silently on the default corpus
+            raise ValueError("train.task = 'data' needs the [data] section: pass "
+                             "Trainer(..., data=...) ({} for the default stdlib corpus)")
         if mesh is None or mesh.world_size == 1:
             ensure_single_process_group()
         self.mesh = mesh or Mesh.single()
@@ -73,7 +76,7 @@ class Trainer:
                              f"recall task (2 * pairs + 2 * queries)")
         self.corpus = None
         if tc.task == "data":  # checked here too: a Trainer need not come from the launcher
-            self.corpus = open_corpus(data or {}, tc.vocab_size, seq_len=tc.seq_len,
+            self.corpus = open_corpus(data, tc.vocab_size, seq_len=tc.seq_len,
                                       batch_size=tc.batch_size)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         model = build_model(kind, self.model_config, self.mesh).to(self.mesh.device)

@@ -155,6 +155,10 @@ def test_bad_data_names_the_file_and_the_number(tmp_path):
         DataConfig(heldout_fraction=1.5)
     with pytest.raises(ValueError, match=r"unknown config key\(s\) data\.paht"):
         open_corpus({"paht": "x"}, 256)
+    from seqshard.models import Trainer
+
+    with pytest.raises(ValueError, match=r"train\.task = 'data' needs the \[data\] section"):
+        Trainer("transformer", MODEL, TRAIN)  # refused before any process group or engine
 
 
 MODEL = dict(dim=32, num_layers=2, num_heads=2)
@@ -179,12 +183,9 @@ def _train_on_bin(rank, world, path: str, directory: str):
     torch.manual_seed(0)
     reference = build_model("transformer", straight.model_config, Mesh.single())
     want = float(sharded_lm_loss(reference(ids, doc_lens=lens), ids))
-    curve = [straight.step()["loss"] for _ in range(6)]
-
-    first = Trainer("transformer", MODEL, TRAIN, m, data=data)
-    for _ in range(3):
-        first.step()
-    first.save(directory)
+    curve = [straight.step()["loss"] for _ in range(3)]
+    straight.save(directory)  # saving changes nothing: the run goes on as if unsaved
+    curve += [straight.step()["loss"] for _ in range(3)]
     resumed = Trainer("transformer", MODEL, TRAIN, m, data=data)
     resumed.load(directory)
     continued = [resumed.step()["loss"] for _ in range(3)]
