@@ -30,7 +30,7 @@ import torch
 
 from .data import _generator
 from .fill import fill
-from .sources import SEPARATOR, WINDOW, BinTokens, open_source
+from .sources import BIN_DTYPES, SEPARATOR, WINDOW, BinTokens, open_source
 
 SPLITS = ("train", "heldout")
 
@@ -61,6 +61,8 @@ class DataConfig:
             raise ValueError(f"data.heldout_fraction = {self.heldout_fraction}: must be in (0, 1)")
         if self.eos_id < 0:
             raise ValueError(f"data.eos_id = {self.eos_id}: must be >= 0")
+        if self.dtype not in BIN_DTYPES:
+            raise ValueError(f"data.dtype = {self.dtype!r}: expected one of {sorted(BIN_DTYPES)}")
 
 
 class Corpus:
@@ -188,6 +190,9 @@ def open_corpus(cfg: DataConfig | dict, vocab_size: int, *, seq_len: int = 0,
             raise ValueError(f"data.path {source.name!r} is read as bytes (ids 0..255): needs "
                              f"vocab_size >= 256, got train.vocab_size = {vocab_size}")
         vocab_size = 256
+    if cfg.packed and cfg.eos_id >= vocab_size:
+        raise ValueError(f"data.eos_id = {cfg.eos_id} is not an id of {source.name!r} "
+                         f"(vocab_size = {vocab_size}): no document would ever end")
     if cfg.packed and batch_size > 1:
         raise ValueError(f"data.packed = true needs train.batch_size = 1, got {batch_size}: the "
                          f"model takes one doc_lens list for the whole batch")

@@ -151,6 +151,11 @@ def test_bad_data_names_the_file_and_the_number(tmp_path):
         open_corpus({"path": str(text), "packed": True}, 256, batch_size=2)
     with pytest.raises(ValueError, match=r"seqshard data prepare .*t\.txt OUT\.bin"):
         open_corpus({"path": str(text), "tokenizer": str(tmp_path)}, 256)
+    with pytest.raises(ValueError, match=r"data\.eos_id = 300 is not an id of '.*t\.txt' "
+                                         r"\(vocab_size = 256\)"):
+        open_corpus({"path": str(text), "packed": True, "eos_id": 300}, 512)
+    with pytest.raises(ValueError, match=r"data\.dtype = 'int8'"):
+        DataConfig(dtype="int8")
     with pytest.raises(ValueError, match=r"data\.heldout_fraction = 1\.5"):
         DataConfig(heldout_fraction=1.5)
     with pytest.raises(ValueError, match=r"unknown config key\(s\) data\.paht"):
