@@ -189,8 +189,9 @@ class DeltaNet(nn.Module):
         # the kernel computes in fp32 itself; autocast would lower its matmuls to bf16
         with torch.autocast(x.device.type, enabled=False):
             o, state = delta_rule(q, k, v, beta, mesh=mesh, gate=gate, initial_state=state,
-                                  output_final_state=alone or global_state, chunk_size=self.chunk_size,
-                                  schedule=self.schedule, check=check)
+                                  output_final_state=alone or global_state,
+                                  chunk_size=self.chunk_size, schedule=self.schedule,
+                                  check=check)
         return self._readout(o, x), state
 
     def forward(self, x: torch.Tensor, mesh: Mesh | None = None, check: bool = True,

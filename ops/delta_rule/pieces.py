@@ -253,11 +253,12 @@ def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _sweep(shard: _Shard, x, halo, starts, params, dy, ds_end, grads):
+def _sweep(shard: _Shard, x, halo, starts, params, dy, ds_end, grads, on_state_grad=None):
     """Backward through the pieces in reverse, adding into grads = [dx, dhalo, *dparams].
     dy [B, N, dim] or None (zero), ds_end: gradient of the shard's last state, None, or a
     callable returning it (waited for only once the first piece's graph is built, so that
-    forward overlaps the wait). Returns the gradient on the shard's incoming state."""
+    forward overlaps the wait). Returns the gradient on the shard's incoming state, also
+    handed to on_state_grad (if given) as soon as autograd computes it."""
     grad_state = ds_end
     for i in range(len(shard.spans) - 1, -1, -1):
         if i not in shard.graphs:
@@ -272,6 +273,8 @@ def _sweep(shard: _Shard, x, halo, starts, params, dy, ds_end, grads):
             outs.append(y), pulls.append(dy[:, start:end].to(y.dtype))
         if grad_state is not None:
             outs.append(s_end), pulls.append(grad_state.to(s_end.dtype))
+        if i == 0 and on_state_grad is not None:
+            state.register_hook(on_state_grad)  # returns None: the gradient stays as it is
         got = torch.autograd.grad(outs, [x_part, context, state] + params, pulls,
                                   allow_unused=True)
         grads[0][:, start:end] += got[0]
@@ -300,10 +303,17 @@ def _bwd(shard: _Shard, x, halo, starts, a_map, params, dy, halo_given: bool):
             ds_end = lambda: shard.scan(shard.zeros(x), reverse=True)  # noqa: E731
         _sweep(shard, x, halo, starts, params, dy, ds_end, grads)
     else:
-        own = _sweep(shard, x, halo, starts, params, dy, None, grads)  # L: with dS_end = 0
-        if shard.pair_only:  # P = 2: the reverse scan is this one message, not waited for
+        # L: with dS_end = 0. At P = 2 the reverse scan is one message to rank 0, sent the
+        # moment autograd has L (right after the first piece's chain backward), before the
+        # piece's conv and projection gradients, and never waited for
+        sent = []
+        send = (lambda grad: sent.append(shard.send(grad.to(shard.work), 0))) \
+            if shard.pair_only else None
+        own = _sweep(shard, x, halo, starts, params, dy, None, grads, on_state_grad=send)
+        if shard.pair_only and not sent:  # autograd computed no L (no hook call): zeros
+            own = torch.zeros_like(starts[0]) if own is None else own
             shard.send(own.to(shard.work), 0)
-        else:
+        if not shard.pair_only:
             # the shard's gradient map G -> A^T G + L; the last rank's A^T is never read
             pair = (shard.zeros(x)[0] if shard.last else a_map.mT, own.to(shard.work))
             ds_end = shard.scan(pair, reverse=True)
