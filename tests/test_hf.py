@@ -16,7 +16,7 @@ TOL = 5e-5
 
 
 def _tiny_config(style: str):
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=61, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, head_dim=48,
@@ -29,6 +29,8 @@ def _tiny_config(style: str):
         return Gemma3TextConfig(**dict(common, num_hidden_layers=3), sliding_window=5,
                                 query_pre_attn_scalar=48,
                                 layer_types=["sliding_attention"] * 2 + ["full_attention"])
+    if style == "qwen2":  # Qwen 2: biased q/k/v projections
+        return Qwen2Config(**common, use_sliding_window=False)
     if style == "qwen_mix":  # Qwen's layer_types: a window layer and a global one
         return Qwen3Config(**common, use_sliding_window=True, sliding_window=4,
                            layer_types=["sliding_attention", "full_attention"])
