@@ -8,7 +8,8 @@
 - `RecurrentState`: a DeltaNet layer's recurrent state [B, H, Dk, Dv] and its conv tail (the
   last `halo` mixer inputs [B, halo, dim]), the same on every rank.
 - `ModelCache`: the caches of one model, found by layer (the module object), plus whether it
-  is still filling (prefill) or decoding, and the room it was sized for.
+  is still filling (prefill) or decoding, and the room it was sized for. (FITLM's state,
+  `models.fit_decode.FITState`, lives in it too.) Every cache has `nbytes()`.
 
 Bookkeeping that decides where a token goes (how many keys each rank holds) is replicated,
 so a cache that runs out of room raises the same ValueError on every rank, before any
@@ -41,6 +42,10 @@ class AttentionCache:
         self.k = self.v = self.positions = None
         self.length = 0
         self.counts = [0] * self.world
+
+    def nbytes(self) -> int:
+        """Bytes of this rank's preallocated K, V and positions."""
+        return tensor_bytes(self.k, self.v, self.positions)
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live keys [B, Hkv, S_local, D], values and their global positions [S_local]."""
@@ -113,6 +118,9 @@ class RecurrentState:
     state: torch.Tensor
     conv_tail: torch.Tensor
 
+    def nbytes(self) -> int:
+        return tensor_bytes(self.state, self.conv_tail)
+
 
 @dataclass
 class ModelCache:
@@ -141,10 +149,9 @@ class ModelCache:
 
     def memory_bytes(self) -> int:
         """Bytes this rank's cache tensors take (preallocated room included)."""
-        total = 0
-        for cache in self.layers.values():
-            tensors = ((cache.k, cache.v, cache.positions) if isinstance(cache, AttentionCache)
-                       else (cache.state, cache.conv_tail) if isinstance(cache, RecurrentState)
-                       else ())
-            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        return total
+        return sum(cache.nbytes() for cache in self.layers.values())
+
+
+def tensor_bytes(*tensors) -> int:
+    """Bytes of the given tensors (None skipped)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.common import assert_close
 from tests.harness import mesh, run_ranks
 
 TRANSFORMER = dict(vocab_size=53, dim=32, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -31,7 +32,7 @@ def _generate_cases(rank, world, cases):
     """Each case: (kind, config, degrees, prompt length N, batch); returns how many matched."""
     from seqshard.dist import Mesh, get_layout
     from seqshard.models import build_model
-    from seqshard.models.generate import generate
+    from seqshard.models.generate import decode_step, generate, prefill
 
     matched = 0
     for i, (kind, config, degrees, n, batch) in enumerate(cases):
@@ -47,12 +48,20 @@ def _generate_cases(rank, world, cases):
         streamed = []
         got = generate(sharded, layout.shard(ids, 1, m.rank, m.size), m, NEW_TOKENS,
                        on_token=lambda j, t: streamed.append(t))
+        group = getattr(sharded.config, "group_size", 1)
         with torch.no_grad():
-            want = _reference_greedy(reference, ids, NEW_TOKENS,
-                                     getattr(sharded.config, "group_size", 1))
+            want = _reference_greedy(reference, ids, NEW_TOKENS, group)
         tag = f"{kind} {config.get('layout', 'contiguous')} {config.get('strategy', '')} P={world}"
         assert torch.equal(got, want), f"{tag}: generated {got.tolist()} != {want.tolist()}"
         assert torch.equal(torch.stack(streamed, 1), got), f"{tag}: streamed tokens differ"
+        # the logits themselves, step by step (a small error may not flip an argmax)
+        full = torch.cat([ids, want], dim=1)
+        with torch.no_grad():
+            ref_logits = reference(torch.nn.functional.pad(full, (0, -full.shape[1] % group)))
+        cache, logits = prefill(sharded, layout.shard(ids, 1, m.rank, m.size), n + NEW_TOKENS)
+        for j in range(NEW_TOKENS):
+            assert_close(f"{tag} logits at {n + j - 1}", ref_logits[:, n + j - 1], logits, 1e-4)
+            logits = decode_step(sharded, want[:, j], cache)
         matched += 1
     return matched
 
@@ -92,6 +101,22 @@ DELTANET_CASES = {
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_deltanet_greedy_matches_unsharded(world):
     cases = DELTANET_CASES[world]
+    assert run_ranks(_generate_cases, world, cases) == [len(cases)] * world
+
+
+FIT_LM = dict(vocab_size=53, dim=32, num_layers=2, num_heads=2, group_size=3, num_latents=2,
+              init_std=0.1)
+FIT_CASES = {  # 6 new tokens close two groups
+    1: [("fit", FIT_LM, {}, 6, 2)],
+    2: [("fit", FIT_LM, {}, 12, 2),
+        ("fit", dict(FIT_LM, local_layers=2, global_layers=2, group_size=2), {}, 4, 1)],
+    4: [("fit", FIT_LM, {}, 12, 1)],
+}
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_fit_greedy_matches_unsharded(world):
+    cases = FIT_CASES[world]
     assert run_ranks(_generate_cases, world, cases) == [len(cases)] * world
 
 

@@ -103,6 +103,7 @@ class FITBlock(nn.Module):
     Returns the new tokens (same shape) and the new latents of this rank's groups (unshifted).
     piece_groups: run the group-local parts (local layers + read, write) on this many groups
     at a time, recomputed in backward (`in_group_pieces`); None = all groups at once.
+    record: a dict to receive what decoding needs (see `FIT.forward`), or None.
 
     Example:
         >>> blk = FITBlock(dim=96, num_heads=2, group_size=5, num_latents=3, causal=True)
@@ -130,7 +131,8 @@ class FITBlock(nn.Module):
         self.write = CrossLayer(dim, num_heads)
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor, mesh: Mesh | None = None,
-                global_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                global_mask: torch.Tensor | None = None,
+                record: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         t = check_tokens(x, self.dim, self.group_size, mesh, _dtype(self))
         b, n, m = x.shape[0], self.group_size, self.num_latents
         if latents.dtype != x.dtype:
@@ -141,7 +143,9 @@ class FITBlock(nn.Module):
                 f"num_latents, dim) = {(b, t, m, self.dim)} for x of shape {tuple(x.shape)}")
         x = x.reshape(b, t, n, self.dim)  # [B, t, n, D]
         x, latents = in_group_pieces(self._local_and_read, (x, latents), self.piece_groups)
-        latents = self._global(latents, mesh, global_mask)  # [B, t, m, D]
+        latents = self._global(latents, mesh, global_mask, record)  # [B, t, m, D]
+        if record is not None:
+            record["latents"] = latents.detach()
         source = latents
         if self.causal:  # group g writes from group g - 1: one group comes from rank r - 1
             source = own_groups(gather_latents(latents, mesh), t, mesh, shift=1)
@@ -157,11 +161,12 @@ class FITBlock(nn.Module):
         return x, self.read(latents, x)
 
     def _global(self, latents: torch.Tensor, mesh: Mesh | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, record: dict | None = None) -> torch.Tensor:
         """The global layers: this rank's latents query every rank's. [B, t, m, D] -> same.
 
         Each layer all-gathers its input latents (keys / values) and computes only this
         rank's rows (queries, residual, MLP), so the global work splits over the ranks.
+        record: when a dict, record["global_inputs"] gets each layer's input [B, t*m, D].
         """
         if not self.global_layers:
             return latents
@@ -177,7 +182,11 @@ class FITBlock(nn.Module):
                 f"global_mask has shape {tuple(mask.shape)}, expected {(t * m, world * t * m)} "
                 f"(this rank's {t} groups x all {world * t} groups, {m} latents each)")
         own = latents.flatten(1, 2)  # [B, t*m, D]
+        if record is not None:
+            record["global_inputs"] = []
         for layer in self.global_layers:
+            if record is not None:
+                record["global_inputs"].append(own.detach())
             every = gather_latents(own, mesh)  # [B, T*m, D], backward: reduce-scatter
             own = layer(own, context=every, mask=mask)
         return own.unflatten(1, (t, m))
@@ -226,7 +235,12 @@ class FIT(nn.Module):
         for block in self.blocks:
             block.group_size = group_size
 
-    def forward(self, x: torch.Tensor, mesh: Mesh | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mesh: Mesh | None = None,
+                record: list | None = None) -> torch.Tensor:
+        """record: when a list (inference's prefill), each block appends a dict of what
+        decoding after this sequence needs: "latents" [B, t, m, D] (the block's output
+        latents of this rank's groups) and "global_inputs" (each global layer's input
+        latents [B, t*m, D]), detached."""
         t = check_tokens(x, self.dim, self.group_size, mesh, _dtype(self))
         b, n, m = x.shape[0], self.group_size, self.num_latents
         x = (x.reshape(b, t, n, self.dim) + self.token_pos[:n]).reshape(b, t * n, self.dim)
@@ -238,5 +252,8 @@ class FIT(nn.Module):
             world, rank = world_and_rank(mesh)
             mask = latent_mask(world * t, m, range(rank * t, (rank + 1) * t), x.device, x.dtype)
         for block in self.blocks:
-            x, latents = block(x, latents, mesh, global_mask=mask)
+            kept = None if record is None else {}
+            x, latents = block(x, latents, mesh, global_mask=mask, record=kept)
+            if record is not None:
+                record.append(kept)
         return x
