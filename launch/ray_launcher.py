@@ -27,7 +27,7 @@ from seqshard.dist import free_port
 
 from . import ray_connect
 from .config import JobConfig
-from .records import Recorder
+from .records import Recorder, tensorboard_problem
 from .worker import run_meta, train_config_steps
 
 PLACEMENT_TIMEOUT_S = 120.0
@@ -84,7 +84,7 @@ class WorkerActor:
         return {"ip": ip, "node": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port}
 
-    def run(self, cfg: JobConfig, env: dict, attempt: int, hub) -> dict:
+    def run(self, cfg: JobConfig, env: dict, attempt: int, hub, evaluate=None) -> dict:
         os.environ.update(env)
         if not env.get("CUDA_VISIBLE_DEVICES"):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
@@ -93,7 +93,8 @@ class WorkerActor:
         torch.set_num_threads(max(1, int(cfg.launch.cpus_per_worker)))
         from .worker import run_worker
 
-        return run_worker(cfg, attempt=attempt, report=lambda r: hub.push.remote(r))
+        return run_worker(cfg, attempt=attempt, report=lambda r: hub.push.remote(r),
+                          evaluate=evaluate)
 
 
 def assign_ranks(infos: list[dict]) -> list[dict]:
@@ -146,8 +147,9 @@ class WorkerGroup:
         self.master = (rank0["ip"], rank0["port"])
         self.infos = infos
 
-    def start(self, cfg: JobConfig, attempt: int, hub) -> dict:
-        """Start every rank; returns {result ref: rank}."""
+    def start(self, cfg: JobConfig, attempt: int, hub, evaluate=None) -> dict:
+        """Start every rank (to evaluate `evaluate` = (step, checkpoint folder) instead of
+        training, when given); returns {result ref: rank}."""
         addr, port = self.master
         refs = {}
         for p in self.plan:
@@ -155,7 +157,7 @@ class WorkerGroup:
                    "WORLD_SIZE": str(len(self.plan)), "LOCAL_WORLD_SIZE": str(p["local_world"]),
                    "MASTER_ADDR": addr, "MASTER_PORT": str(port),
                    "CUDA_VISIBLE_DEVICES": ",".join(p["gpus"])}
-            refs[self.actors[p["bundle"]].run.remote(cfg, env, attempt, hub)] = p["rank"]
+            refs[self.actors[p["bundle"]].run.remote(cfg, env, attempt, hub, evaluate)] = p["rank"]
         return refs
 
     def teardown(self) -> None:
@@ -206,8 +208,12 @@ def _watch(refs: dict, hub, recorder: Recorder, poll_s: float) -> list[dict]:
     return [results[r] for r in sorted(results)]
 
 
-def launch(cfg: JobConfig, *, address: str | None = None, on_record=None) -> dict:
+def launch(cfg: JobConfig, *, address: str | None = None, on_record=None,
+           evaluate: tuple[int, str] | None = None) -> dict:
     """Run the job on Ray: start (or join) Ray, run workers, restart on failure.
+
+    evaluate: (step, checkpoint folder) to load and evaluate on the job's mesh instead of
+    training (`seqshard eval`); its records are added to the run's records and summary.
 
     Returns rank 0's result plus "status", "attempts", "nodes" (node id per rank), "out".
     Raises LaunchError when restarts are exhausted or the failure is not retryable.
@@ -218,12 +224,15 @@ def launch(cfg: JobConfig, *, address: str | None = None, on_record=None) -> dic
         >>> result = ray_launcher.launch(cfg)        # local embedded Ray, 2 workers
     """
     address = address or cfg.launch.address or os.environ.get("RAY_ADDRESS") or None
+    if cfg.log.tensorboard and tensorboard_problem():  # before Ray or any worker starts
+        raise ValueError(tensorboard_problem())
     # embedded Ray on loopback only, or the cluster at `address` (ConnectionError naming it
     # within launch.connect_timeout_s when none answers)
     started = ray_connect.connect(cfg, address)
     try:
         recorder = Recorder(cfg.out_dir, run_meta(cfg, launcher="ray"), train_config_steps(cfg),
-                            progress=cfg.launch.progress)
+                            progress=cfg.launch.progress, tensorboard=cfg.log.tensorboard,
+                            replay=evaluate is not None)
     except OSError as err:  # no records without the folder, and no attempt could write them
         if started:
             ray.shutdown()
@@ -242,7 +251,8 @@ def launch(cfg: JobConfig, *, address: str | None = None, on_record=None) -> dic
                 recorder.event("placed", attempt=attempt,
                                nodes=len({p["node"] for p in group.plan}),
                                master=f"{group.master[0]}:{group.master[1]}")
-                results = _watch(group.start(cfg, attempt, hub), hub, recorder, cfg.launch.poll_s)
+                results = _watch(group.start(cfg, attempt, hub, evaluate), hub, recorder,
+                                 cfg.launch.poll_s)
                 break
             except WorkerFailure as err:
                 recorder.event("failure", attempt=attempt, reason=str(err))
@@ -257,7 +267,8 @@ def launch(cfg: JobConfig, *, address: str | None = None, on_record=None) -> dic
                 if group is not None:
                     group.teardown()
         nodes = {p["rank"]: p["node"] for p in group.plan}
-        final = {"status": "completed", "attempts": attempt + 1, **results[0],
+        final = {"status": "evaluated" if evaluate else "completed", "attempts": attempt + 1,
+                 **results[0],
                  "nodes": nodes, "out": str(cfg.out_dir)}
         final["summary"] = str(recorder.finish(final))
         final["ranks"] = results

@@ -6,10 +6,16 @@ loses nothing already received:
     {"type": "meta",  ...}          the job config, once per driver start
     {"type": "event", "event": ...} worker started, failure noticed, restart, resume, ...
     {"type": "step",  "step", "loss", "tokens", "seconds", "peak_mem_bytes", "attempt", ...}
+    {"type": "eval",  "metric", ...} one number of an evaluation (models/evaluate.py)
     {"type": "final", ...}          digest, exactness error, totals
 
 `read_records(path)` gives them back as a list. A step that is re-run after a restart appears
 again with a higher attempt; the summary and the plot use the latest attempt of each step.
+Evaluation records also get tables in summary.md and PNGs beside it (eval_report.py).
+
+The progress line is tqdm's: a live bar with its ETA on a terminal, one formatted line per step
+elsewhere (logs keep no carriage returns). With `tensorboard=True` every step and evaluation
+number is also written as TensorBoard scalars (event files beside records.msgpack).
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ import time
 from pathlib import Path
 
 import msgpack
+from tqdm import tqdm
+
+from . import eval_report
 
 RECORDS = "records.msgpack"
 SUMMARY = "summary.md"
@@ -34,6 +43,29 @@ def read_records(path: str | Path) -> list[dict]:
         return list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
 
 
+BAR = "step {n_fmt}/{total_fmt} [{bar:20}] {elapsed}<{remaining} | {postfix}"
+"""The progress line: steps, bar, elapsed < ETA, then rate, loss, memory and attempt."""
+
+
+def tensorboard_problem() -> str | None:
+    """Why TensorBoard event files cannot be written here, or None when they can."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as err:
+        return (f"log.tensorboard = true needs the tensorboard package ({err}); "
+                f"pip install tensorboard, or set log.tensorboard = false")
+    return None
+
+
+def _tensorboard_writer(out: Path):
+    problem = tensorboard_problem()
+    if problem:
+        raise ValueError(problem)
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out))
+
+
 def _mib(n) -> str:
     return f"{(n or 0) / 2**20:.0f} MiB"
 
@@ -42,7 +74,9 @@ class Recorder:
     """Receives records (from worker actors or, under torchrun, from rank 0 itself)."""
 
     def __init__(self, out_dir: Path, meta: dict, total_steps: int, *, progress: bool = True,
-                 stream=None):
+                 stream=None, tensorboard: bool = False, replay: bool = False):
+        """replay: first take the steps and evaluations already in out_dir's records.msgpack
+        (`seqshard eval` adds to a finished run, and its summary keeps the training part)."""
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.total = total_steps
@@ -51,8 +85,20 @@ class Recorder:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.steps: dict[int, dict] = {}
         self.events: list[dict] = []
+        self.evals: list[dict] = []
         self.meta = meta
         self.started = time.time()
+        if replay and (self.out / RECORDS).exists():
+            for record in read_records(self.out):
+                if record.get("type") == "step":
+                    self.steps[int(record["step"])] = record
+                elif record.get("type") == "eval":
+                    self.evals.append(record)
+        self._tb = _tensorboard_writer(self.out) if tensorboard else None
+        self._bar = None
+        if self.show and self.tty and total_steps > len(self.steps):  # something to train
+            self._bar = tqdm(total=total_steps, initial=len(self.steps), file=self.stream,
+                             bar_format=BAR, dynamic_ncols=True, leave=True)
         self._file = open(self.out / RECORDS, "ab")
         self._write({"type": "meta", "time": self.started, **meta})
 
@@ -68,6 +114,11 @@ class Recorder:
             self.steps[int(record["step"])] = record
             self._write(record)
             self._progress(record)
+            self._scalars(record)
+        elif kind == "eval":
+            self.evals.append(record)
+            self._write(record)
+            self._eval_scalar(record)
         else:
             self.event(kind, **{k: v for k, v in record.items() if k != "type"})
 
@@ -83,21 +134,53 @@ class Recorder:
     def _line(self, text: str, final: bool = False) -> None:
         if not self.show:
             return
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + text + ("\n" if final else ""))
-        else:
-            self.stream.write(text + "\n")
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)  # above the live bar, which redraws below
+            return
+        self.stream.write(text + "\n")
         self.stream.flush()
 
     def _progress(self, r: dict) -> None:
         rate = r["tokens"] / r["seconds"] if r.get("seconds") else float("nan")
-        width = 20
-        done = min(width, int(width * r["step"] / max(1, self.total)))
-        bar = "#" * done + "." * (width - done)
-        self._line(
-            f"[{bar}] step {r['step']}/{self.total} | {rate:,.0f} tok/s | loss {r['loss']:.4f}"
-            f" | mem {_mib(r.get('peak_mem_bytes'))} | attempt {r.get('attempt', 0)}"
-        )
+        postfix = (f"{rate:,.0f} tok/s | loss {r['loss']:.4f} | mem "
+                   f"{_mib(r.get('peak_mem_bytes'))} | attempt {r.get('attempt', 0)}")
+        if not self.show:
+            return
+        if self._bar is not None:
+            self._bar.n = min(int(r["step"]), self.total)
+            self._bar.set_postfix_str(postfix, refresh=False)
+            self._bar.refresh()
+            return
+        # no terminal: one plain line per step, formatted (bar and ETA) by tqdm all the same
+        elapsed = time.time() - self.started
+        done = len(self.steps)  # steps seen by this driver set the pace of the ETA
+        self._line(tqdm.format_meter(min(int(r["step"]), self.total), self.total, elapsed,
+                                     bar_format=BAR, postfix=postfix, ncols=100,
+                                     rate=done / elapsed if elapsed > 0 else None))
+
+    # --- TensorBoard -----------------------------------------------------------------------
+    def _scalars(self, r: dict) -> None:
+        if self._tb is None:
+            return
+        step = int(r["step"])
+        for name in ("loss", "accuracy", "lr", "peak_mem_bytes"):
+            value = r.get(name)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(f"train/{name}", value, step)
+        if r.get("seconds"):
+            self._tb.add_scalar("train/tokens_per_s", r["tokens"] / r["seconds"], step)
+        self._tb.flush()
+
+    def _eval_scalar(self, r: dict) -> None:
+        if self._tb is None:
+            return
+        if r.get("metric") == "loss_by_position" and math.isfinite(r["loss"]):
+            # x = the bucket's last position, so each length's curve reads as loss by position
+            self._tb.add_scalar(f"eval/loss_by_position/N={r['length']}", r["loss"], r["end"] - 1)
+        elif r.get("metric") == "passkey":
+            self._tb.add_scalar(f"eval/passkey/N={r['length']}", r["accuracy"],
+                                int(round(100 * r["depth"])))  # x = depth in percent
+        self._tb.flush()
 
     # --- the end ---------------------------------------------------------------------------
     def curve(self) -> tuple[list[int], list[float]]:
@@ -118,10 +201,15 @@ class Recorder:
         final = {"type": "final", "time": time.time(), "wall_s": time.time() - self.started, **final}
         self._write(final)
         self._file.close()
-        if self.tty and self.show:
-            self.stream.write("\n")
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
         plot_note = write_plot(self.out / PLOT, *self.plot_args())
+        eval_notes = eval_report.write_plots(self.out, self.evals, plot_title(self.meta))
         text = self.summary(final, plot_note)
+        if self.evals:  # summary_lines opens with a blank line
+            text += "\n".join(eval_report.summary_lines(self.evals, eval_notes)) + "\n"
         (self.out / SUMMARY).write_text(text)
         return self.out / SUMMARY
 

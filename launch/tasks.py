@@ -50,6 +50,7 @@ class TrainTask:
 
         model_cfg = {k: v for k, v in cfg.model.items() if k != "kind"}
         self.trainer = Trainer(cfg.model["kind"], model_cfg, dict(cfg.train), mesh)
+        self.data = dict(cfg.data)  # the [data] table: where train.task = 'data' reads
 
     def step(self) -> dict:
         return dict(self.trainer.step())
@@ -62,6 +63,13 @@ class TrainTask:
 
     def exactness_check(self, seq_len: int) -> float:
         return float(self.trainer.exactness_check(seq_len))
+
+    def evaluate(self, eval_config: dict) -> list[dict]:
+        """The [eval] section's records (models/evaluate.py) on this rank's trainer."""
+        from seqshard.models.evaluate import EvalConfig, evaluate
+        from seqshard.models.fill import fill
+
+        return evaluate(self.trainer, fill(EvalConfig, eval_config, "eval"), data=self.data)
 
     def digest(self) -> str:
         state = self.trainer.full_state_dict()  # full tensors, also under ZeRO-3
@@ -146,3 +154,6 @@ class ProbeTask:
 
     def digest(self) -> str:
         return state_digest([self.w, torch.tensor(self.step_count)])
+
+    def evaluate(self, eval_config: dict) -> list[dict]:
+        raise ValueError("job.task = 'probe' has no evaluation: [eval] needs job.task = 'train'")

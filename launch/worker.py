@@ -126,8 +126,12 @@ def _maybe_fail(cfg: JobConfig, rank: int, step: int, attempt: int) -> None:
         time.sleep(3600)
 
 
-def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None) -> dict:
+def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None,
+               evaluate: tuple[int, str] | None = None) -> dict:
     """Run the job on this rank; returns this rank's result (digest, exactness, steps).
+
+    evaluate: (step, checkpoint folder) to load and evaluate instead of training (`seqshard
+    eval`); otherwise the job trains, and evaluates after its last step when eval.at_end.
 
     Example (after `torchrun --nproc_per_node 2 ...` set the environment):
         >>> from seqshard.launch import config, worker
@@ -139,8 +143,30 @@ def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None
     if report is not None:
         report({"type": "worker_started", "rank": rank, "pid": os.getpid(),
                 "host": socket.gethostname(), "attempt": attempt})
-    total = train_config_steps(cfg)
     task = make_task(cfg, mesh)
+    if evaluate is not None:
+        start = step = int(evaluate[0])
+        task.load(Path(evaluate[1]))
+        check_len = 0
+    else:
+        start, step = _train(task, cfg, mesh, attempt, emit)
+        check_len = cfg.job.exactness_seq_len
+    exactness = task.exactness_check(check_len) if check_len > 0 else None
+    evaluated = 0
+    if evaluate is not None or (cfg.job.task == "train" and cfg.eval.get("at_end", False)):
+        evaluated = run_evaluation(task, cfg, step, emit)
+    result = {"rank": rank, "steps": step, "resumed_from": start, "digest": task.digest(),
+              "exactness": exactness, "exactness_seq_len": check_len, "mesh": mesh.describe(),
+              "evaluated": evaluated}
+    _barrier("finish")
+    destroy_process_group()
+    return result
+
+
+def _train(task, cfg: JobConfig, mesh: Mesh, attempt: int,
+           emit: Report | None) -> tuple[int, int]:
+    """Resume, then step and checkpoint to train.steps; returns (step resumed from, last)."""
+    total = train_config_steps(cfg)
     start = resume(task, cfg, mesh, emit)
     if start and emit:
         emit({"type": "resumed", "step": start, "attempt": attempt})
@@ -152,16 +178,24 @@ def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None
         metrics.update(type="step", step=step, attempt=attempt)
         if emit:
             emit(_plain(metrics))
-        _maybe_fail(cfg, rank, step, attempt)
+        _maybe_fail(cfg, mesh.global_rank, step, attempt)
         if (every and step % every == 0) or step == total:
             save(task, cfg, mesh, step)
-    check_len = cfg.job.exactness_seq_len
-    exactness = task.exactness_check(check_len) if check_len > 0 else None
-    result = {"rank": rank, "steps": step, "resumed_from": start, "digest": task.digest(),
-              "exactness": exactness, "exactness_seq_len": check_len, "mesh": mesh.describe()}
-    _barrier("finish")
-    destroy_process_group()
-    return result
+    return start, step
+
+
+def run_evaluation(task, cfg: JobConfig, step: int, emit: Report | None) -> int:
+    """The [eval] section on every rank; rank 0 reports each number as an "eval" record,
+    stamped with the trained step and an id shared by this evaluation's records."""
+    started = time.time()
+    records = task.evaluate(cfg.eval)
+    if emit:
+        eval_id = int(started * 1000)
+        for record in records:
+            emit(_plain({**record, "step": step, "eval_id": eval_id}))
+        emit({"type": "evaluated", "step": step, "records": len(records),
+              "seconds": round(time.time() - started, 1)})
+    return len(records)
 
 
 def train_config_steps(cfg: JobConfig) -> int:
@@ -189,7 +223,8 @@ def main_from_env(cfg: JobConfig) -> dict:
     recorder = None
     if rank == 0:
         recorder = Recorder(cfg.out_dir, run_meta(cfg, launcher="torchrun"),
-                            train_config_steps(cfg), progress=cfg.launch.progress)
+                            train_config_steps(cfg), progress=cfg.launch.progress,
+                            tensorboard=cfg.log.tensorboard)
     report = recorder.add if recorder else (lambda record: None)
     result = run_worker(cfg, attempt=attempt, report=report)
     if recorder:

@@ -122,16 +122,19 @@ def token_losses(model, ids: torch.Tensor, targets: torch.Tensor,
 
 # --- loss by position -------------------------------------------------------------------------
 def bucket_edges(length: int, buckets: int) -> list[int]:
-    """Log-spaced bucket bounds over the positions 0 .. length - 2 that have a next token:
-    bucket i holds positions edges[i] <= p < edges[i + 1]; 0 and 1 .. open the first two.
+    """`buckets` log-spaced bounds over the positions 0 .. length - 2 that have a next token:
+    bucket i holds positions edges[i] <= p < edges[i + 1]; the first is position 0 alone, the
+    rest split 1 .. length - 2 geometrically (fewer where short sequences merge them).
 
     >>> bucket_edges(64, 4)
-    [0, 1, 3, 8, 22, 63]
+    [0, 1, 4, 16, 63]
     """
     scored = length - 1
     if scored < 1:
         raise ValueError(f"loss by position needs length >= 2, got {length}")
-    raw = {0} | {int(round(scored ** (i / buckets))) for i in range(buckets + 1)}
+    if buckets == 1:
+        return [0, scored]
+    raw = {0} | {int(round(scored ** (i / (buckets - 1)))) for i in range(buckets)}
     return sorted(raw)
 
 
@@ -213,12 +216,13 @@ def passkey_accuracy(model, mesh: Mesh, layout: str | Layout, source: Source,
 
 
 # --- wiring to a trainer ------------------------------------------------------------------------
-def task_source(trainer, seed: int) -> Source:
+def task_source(trainer, seed: int, data=None) -> Source:
     """Held-out samples of the trainer's own task: recall/random sequences from steps no
-    training step uses, or the corpus's held-out split for train.task = 'data'."""
+    training step uses, or for train.task = 'data' the held-out split of the corpus that
+    `data` (the [data] table, a dict or models.corpus.DataConfig) names."""
     tc, mesh = trainer.tc, trainer.mesh
     if tc.task == "data":
-        return _corpus_source(trainer, seed)
+        return _corpus_source(trainer, seed, data or {})
 
     def source(length: int, index: int, positions: torch.Tensor) -> torch.Tensor:
         step = HELD_OUT_STEP - index
@@ -233,13 +237,14 @@ def task_source(trainer, seed: int) -> Source:
     return source
 
 
-def _corpus_source(trainer, seed: int) -> Source:
-    try:
-        from .corpus import open_corpus
-    except ImportError:
+def _corpus_source(trainer, seed: int, data) -> Source:
+    from . import corpus as corpora
+    from .fill import fill
+
+    if not hasattr(corpora, "open_corpus"):
         raise ValueError("train.task = 'data' evaluation needs models.corpus.open_corpus, "
-                         "which this installation does not have") from None
-    corpus = open_corpus(trainer.data_config, trainer.tc.vocab_size)
+                         "which this installation does not have yet")
+    corpus = corpora.open_corpus(fill(corpora.DataConfig, data, "data"), trainer.tc.vocab_size)
 
     def source(length: int, index: int, positions: torch.Tensor) -> torch.Tensor:
         ids = corpus.batch("heldout", 1, length, seed=seed, step=index,
@@ -251,10 +256,11 @@ def _corpus_source(trainer, seed: int) -> Source:
 
 
 @torch.no_grad()
-def evaluate(trainer, cfg: EvalConfig, source: Source | None = None) -> list[dict]:
-    """Every evaluation `cfg` asks for, on the trainer's model and mesh: a list of records."""
+def evaluate(trainer, cfg: EvalConfig, source: Source | None = None, data=None) -> list[dict]:
+    """Every evaluation `cfg` asks for, on the trainer's model and mesh: a list of records.
+    source: where samples come from (default `task_source(trainer, cfg.seed, data)`)."""
     tc, model = trainer.tc, trainer.engine
-    source = source or task_source(trainer, cfg.seed)
+    source = source or task_source(trainer, cfg.seed, data)
     pieces = trainer.model_config.tokenwise_piece_tokens
     # ASCII where the ids are bytes (vocab 256), else ids of the synthetic vocabulary
     tokens = PasskeyTokens.for_vocab(tc.vocab_size)

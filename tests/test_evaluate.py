@@ -73,8 +73,10 @@ def test_loss_by_position_equals_the_unsharded_loss_bucketed(world):
 def test_bucket_edges_are_log_spaced_and_cover_every_scored_position():
     from seqshard.models.evaluate import bucket_edges
 
-    assert bucket_edges(64, 4) == [0, 1, 3, 8, 22, 63]
+    assert bucket_edges(64, 4) == [0, 1, 4, 16, 63]
+    assert bucket_edges(1024, 6) == [0, 1, 4, 16, 64, 256, 1023]
     assert bucket_edges(3, 8) == [0, 1, 2]  # short sequences merge buckets
+    assert bucket_edges(10, 1) == [0, 9]
     with pytest.raises(ValueError, match="length >= 2"):
         bucket_edges(1, 4)
 
