@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from seqshard.launch import cli, sweep
 from seqshard.launch.sweep_plots import _lines, write_plots
 
+REPO = Path(__file__).resolve().parents[1]
 VARIANTS = """
 [job]
 name = "tiny"
@@ -117,6 +119,16 @@ def test_bad_keys_and_values_are_named_before_anything_starts(variants, tmp_path
         sweep.plan(variants, over, sets, str(out))
     assert named in str(err.value)
     assert not out.exists()
+
+
+def test_shipped_cpu_sweep_plans_three_models_at_five_lengths(tmp_path):
+    root, points = sweep.plan(REPO / "launch" / "configs" / "sweep_cpu.toml", [], [],
+                              str(tmp_path / "cpu"))
+    assert [p.values for p in points[:5]] == [{"model": "transformer", "train.seq_len": 2**k}
+                                              for k in range(10, 15)]
+    assert [p.label for p in points[::5]] == ["transformer ring", "deltanet", "fit"]
+    assert not any(p.error for p in points)
+    assert {p.cfg.train["task"] for p in points} == {"data"} and points[0].cfg.data["path"] == ""
 
 
 def test_cli_reports_a_bad_value_with_status_2(variants, tmp_path, capsys):
