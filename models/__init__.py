@@ -4,6 +4,7 @@ synthetic recall data, real-text corpora (`open_corpus`) and the DeepSpeed Train
     from seqshard.models import build_model, sharded_lm_loss, Trainer, TrainConfig
     model = build_model("transformer", {"dim": 128, "num_heads": 4}, mesh)
     logits_local = model(input_ids_local)            # [B, N_local] -> [B, N_local, vocab]
+    new_ids = generate(model, input_ids_local, mesh, max_new_tokens=8)   # [B, 8], every rank
     loss = sharded_lm_loss(logits_local, input_ids_local, mesh, layout="contiguous")
 
 Model classes import their op lazily through `build_model`, so the Transformer works even where
@@ -23,13 +24,15 @@ from .config import (
 )
 from .corpus import Corpus, DataConfig, open_corpus
 from .data import RecallTask, random_batch, recall_batch
+from .generate import decode_step, generate, prefill
 from .loss import next_token_targets, sharded_accuracy, sharded_lm_loss
 from .tokenwise import in_pieces, lm_loss_in_pieces
 from .trainer import Trainer
 
 __all__ = [
     "Corpus", "DataConfig", "DeltaNetConfig", "FITConfig", "LMConfig", "RecallTask",
-    "TrainConfig", "Trainer", "TransformerConfig", "build_model", "in_pieces", "lm_loss_in_pieces", "make_config",
-    "make_train_config", "merged_model_config", "model_class", "open_corpus",
-    "next_token_targets", "random_batch", "recall_batch", "sharded_accuracy", "sharded_lm_loss",
+    "TrainConfig", "Trainer", "TransformerConfig", "build_model", "decode_step", "generate",
+    "in_pieces", "lm_loss_in_pieces", "make_config", "make_train_config",
+    "merged_model_config", "model_class", "next_token_targets", "open_corpus", "prefill",
+    "random_batch", "recall_batch", "sharded_accuracy", "sharded_lm_loss",
 ]

@@ -92,8 +92,10 @@ DELTANET_CASES = {
     1: [("deltanet", DELTANET, {}, 7, 2), ("deltanet", HYBRID, {}, 6, 1)],
     2: [("deltanet", DELTANET, {}, 8, 2),
         ("deltanet", dict(HYBRID, use_gate=True, schedule="pass", strategy="allgather"), {}, 10, 1),
-        ("deltanet", dict(DELTANET, use_short_conv=False, mixer_piece_tokens=2), {}, 8, 1)],
+        ("deltanet", dict(DELTANET, use_short_conv=False, mixer_piece_tokens=2), {}, 8, 1),
+        ("deltanet", dict(HYBRID, layout="zigzag", strategy="ring"), {}, 12, 1)],
     4: [("deltanet", HYBRID, {}, 12, 2),
+        ("deltanet", dict(HYBRID, layout="striped", activation_checkpointing=True), {}, 16, 1),
         ("deltanet", dict(HYBRID, strategy="hybrid"), {"ulysses": 2, "ring": 2}, 16, 1)],
 }
 
