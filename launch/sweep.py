@@ -10,7 +10,8 @@ one Ray instance that the sweep starts (or joins) once.
                             the sub-table's name ([model.fit] is kind = "fit")
 
 A config may list its own axes in a [sweep] table, `over = { "train.seq_len" = [1024, 2048],
-model = ["transformer", "fit"] }`; --over KEY replaces that key's list, other keys stay.
+model = ["transformer", "fit"] }` (or a [sweep.over] table with dotted keys); --over KEY
+replaces that key's list, other keys stay.
 
 Before anything starts, every point's config goes through the job checks. A bad key or value
 is a ValueError naming it (exit status 2): a value is bad when every point holding it fails
@@ -145,7 +146,7 @@ def read_config(path: str | os.PathLike) -> tuple[dict, dict[str, dict], list[Ax
     if not isinstance(over, dict):
         raise ValueError(f"[sweep] over = {over!r}: expected a table of KEY = [values]")
     axes = []
-    for key, values in over.items():
+    for key, values in _flat(over):
         if not isinstance(values, list) or not values:
             raise ValueError(f"[sweep] over.{key} = {values!r}: expected a non-empty list")
         # through the flag parser, so both spellings obey the same rules
@@ -155,6 +156,17 @@ def read_config(path: str | os.PathLike) -> tuple[dict, dict[str, dict], list[Ax
     variants = {name: dict(model.pop(name)) for name in list(model) if isinstance(model[name], dict)}
     data["model"] = model
     return data, variants, axes
+
+
+def _flat(over: dict) -> list[tuple[str, object]]:
+    """[sweep.over] written with dotted keys (train.seq_len = [...]) nests one level: flatten."""
+    items = []
+    for key, values in over.items():
+        if isinstance(values, dict):
+            items += [(f"{key}.{sub}", v) for sub, v in values.items()]
+        else:
+            items.append((key, values))
+    return items
 
 
 def _toml_value(value) -> str:

@@ -100,6 +100,16 @@ def test_cross_product_in_order_with_folders_labels_and_merged_model_tables(vari
     assert not root.exists()  # planning creates nothing
 
 
+def test_sweep_over_table_with_dotted_keys_is_the_same_sweep(variants, tmp_path):
+    dotted = tmp_path / "dotted.toml"
+    dotted.write_text(VARIANTS.replace('[sweep]\nover = { "train.seq_len" = [32, 64] }',
+                                       '[sweep.over]\ntrain.seq_len = [32, 64]\n'
+                                       'model = ["transformer", "fit"]'))
+    _, inline = sweep.plan(variants, ["model=transformer,fit"], [], str(tmp_path / "a"))
+    _, nested = sweep.plan(dotted, [], [], str(tmp_path / "a"))
+    assert [p.values for p in nested] == [p.values for p in inline]
+
+
 @pytest.mark.parametrize("over, sets, named", [
     (["train.seq_len"], [], "--over 'train.seq_len': expected KEY=V1,V2"),
     (["train.seq_len=32,,64"], [], "an empty value"),
