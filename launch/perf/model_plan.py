@@ -209,9 +209,10 @@ def _transient(spec, mixer, ch, n_local, hw) -> float:
     pieces, over one piece plus one state per piece."""
     c, b = spec.config, spec.train.batch_size
     out = _act_bytes(spec) * 2 * c.dim * b * n_local
-    if ch.checkpointing:
-        graph = kept_per_token(spec, mixer, ch, n_local, hw) * b * n_local
-        out += graph / c.num_layers if mixer == "fit" else graph
+    if ch.checkpointing:  # less the block's input, which the checkpoint already keeps
+        graph = (kept_per_token(spec, mixer, ch, n_local, hw)
+                 - _act_bytes(spec) * c.dim * (c.num_layers if mixer == "fit" else 1))
+        out += graph * b * n_local / (c.num_layers if mixer == "fit" else 1)
     if mixer == "delta":
         pieces = ch.mixer_piece_tokens and n_local > ch.mixer_piece_tokens
         span = ch.mixer_piece_tokens if pieces else n_local
@@ -257,7 +258,9 @@ def memory(spec: ModelSpec, n: int, ch: Choice, world: int, hw: Hardware):
         per_kind[mixer] = (mixer, kept, _transient(spec, mixer, ch, n_local, hw))
     blocks = [per_kind[m] for m in spec.mixers]
     piece = min(n_local, ch.tokenwise_piece_tokens) * b
-    ends = e * 4 * c.dim * b * n_local  # embedding output, final norm (3 C)
+    # the final norm's input, normalised and scaled rows (the embedding's output is the
+    # first block's input, counted there)
+    ends = e * 3 * c.dim * b * n_local
     loss = 3 * 4 * piece * c.vocab_size  # one loss piece's fp32 logits, softmax and gradient
     # backward runs the loss first, then one block at a time: the peak is what every block
     # keeps plus the largest of those transients

@@ -110,8 +110,10 @@ def choice_of(spec, world: int):
     from .model_plan import Choice
 
     c = spec.config
-    strategy = {"deltanet": getattr(c, "schedule", ""), "fit": "fit"}.get(
-        spec.kind, c.strategy if c.strategy != "auto" else "ring")
+    if spec.kind == "transformer":
+        strategy = c.strategy if c.strategy != "auto" else "ring"
+    else:
+        strategy = c.schedule if spec.kind == "deltanet" else "fit"
     return Choice(1, 1, world, strategy, c.activation_checkpointing, c.tokenwise_piece_tokens,
                   getattr(c, "mixer_piece_tokens", 0), c.layout)
 
