@@ -98,7 +98,8 @@ class TransformerConfig(LMConfig):
 @dataclass
 class DeltaNetConfig(LMConfig):
     """DeltaNet blocks (delta-rule mixer + SwiGLU); optionally some layers global or
-    sliding-window attention."""
+    sliding-window attention. Any layout: on zigzag / striped the delta layers run on the
+    stream moved to contiguous shards (models/deltanet.py), the global layers balanced."""
 
     head_dim: int | None = None
     """Per-head key/value width of the delta rule (None = dim // num_heads)."""
