@@ -122,6 +122,12 @@ def step_time(spec: ModelSpec, n: int, ch: Choice, world: int, hw: Hardware):
         # when checkpointed or (DeltaNet's token-wise MLP) in pieces
         twice = ch.checkpointing or (mixer == "delta" and n_local > ch.tokenwise_piece_tokens)
         t += 6 * dense * b * n_local * (1 + twice / 3) / rate
+        # the elementwise work around them (norms, activations, residuals, the gradients of
+        # what the block keeps): each kept byte written in forward, read in backward, its
+        # gradient written and read; once more when the forward runs twice
+        whole = replace(ch, checkpointing=False, mixer_piece_tokens=0)
+        kept = kept_per_token(spec, mixer, whole, n_local, hw) * b * n_local
+        t += (4 + twice) * kept / (hw.mem_bw * _share(hw, world))
         per_block.append(t)
         serial += s
     head = 6 * c.dim * c.vocab_size * b * n_local * (4 / 3) / rate  # loss pieces recompute
