@@ -123,6 +123,10 @@ def _problem(model, prompt_ids_local, mesh, max_new_tokens, max_len) -> str | No
         get_layout(model.config.layout).check(n, mesh.size)
     except ValueError as err:
         return f"prompt: {err}"
+    group = getattr(model.config, "group_size", None)  # FITLM: shards of whole groups
+    if group is not None and prompt_ids_local.shape[1] % group:
+        return (f"the prompt shard has {prompt_ids_local.shape[1]} tokens per rank, not a "
+                f"multiple of FITLM's group_size={group}")
     if n > max_len:
         return (f"the prompt has {n} tokens ({prompt_ids_local.shape[1]} per rank x "
                 f"{mesh.size}), longer than max_len={max_len}")

@@ -139,6 +139,8 @@ def _bad_generate(rank, world):
         "disagree": lambda: generate(model, prompt if rank != 1 else prompt.repeat(1, 2), m, 2),
         "bad max_new_tokens": lambda: generate(model, prompt, m, 0),
     }
+    fit = build_model("fit", FIT_LM, m)  # group_size 3 does not divide the shard of 4
+    calls["fit groups"] = lambda: generate(fit, prompt, m, 2)
     for name, call in calls.items():
         if name == "disagree" and world == 1:
             continue
@@ -161,5 +163,6 @@ def test_bad_generate_input_raises_on_every_rank(world):
         assert "longer than max_len" in text["prompt longer than max_len"]
         assert "runs out of room" in text["no room"]
         assert "max_new_tokens" in text["bad max_new_tokens"]
+        assert "group_size=3" in text["fit groups"]
         if world > 1:
             assert "different arguments" in text["disagree"]
