@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqshard.ops.attention.decode import decode_attention
+from seqshard.ops.attention.decode import decode_attention, local_decode, visible
 from seqshard.ops.attention.naive import naive_attention
 from tests.common import assert_close
 from tests.harness import mesh, run_ranks
@@ -90,6 +90,19 @@ def test_decode_without_mesh_and_empty_queries():
     assert_close("no mesh", ref, out, 1e-5)
     empty = decode_attention(q[:, :, :0], k, v, torch.arange(4), torch.arange(0), None)
     assert empty.shape == (1, 2, 0, 8)
+
+
+def test_decode_in_runs_of_keys_equals_one_block():
+    """The runs of KEY_CHUNK keys: runs that see nothing (window) merge to the same result."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 3, 8, generator=gen)
+    k, v = (torch.randn(2, 2, 23, 8, generator=gen) for _ in range(2))
+    mask = visible(torch.arange(23), torch.tensor([20, 21, 22]), 6)  # keys 15..22 only
+    whole = local_decode(q, k, v, mask, 0.3, chunk=23)
+    for chunk in (1, 4, 7):
+        out, lse = local_decode(q, k, v, mask, 0.3, chunk=chunk)
+        assert_close(f"out, runs of {chunk}", whole[0], out, 1e-6)
+        assert_close(f"lse, runs of {chunk}", whole[1], lse, 1e-6)
 
 
 def _bad_inputs(rank, world):

@@ -16,8 +16,9 @@ nothing. The mask is positional: key position p is visible to query position t i
 (causal) and, with a window of W tokens, p > t - W (the window includes the token itself,
 as everywhere in seqshard). So the cache needs no order at all: any key may sit on any rank.
 
-The local part is plain torch in at least fp32 (T is a handful of tokens, so q k^T is
-[B, Hq, T, S_local]: memory linear in the cache), the merge in fp32 too. Inference only.
+The local part is plain torch in at least fp32, over runs of KEY_CHUNK keys merged the same
+way (T is a handful of tokens, so a run's q k^T is [B, Hq, T, KEY_CHUNK] and no fp32 copy of
+the whole cache is ever made); the merge is in fp32 too. Inference only.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ from seqshard.dist import Mesh, agree, all_gather, digest
 
 from .checks import check_qkv
 from .kernels import default_scale
+
+# Keys per run of the local part (see local_decode). Provenance: introduced 2026-11-29 with
+# decode_attention; 2-core CPU VM at load ~36, one torch thread (more threads measured the
+# load, not the op), B=1, Hq=8, Hkv=2, D=64, T=1, S_local=256K: fp32 386 / 310 / 393 / 519 ms
+# for one block / runs of 64K / 16K / 4K, bf16 1078 / 960 / 905 / 973 ms. 16K: within the
+# noise of the fastest, and its fp32 copy of a bf16 run with 8 heads of 128 is 64 MiB.
+KEY_CHUNK = 16384
 
 
 def _check(q, k_cache, v_cache, key_positions, query_positions, window) -> None:
@@ -58,22 +66,37 @@ def visible(key_positions: torch.Tensor, query_positions: torch.Tensor,
     return mask
 
 
-def local_decode(q, k_cache, v_cache, mask, scale: float):
-    """This rank's partial result: (out [B, Hq, T, D], lse [B, Hq, T]) in at least fp32.
+def _decode_block(q, k, v, mask, scale: float):
+    """(out [B, Hq, T, D], lse [B, Hq, T]) of q against one run of keys, in at least fp32.
 
-    GQA without copying the cache per query head: the G = Hq / Hkv query heads that share
-    a key head are folded into its rows, [B, Hkv, G * T, D] against [B, Hkv, S, D].
+    GQA without copying the keys per query head: the G = Hq / Hkv query heads that share a
+    key head are folded into its rows, [B, Hkv, G * T, D] against [B, Hkv, S, D].
     """
     b, hq, t, d = q.shape
-    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    hkv, s = k.shape[1], k.shape[2]
     cdt = torch.promote_types(q.dtype, torch.float32)
     qf = q.to(cdt).reshape(b, hkv, (hq // hkv) * t, d)  # [B, Hkv, G*T, D]
-    scores = scale * (qf @ k_cache.to(cdt).transpose(-1, -2))  # [B, Hkv, G*T, S]
+    scores = scale * (qf @ k.to(cdt).transpose(-1, -2))  # [B, Hkv, G*T, S]
     scores = scores.view(b, hkv, hq // hkv, t, s).masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, T]; -inf where nothing is visible
     p = torch.exp(scores - lse.masked_fill(lse.isinf(), 0.0).unsqueeze(-1))  # -inf rows: 0
-    out = p.view(b, hkv, (hq // hkv) * t, s) @ v_cache.to(cdt)  # [B, Hkv, G*T, D]
+    out = p.view(b, hkv, (hq // hkv) * t, s) @ v.to(cdt)  # [B, Hkv, G*T, D]
     return out.reshape(b, hq, t, d), lse.reshape(b, hq, t)
+
+
+def local_decode(q, k_cache, v_cache, mask, scale: float, *, chunk: int = KEY_CHUNK):
+    """This rank's partial result: (out [B, Hq, T, D], lse [B, Hq, T]) in at least fp32.
+
+    Keys go in runs of `chunk`, merged by LSE, so the fp32 scores and the fp32 copy of a
+    bf16/fp16 cache are one run's, not the whole shard's (a 256K-key bf16 shard with 8 heads
+    of 128 would need a 1 GiB copy of K alone per layer per token).
+    """
+    s = k_cache.shape[2]
+    if s <= chunk:
+        return _decode_block(q, k_cache, v_cache, mask, scale)
+    parts = [_decode_block(q, k_cache[:, :, i:i + chunk], v_cache[:, :, i:i + chunk],
+                           mask[:, i:i + chunk], scale) for i in range(0, s, chunk)]
+    return merge_partials(torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts]))
 
 
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor):
