@@ -21,7 +21,8 @@ CASES = [  # DeltaNet kwargs, N_local, mixer_piece_tokens
     (dict(dim=32, num_heads=2, chunk_size=4, use_gate=True, allow_neg_eigval=True),
      7, 2),  # pieces shorter than the halo of 3: the conv reads two pieces and the last rank's
     (dict(dim=32, num_heads=4, chunk_size=4, use_gate=True, use_short_conv=False), 9, 4),
-    (dict(dim=24, num_heads=3, head_dim=5, chunk_size=8, conv_size=2), 6, 5),
+    # one-way state passing from rank to rank (the scan at P = 2 anyway)
+    (dict(dim=24, num_heads=3, head_dim=5, chunk_size=8, conv_size=2, schedule="pass"), 6, 5),
 ]
 
 
@@ -59,7 +60,7 @@ def test_pieces_match_whole_layer(world):
     assert run_ranks(_pieces_vs_whole, world) == [len(CASES)] * world
 
 
-def _model_with_checkpointing(rank, world):
+def _model_with_checkpointing(rank, world, schedule="scan"):
     """DeltaNetLM with per-block activation checkpointing: the pieces' Function (and its scans)
     runs again when a block is recomputed in backward; loss and gradients stay exact."""
     from seqshard.dist import Mesh
@@ -67,7 +68,7 @@ def _model_with_checkpointing(rank, world):
 
     m = mesh()
     config = dict(vocab_size=37, dim=32, num_layers=2, num_heads=2, chunk_size=4,
-                  use_gate=True, activation_checkpointing=True)
+                  use_gate=True, activation_checkpointing=True, schedule=schedule)
     torch.manual_seed(11)
     # the mixer's pieces set from the model config (0: the whole shard at once)
     model = build_model("deltanet", dict(config, mixer_piece_tokens=4), m)
@@ -90,11 +91,11 @@ def _model_with_checkpointing(rank, world):
     return True
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_model_with_checkpointing_in_pieces(world):
-    # the recomputation reuses what the forward received (P = 2: one-way messages; P = 4:
-    # the scan), so no rank asks another for its state twice
-    assert run_ranks(_model_with_checkpointing, world) == [True] * world
+@pytest.mark.parametrize("world,schedule", [(2, "scan"), (4, "scan"), (4, "pass")])
+def test_model_with_checkpointing_in_pieces(world, schedule):
+    # the recomputation reuses what the forward received (P = 2 or "pass": one-way
+    # messages; P = 4 "scan": the scan), so no rank asks another for its state twice
+    assert run_ranks(_model_with_checkpointing, world, schedule) == [True] * world
 
 
 @pytest.mark.parametrize("gate", [False, True])

@@ -25,6 +25,12 @@ backward: the piece's vector-Jacobian product is linear in (dy, dS_end), so
      (a), dS_end); rank 0 skipped (a), nobody needs its L, so it runs (dy, dS_end) at once.
 At P = 2 every rank runs one backward sweep; in the middle of a longer ring two. Only one
 piece's graph is ever alive.
+
+One-way mode (P = 2, or the layer's schedule "pass" at any P): no scan and no maps. Rank r
+receives its incoming state from r - 1 and sends its end state to r + 1 after its outputs;
+in backward it sweeps once with (dy, dS_end from r + 1) and sends the gradient on its
+incoming state to r - 1 from an autograd hook. Nobody waits for a send, so over a stack of
+layers the ranks lag each other by P - 1 layers once per step rather than taking turns.
 """
 
 from __future__ import annotations
@@ -80,7 +86,12 @@ class _Shard:
         device = x.device.type  # backward recomputes the pieces under the forward's autocast
         self.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
                              dtype=torch.get_autocast_dtype(device))
-        self.pair_only = self.mesh is not None and self.mesh.size == 2
+        # the state goes rank to rank as one-way messages: at P = 2 (where that is the scan),
+        # and with the layer's schedule "pass" at any P (the ranks then lag each other by
+        # P - 1 layers once per step instead of a middle rank composing its map and
+        # sweeping twice at every layer)
+        self.one_way = self.mesh is not None and (self.mesh.size == 2
+                                                  or layer.schedule == "pass")
         self.recompute = _recomputing()
         self.wants_grad = False  # set by the Function: will backward run?
         self.graphs = {}  # piece index -> (x_part, context, state, y, s_end) with autograd
@@ -175,8 +186,8 @@ def _state_in(shard: _Shard, x: torch.Tensor, halo: torch.Tensor):
     zeros = x.new_zeros(shard.state_shape, dtype=shard.work)
     if shard.first:
         return zeros, None
-    if shard.pair_only:  # P = 2: the scan is one message from rank 0
-        return shard.post_recv(zeros, 0).wait()[0], None
+    if shard.one_way:  # from rank r - 1, sent after its outputs
+        return shard.post_recv(zeros, shard.mesh.rank - 1).wait()[0], None
     if shard.last:
         return shard.scan(shard.zeros(x), reverse=False), None  # nobody reads its map
     pair = shard.shard_map(x, halo)
@@ -210,13 +221,13 @@ def _fwd(shard: _Shard, x: torch.Tensor, halo: torch.Tensor | None):
             y = y_part.new_empty(x.shape[:2] + y_part.shape[2:])
         y[:, start:end] = y_part.detach()
     layer._graphs = shard.graphs  # for this recomputation's backward (empty otherwise)
-    if shard.mesh is not None and shard.first and not shard.recompute:
-        # rank 0's end state leaves after its outputs: running its chain alone first would
-        # cost a second pass over the features, while with one-way messages the next rank
-        # lags by this one layer once per step, not once per layer
-        if shard.pair_only:
-            shard.send(state.to(shard.work), 1)
-        else:
+    if shard.mesh is not None and not shard.last and not shard.recompute:
+        # the end state leaves after the outputs: running the chain alone first would cost
+        # a second pass over the features, while with one-way messages the next rank lags by
+        # this one layer once per step, not once per layer
+        if shard.one_way:
+            shard.send(state.to(shard.work), shard.mesh.rank + 1)
+        elif shard.first:
             shard.scan((shard.zeros(x)[0], state.to(shard.work)), reverse=False)
     return y, starts, a_map, halo, state.to(shard.work)
 
@@ -295,30 +306,31 @@ def _bwd(shard: _Shard, x, halo, starts, a_map, params, dy, halo_given: bool):
         _sweep(shard, x, halo, starts, params, dy, None, grads)
         return grads
     rank = shard.mesh.rank
-    if shard.first:  # nobody needs rank 0's incoming-state gradient: one sweep, after the scan
-        if shard.pair_only:
-            pending = shard.post_recv(starts[0], 1)
+    if shard.one_way:
+        # one sweep with (dy, dS_end): dS_end comes from rank r + 1 and is waited for only once
+        # the first swept piece is built; the gradient on the incoming state goes to rank
+        # r - 1 from a hook the moment autograd has it (after the first piece's delta-rule
+        # backward, before its conv and projection gradients), never waited for
+        ds_end = None
+        if not shard.last:
+            pending = shard.post_recv(starts[0], rank + 1)
             ds_end = lambda: pending.wait()[0]  # noqa: E731
-        else:
-            ds_end = lambda: shard.scan(shard.zeros(x), reverse=True)  # noqa: E731
+        sent = []
+        send = None if shard.first else (
+            lambda grad: sent.append(shard.send(grad.to(shard.work), rank - 1)))
+        own = _sweep(shard, x, halo, starts, params, dy, ds_end, grads, on_state_grad=send)
+        if send is not None and not sent:  # autograd computed no such gradient: zeros
+            send(torch.zeros_like(starts[0]) if own is None else own)
+    elif shard.first:  # nobody needs rank 0's incoming-state gradient: one sweep, after the scan
+        ds_end = lambda: shard.scan(shard.zeros(x), reverse=True)  # noqa: E731
         _sweep(shard, x, halo, starts, params, dy, ds_end, grads)
     else:
-        # L: with dS_end = 0. At P = 2 the reverse scan is one message to rank 0, sent the
-        # moment autograd has L (right after the first piece's chain backward), before the
-        # piece's conv and projection gradients, and never waited for
-        sent = []
-        send = (lambda grad: sent.append(shard.send(grad.to(shard.work), 0))) \
-            if shard.pair_only else None
-        own = _sweep(shard, x, halo, starts, params, dy, None, grads, on_state_grad=send)
-        if shard.pair_only and not sent:  # autograd computed no L (no hook call): zeros
-            own = torch.zeros_like(starts[0]) if own is None else own
-            shard.send(own.to(shard.work), 0)
-        if not shard.pair_only:
-            # the shard's gradient map G -> A^T G + L; the last rank's A^T is never read
-            pair = (shard.zeros(x)[0] if shard.last else a_map.mT, own.to(shard.work))
-            ds_end = shard.scan(pair, reverse=True)
-            if not shard.last:  # linear in (dy, dS_end): add the dS_end part
-                _sweep(shard, x, halo, starts, params, None, ds_end, grads)
+        own = _sweep(shard, x, halo, starts, params, dy, None, grads)  # L: with dS_end = 0
+        # the shard's gradient map G -> A^T G + L; the last rank's A^T is never read
+        pair = (shard.zeros(x)[0] if shard.last else a_map.mT, own.to(shard.work))
+        ds_end = shard.scan(pair, reverse=True)
+        if not shard.last:  # linear in (dy, dS_end): add the dS_end part
+            _sweep(shard, x, halo, starts, params, None, ds_end, grads)
     rows = halo.shape[1]
     if not halo_given and rows:  # after the state messages, in the order the peers send
         if not shard.first:
