@@ -6,6 +6,7 @@ growing global sequence length N, sharded over 2 gloo ranks on this CPU (or one 
     python benchmarks/models.py --models transformer --sizes 4096,16384,32768 --budget-s 600
     python benchmarks/models.py --layer --world 1 --sizes 131072 --pieces none,65536,16384
     python benchmarks/models.py --models deltanet --sizes 65536 --mixer-pieces none,16384
+    python benchmarks/models.py --models deltanet --world 4 --sizes 262144 --delta-schedule pass
 
 --layer measures one DeltaNet layer alone instead (forward + backward, no checkpointing) for
 each --pieces value of its mixer_piece_tokens: seconds, CPU seconds and peak memory per rank above
@@ -49,11 +50,12 @@ DEFAULT_SIZES = {
 }
 
 
-def model_config(kind: str, dim: int, layers: int, heads: int, group_size: int) -> dict:
+def model_config(kind: str, dim: int, layers: int, heads: int, group_size: int,
+                 delta_schedule: str = "scan") -> dict:
     config = {"dim": dim, "num_layers": layers, "num_heads": heads, "vocab_size": 256,
               "mlp_ratio": 2}
     if kind == "deltanet":
-        config["chunk_size"] = 64
+        config.update(chunk_size=64, schedule=delta_schedule)
     if kind == "fit":
         config.update(group_size=group_size, num_latents=4)
     return config
@@ -174,6 +176,9 @@ def main() -> None:
     parser.add_argument("--mixer-pieces", default="",
                         help="comma-separated mixer_piece_tokens for the DeltaNet layers ('none': "
                              "whole shard), each measured at every size (default: theirs)")
+    parser.add_argument("--delta-schedule", default="scan", choices=("scan", "pass"),
+                        help="DeltaNet's state across ranks at P >= 3 ('scan': maps composed "
+                             "on the middle ranks; 'pass': one-way, rank to rank)")
     parser.add_argument("--rank-task", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_task:  # inside a rank started by run_ranks
@@ -188,7 +193,8 @@ def main() -> None:
     for kind in args.models.split(","):
         sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes
                  else DEFAULT_SIZES[kind])
-        config = model_config(kind, args.dim, args.layers, args.heads, args.group_size)
+        config = model_config(kind, args.dim, args.layers, args.heads, args.group_size,
+                              args.delta_schedule)
         first = None
         points = [(n, p) for n in sizes for p in args.mixer_pieces.split(",")]
         for seq_len, pieces in points:
