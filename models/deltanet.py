@@ -14,8 +14,10 @@ back before a global layer (`seqshard.dist.relayout`: each token once, O(shard) 
 reverse move in backward). Window layers and the token-wise halves run wherever the stream
 is, so a move happens only where a delta layer and a global layer meet (sliding windows
 between them attach to either side): (delta, window, delta, global) moves twice, not four
-times. A stack without global layers on a balanced layout moves in after the embedding and
-out before the head: the contiguous model plus two moves.
+times. On striped, whose windows would move q, k and v to contiguous themselves, window
+layers pull the stream to contiguous too. A stack without global layers on a balanced
+layout moves in after the embedding and out before the head: the contiguous model plus two
+moves.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from seqshard.dist import Mesh, relayout, relayout_plan
+from seqshard.ops.attention.window_layouts import MAX_HALO_RUNS
 from seqshard.ops.delta_rule import DeltaNet
 
 from .config import DeltaNetConfig
@@ -99,10 +102,14 @@ class DeltaNetLM(CausalLM):
                                       ctx.mesh.rank)
         back = to_contiguous.inverse()
         contiguous = ShardContext.make(x.shape[1], ctx.mesh, "contiguous", x.device)
+        # a window on a layout of many runs (striped) would move its q, k, v to contiguous
+        # and its output back (window_layouts.py): moving the stream once is cheaper
+        runs = len(ctx.layout.runs(ctx.seq_len, ctx.mesh.rank, ctx.mesh.size))
+        on_contiguous = {"delta", "window"} if runs > MAX_HALO_RUNS else {"delta"}
         here = ctx  # the layout x is in now
         for i, block in enumerate(self.blocks):
             kind = self.mixer_kind(i)
-            if kind == "delta" and here is ctx:
+            if kind in on_contiguous and here is ctx:
                 x, here = relayout(x, ctx.mesh, ctx.layout, "contiguous", dim=1,
                                    plan=to_contiguous), contiguous  # [B, N_local, C]
             elif kind == "global" and here is contiguous:

@@ -102,7 +102,9 @@ CASES = {
     # shards of 12: a window of 5 within a run of 6, one of 13 spanning runs and ranks; a
     # pure delta stack (moves in and out once); the mixer in pieces of 5 tokens; recomputed
     2: [(dict(HYBRID, layout="zigzag"), 24),
-        (dict(HYBRID, layout="striped", window=13, activation_checkpointing=True), 24),
+        # striped windows run on the stream moved to contiguous: in, out, in, out
+        (dict(HYBRID, layout="striped", window=13, activation_checkpointing=True,
+              window_layers=(1, 3), attn_layers=(2,)), 24),
         (dict(DELTANET, layout="zigzag"), 24),
         (dict(HYBRID, layout="zigzag", mixer_piece_tokens=5, activation_checkpointing=True,
               attn_layers=(0, 3), window_layers=(2,), use_gate=True), 24)],
@@ -113,9 +115,9 @@ CASES = {
 }
 
 
-# moves per forward: in where a delta layer follows the balanced layout, out where a
-# global layer or the head follows the contiguous one; none on one rank
-MOVES = {1: [0], 2: [2, 2, 2, 2], 4: [2, 2]}
+# moves per forward: in where a delta layer (on striped: or a window) follows the balanced
+# layout, out where a global layer or the head follows the contiguous one; none on one rank
+MOVES = {1: [0], 2: [2, 4, 2, 2], 4: [2, 2]}
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
