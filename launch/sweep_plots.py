@@ -1,4 +1,4 @@
-"""A sweep's plots: final loss, tokens/s and peak memory per rank against N (log2 x axis), one
+"""A sweep's plots: final loss, held-out loss, tokens/s and peak memory per rank against N (log2 x axis), one
 line per label (model variant, the other swept values, the attention strategy).
 
 Built on bare matplotlib Figures, not pyplot, so no global figure or backend state is touched
@@ -13,11 +13,12 @@ from pathlib import Path
 METRICS = (
     # (file, row key, y label, scale of the stored value)
     ("sweep_loss.png", "final_loss", "final loss (train, last 10% of steps)", 1.0),
+    ("sweep_heldout_loss.png", "heldout_loss", "held-out loss at N ([eval] at_end)", 1.0),
     ("sweep_tokens_per_s.png", "tokens_per_s", "tokens/s", 1.0),
     ("sweep_peak_mem.png", "peak_mem_bytes", "peak memory per rank (MiB)", 2.0**-20),
 )
 COMBINED = "sweep.png"
-"""All three side by side: the one to show in a README."""
+"""All of them side by side: the one to show in a README."""
 
 
 def _tokens(n: int) -> str:
@@ -64,8 +65,10 @@ def write_plots(root: Path, rows: list[dict], title: str = "") -> list[str]:
         return []
     if not any(r.get("status") == "completed" for r in rows):
         return []
+    # held-out loss only where some point evaluated ([eval] at_end)
+    metrics = [m for m in METRICS if any(_lines(rows, m[1], m[3]).values())]
     names = []
-    for name, key, label, scale in METRICS:
+    for name, key, label, scale in metrics:
         fig = Figure(figsize=(6, 3.8))
         ax = fig.add_subplot()
         _draw(ax, rows, key, label, scale)
@@ -74,9 +77,9 @@ def write_plots(root: Path, rows: list[dict], title: str = "") -> list[str]:
         fig.tight_layout()
         fig.savefig(Path(root) / name, dpi=90)
         names.append(name)
-    fig = Figure(figsize=(15, 4))
-    axes = fig.subplots(1, len(METRICS))
-    for ax, (_, key, label, scale) in zip(axes, METRICS):
+    fig = Figure(figsize=(5 * len(metrics), 4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, (_, key, label, scale) in zip(axes, metrics):
         _draw(ax, rows, key, label, scale)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=max(1, len(labels)), fontsize=9)

@@ -9,8 +9,11 @@ so a resumed point counts the steps it ran before):
                     (step 1 pays one-time warm-up: allocator, DeepSpeed's first step)
     peak_mem_bytes  the largest peak memory rank 0 reported (step records come from rank 0;
                     every rank holds an equal shard of the sequence)
+    heldout_loss    with [eval] at_end: the mean next-token loss over held-out tokens at the
+                    shortest evaluated length (loss_by_position records, weighted by their
+                    token counts); the number to compare lengths by. NaN without it
     wall_s          the point's launch as the sweep timed it: placing workers, starting them,
-                    training, checkpoints, the exactness check
+                    training, checkpoints, the exactness check, the evaluation
 """
 
 from __future__ import annotations
@@ -33,20 +36,36 @@ def run_numbers(out_dir: Path) -> dict:
     recorded no step)."""
     path = Path(out_dir) / RECORDS
     steps: dict[int, dict] = {}
+    buckets: dict[tuple, dict] = {}
     if path.exists():
         for record in read_records(path):
             if record.get("type") == "step":
                 steps[int(record["step"])] = record  # a later attempt replaces an earlier one
+            elif record.get("type") == "eval" and record.get("metric") == "loss_by_position":
+                buckets[(record["length"], record["bucket"])] = record  # the latest evaluation
     recs = [steps[s] for s in sorted(steps)]
+    heldout = _heldout_loss(list(buckets.values()))
     if not recs:
-        return {"steps": 0, "final_loss": math.nan, "tokens_per_s": math.nan, "peak_mem_bytes": 0}
+        return {"steps": 0, "final_loss": math.nan, "tokens_per_s": math.nan, "peak_mem_bytes": 0,
+                "heldout_loss": heldout}
     tail = recs[-max(1, math.ceil(len(recs) / 10)):]
     timed = recs[1:] if len(recs) > 1 else recs
     seconds = sum(r["seconds"] for r in timed)
     return {"steps": recs[-1]["step"],
             "final_loss": sum(float(r["loss"]) for r in tail) / len(tail),
             "tokens_per_s": sum(r["tokens"] for r in timed) / seconds if seconds > 0 else math.nan,
-            "peak_mem_bytes": max(int(r.get("peak_mem_bytes") or 0) for r in recs)}
+            "peak_mem_bytes": max(int(r.get("peak_mem_bytes") or 0) for r in recs),
+            "heldout_loss": heldout}
+
+
+def _heldout_loss(buckets: list[dict]) -> float:
+    """Token-weighted mean loss of the loss-by-position buckets at the shortest length."""
+    if not buckets:
+        return math.nan
+    shortest = min(b["length"] for b in buckets)
+    counted = [b for b in buckets if b["length"] == shortest and b.get("tokens")]
+    tokens = sum(b["tokens"] for b in counted)
+    return sum(b["loss"] * b["tokens"] for b in counted) / tokens if tokens else math.nan
 
 
 def machine() -> str:
@@ -84,15 +103,18 @@ def write(root: Path, points, header: dict, plots: list[str] = ()) -> Path:
                  f"{sum(r['status'] == s for r in table)} {s}"
                  for s in ("completed", "failed", "invalid", "pending")
                  if any(r["status"] == s for r in table)),
-             "- final loss: mean training loss over the last tenth of the steps; tokens/s inside "
-             "step(), steps 2..; peak memory: rank 0's (equal shards on every rank)", "",
-             "| point | N | line | status | final loss | tokens/s | peak mem/rank | wall | run folder |",
-             "|---|---:|---|---|---:|---:|---:|---:|---|"]
+             "- final loss: mean training loss over the last tenth of the steps; held-out loss: "
+             "[eval] at_end's loss by position at N, over all positions; tokens/s inside step(), "
+             "steps 2..; peak memory: rank 0's (equal shards on every rank)", "",
+             "| point | N | line | status | final loss | held-out loss | tokens/s | peak mem/rank "
+             "| wall | run folder |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
     for r in table:
         mem = r.get("peak_mem_bytes")
         lines.append(
             f"| {r['name']} | {r['seq_len'] or '-'} | {r['label'] or '-'} | {r['status']} | "
-            f"{_num(r.get('final_loss'), '.4f')} | {_num(r.get('tokens_per_s'), ',.0f')} | "
+            f"{_num(r.get('final_loss'), '.4f')} | {_num(r.get('heldout_loss'), '.4f')} | "
+            f"{_num(r.get('tokens_per_s'), ',.0f')} | "
             f"{_num(mem / 2**20, ',.0f') + ' MiB' if mem else '-'} | "
             f"{_num(r.get('wall_s'), '.1f') + ' s' if r.get('wall_s') else '-'} | "
             f"{os.path.relpath(r['out'], root) if r['out'] else '-'} |")

@@ -9,9 +9,10 @@ import json
 import math
 from pathlib import Path
 
+import msgpack
 import pytest
 
-from seqshard.launch import cli, sweep
+from seqshard.launch import cli, sweep, sweep_report
 from seqshard.launch.sweep_plots import _lines, write_plots
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +165,29 @@ def test_a_point_failing_only_in_combination_is_recorded_not_raised(variants, tm
         "fit model.num_heads=3"]
 
 
+def test_run_numbers_from_records_latest_attempts_and_heldout_buckets(tmp_path):
+    def step(n, loss, seconds, attempt=0):
+        return {"type": "step", "step": n, "loss": loss, "tokens": 100, "seconds": seconds,
+                "peak_mem_bytes": n * 2**20, "attempt": attempt}
+
+    def bucket(length, i, loss, tokens):
+        return {"type": "eval", "metric": "loss_by_position", "length": length, "bucket": i,
+                "loss": loss, "tokens": tokens}
+
+    records = [{"type": "meta"}] + [step(n, 9.0, 1.0) for n in range(1, 12)]
+    records += [step(11, 4.0, 1.0, attempt=1), step(12, 2.0, 3.0, attempt=1)]  # after a restart
+    records += [bucket(64, 0, 9.0, 4), bucket(64, 1, 3.0, 4),  # an earlier evaluation
+                bucket(64, 0, 1.0, 1), bucket(64, 1, 3.0, 3), bucket(128, 0, 0.5, 100)]
+    (tmp_path / "records.msgpack").write_bytes(b"".join(msgpack.packb(r) for r in records))
+    got = sweep_report.run_numbers(tmp_path)
+    assert got["steps"] == 12 and got["peak_mem_bytes"] == 12 * 2**20
+    assert got["final_loss"] == 3.0  # mean of steps 11 and 12 (the last tenth, rounded up)
+    assert got["tokens_per_s"] == 1100 / 13.0  # steps 2..12: step 1 pays the warm-up
+    assert got["heldout_loss"] == (1.0 * 1 + 3.0 * 3) / 4  # the shortest length, token-weighted
+    empty = sweep_report.run_numbers(tmp_path / "never-ran")
+    assert empty["steps"] == 0 and math.isnan(empty["final_loss"])
+
+
 def test_plots_draw_one_line_per_label_over_completed_points(tmp_path):
     rows = [{"name": f"p{i}", "label": label, "seq_len": n, "status": status,
              "final_loss": loss, "tokens_per_s": 100.0, "peak_mem_bytes": 2**20}
@@ -172,11 +196,13 @@ def test_plots_draw_one_line_per_label_over_completed_points(tmp_path):
                 ("b", 1024, "completed", 1.0), ("b", 2048, "failed", math.nan)])]
     assert _lines(rows, "final_loss", 1.0) == {"a": ([1024, 2048], [3.0, 2.0]),
                                                "b": ([1024], [1.0])}
-    names = write_plots(tmp_path, rows, "t")
+    names = write_plots(tmp_path, rows, "t")  # no point evaluated: no held-out plot
     assert names == ["sweep.png", "sweep_loss.png", "sweep_tokens_per_s.png",
                      "sweep_peak_mem.png"]
     for name in names:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows[0]["heldout_loss"] = 2.5
+    assert "sweep_heldout_loss.png" in write_plots(tmp_path, rows, "t")
 
 
 def test_two_point_sweep_on_ray_records_a_killed_point_and_goes_on(tmp_path, capsys):
