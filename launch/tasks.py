@@ -49,8 +49,9 @@ class TrainTask:
         from seqshard.models import Trainer  # deferred: launch must import without models
 
         model_cfg = {k: v for k, v in cfg.model.items() if k != "kind"}
-        self.trainer = Trainer(cfg.model["kind"], model_cfg, dict(cfg.train), mesh)
-        self.data = dict(cfg.data)  # the [data] table: where train.task = 'data' reads
+        # the [data] table is read when train.task = 'data' ({} = the default corpus)
+        self.trainer = Trainer(cfg.model["kind"], model_cfg, dict(cfg.train), mesh,
+                               data=dict(cfg.data))
 
     def step(self) -> dict:
         return dict(self.trainer.step())
@@ -69,7 +70,7 @@ class TrainTask:
         from seqshard.models.evaluate import EvalConfig, evaluate
         from seqshard.models.fill import fill
 
-        return evaluate(self.trainer, fill(EvalConfig, eval_config, "eval"), data=self.data)
+        return evaluate(self.trainer, fill(EvalConfig, eval_config, "eval"))
 
     def digest(self) -> str:
         state = self.trainer.full_state_dict()  # full tensors, also under ZeRO-3

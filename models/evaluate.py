@@ -216,15 +216,16 @@ def passkey_accuracy(model, mesh: Mesh, layout: str | Layout, source: Source,
 
 
 # --- wiring to a trainer ------------------------------------------------------------------------
-def task_source(trainer, seed: int, data=None) -> Source:
+def task_source(trainer, seed: int) -> Source:
     """Held-out samples of the trainer's own task: recall/random sequences from steps no
-    training step uses, or for train.task = 'data' the held-out split of the corpus that
-    `data` (the [data] table, a dict or models.corpus.DataConfig) names."""
+    training step uses, or for train.task = 'data' the corpus's held-out split, each rank
+    reading only its own positions."""
     tc, mesh = trainer.tc, trainer.mesh
-    if tc.task == "data":
-        return _corpus_source(trainer, seed, data or {})
 
     def source(length: int, index: int, positions: torch.Tensor) -> torch.Tensor:
+        if tc.task == "data":  # documents are not separated here: positions are the stream's
+            return trainer.corpus.batch("heldout", 1, length, seed=seed, step=index,
+                                        replica=mesh.dp_rank, positions=positions)
         step = HELD_OUT_STEP - index
         if tc.task == "recall":
             ids, _ = recall_batch(trainer.task, 1, length, seed=seed, step=step,
@@ -237,34 +238,31 @@ def task_source(trainer, seed: int, data=None) -> Source:
     return source
 
 
-def _corpus_source(trainer, seed: int, data) -> Source:
-    from . import corpus as corpora
-    from .fill import fill
+def passkey_tokens(trainer) -> tuple[PasskeyTokens | None, str]:
+    """(the ids passkeys are written with, '') or (None, why there is no passkey here):
+    ASCII for byte data, the synthetic tasks' own ids, none for a tokenizer's .bin (its
+    phrases and digits would need the tokenizer)."""
+    tc = trainer.tc
+    if tc.task == "data":
+        from .sources import BinTokens
 
-    if not hasattr(corpora, "open_corpus"):
-        raise ValueError("train.task = 'data' evaluation needs models.corpus.open_corpus, "
-                         "which this installation does not have yet")
-    corpus = corpora.open_corpus(fill(corpora.DataConfig, data, "data"), trainer.tc.vocab_size)
-
-    def source(length: int, index: int, positions: torch.Tensor) -> torch.Tensor:
-        ids = corpus.batch("heldout", 1, length, seed=seed, step=index,
-                           replica=trainer.mesh.dp_rank, positions=positions)
-        ids = torch.as_tensor(ids).long()
-        return ids[:, positions] if ids.shape[1] == length != positions.numel() else ids
-
-    return source
+        if not isinstance(trainer.corpus.source, BinTokens):
+            return PasskeyTokens.for_vocab(256), ""  # text read as bytes
+        return None, (f"passkey skipped: data.path {trainer.corpus.name!r} holds tokenizer ids,"
+                      f" and passkeys are written as bytes (text data only)")
+    return PasskeyTokens.for_vocab(tc.vocab_size), ""
 
 
 @torch.no_grad()
-def evaluate(trainer, cfg: EvalConfig, source: Source | None = None, data=None) -> list[dict]:
-    """Every evaluation `cfg` asks for, on the trainer's model and mesh: a list of records.
-    source: where samples come from (default `task_source(trainer, cfg.seed, data)`)."""
+def evaluate(trainer, cfg: EvalConfig, source: Source | None = None) -> list[dict]:
+    """Every evaluation `cfg` asks for, on the trainer's model and mesh: a list of records
+    (plus an "eval_skipped" record for a part that cannot run on this data).
+    source: where samples come from (default `task_source(trainer, cfg.seed)`)."""
     tc, model = trainer.tc, trainer.engine
-    source = source or task_source(trainer, cfg.seed, data)
+    source = source or task_source(trainer, cfg.seed)
     pieces = trainer.model_config.tokenwise_piece_tokens
-    # ASCII where the ids are bytes (vocab 256), else ids of the synthetic vocabulary
-    tokens = PasskeyTokens.for_vocab(tc.vocab_size)
-    records = []
+    tokens, why = passkey_tokens(trainer)
+    records = [{"type": "eval_skipped", "reason": why}] if why and cfg.passkey_lengths else []
     was_training = model.training
     model.eval()
     try:
@@ -272,7 +270,13 @@ def evaluate(trainer, cfg: EvalConfig, source: Source | None = None, data=None) 
             for m in cfg.lengths:
                 records += loss_by_position(model, trainer.mesh, trainer.layout, source,
                                             m * tc.seq_len, cfg.samples, cfg.buckets, pieces)
-            for m in cfg.passkey_lengths:
+            for m in cfg.passkey_lengths if tokens is not None else ():
+                need = min_length(tokens, cfg.passkey_digits)
+                if m * tc.seq_len < need:  # a too-short cell, not a failed run at its end
+                    records.append({"type": "eval_skipped", "reason": (
+                        f"passkey at {m} x train.seq_len = {m * tc.seq_len} tokens skipped: "
+                        f"a {cfg.passkey_digits}-digit key needs {need}")})
+                    continue
                 records += passkey_accuracy(model, trainer.mesh, trainer.layout, source, tokens,
                                             m * tc.seq_len, cfg.passkey_depths,
                                             cfg.passkey_trials, cfg.passkey_digits, cfg.seed)

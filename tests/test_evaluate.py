@@ -154,3 +154,40 @@ def test_eval_config_names_bad_values():
         fill(EvalConfig, {"passkey_depths": [0.5, 2.0]}, "eval")
     with pytest.raises(ValueError, match="eval.passkey_trials = 0"):
         fill(EvalConfig, {"passkey_trials": 0}, "eval")
+
+
+def _evaluate_real_data(rank, world, text: str, bin_path: str):
+    from seqshard.models import Trainer
+    from seqshard.models.evaluate import EvalConfig, evaluate
+
+    train = dict(batch_size=1, seq_len=32, steps=1, vocab_size=256, task="data",
+                 layout="zigzag")
+    small = dict(dim=16, num_layers=1, num_heads=2, vocab_size=256)
+    cfg = EvalConfig(lengths=(1, 2), samples=1, buckets=3, passkey_lengths=(2, 4),
+                     passkey_depths=(0.5,), passkey_trials=2, passkey_digits=3)
+    on_text = evaluate(Trainer("transformer", small, train, mesh(), data={"path": text}), cfg)
+    on_bin = evaluate(Trainer("transformer", small, dict(train, vocab_size=64), mesh(),
+                              data={"path": bin_path, "heldout_fraction": 0.2}), cfg)
+    return on_text, on_bin
+
+
+def test_evaluation_reads_the_held_out_text_and_skips_passkeys_on_token_ids(tmp_path):
+    import numpy as np
+
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"def f(x):\n    return x + 1\n" * 800)  # ~22 KB: 1% held out > 64
+    bin_path = tmp_path / "ids.bin"
+    np.arange(4000, dtype=np.uint16).__mod__(60).tofile(bin_path)
+    for on_text, on_bin in run_ranks(_evaluate_real_data, 2, str(text), str(bin_path)):
+        loss = [r for r in on_text if r.get("metric") == "loss_by_position"]
+        assert {r["length"]: 0 for r in loss} == {32: 0, 64: 0}
+        assert sum(r["tokens"] for r in loss if r["length"] == 64) == 63
+        assert all(math.isfinite(r["loss"]) for r in loss)
+        (passkey,) = [r for r in on_text if r.get("metric") == "passkey"]
+        assert (passkey["length"], passkey["samples"]) == (128, 2)
+        assert [r for r in on_text if r["type"] == "eval_skipped"] == [{
+            "type": "eval_skipped",
+            "reason": "passkey at 2 x train.seq_len = 64 tokens skipped: a 3-digit key needs 77"}]
+        assert on_bin[0]["type"] == "eval_skipped" and "tokenizer ids" in on_bin[0]["reason"]
+        assert not [r for r in on_bin if r.get("metric") == "passkey"]
+        assert [r for r in on_bin if r.get("metric") == "loss_by_position"]
