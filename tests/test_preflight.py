@@ -20,8 +20,8 @@ DEMO = Path(__file__).resolve().parents[1] / "launch" / "configs" / "demo.toml"
     # strategy=ulysses splits heads over the whole sp group (2 ranks), not over mesh.ulysses
     (["train.strategy=ulysses", "model.num_heads=3", "model.dim=48"],
      ["model.num_heads = 3", "Ulysses degree 2"]),
-    # the delta rule's state chain only runs on contiguous shards
-    (["model.kind=deltanet", "train.layout=zigzag"], ["zigzag", "deltanet", "contiguous"]),
+    # FIT's groups run on contiguous shards only
+    (["model.kind=fit", "train.layout=zigzag"], ["zigzag", "fit", "contiguous"]),
     # ring attention never uses the Ulysses split: the summary would report a mesh that did not run
     (["mesh.ulysses=2"], ["mesh.ulysses = 2", "strategy='ring'"]),
     # auto picks ring when heads do not divide, which drops mesh.ulysses just as silently

@@ -246,7 +246,7 @@ def window_attention(q, k, v, mesh: Mesh | None = None, *, window: int,
     query rows per local block (default max(W // 2, MIN_BLOCK)); any value gives the same
     result. Contiguous: the halo hops above. A few runs per rank (zigzag): each run's halo
     from its owners (`window_layouts.gather_run_halos`). Many runs (striped): re-laid out
-    to contiguous and back (`window_layouts.relayout`).
+    to contiguous and back (`seqshard.dist.relayout`).
 
     Example (one process):
 
@@ -277,7 +277,7 @@ def window_attention(q, k, v, mesh: Mesh | None = None, *, window: int,
     if len(runs) > MAX_HALO_RUNS:  # striped: see window_layouts.py for why not halos
         contiguous = get_layout("contiguous")
         hq, hkv = q.shape[1], k.shape[1]
-        # one all-to-all for q, k and v: heads side by side [B, Hq + 2 Hkv, n, D]
+        # one layout move for q, k and v: heads side by side [B, Hq + 2 Hkv, n, D]
         qkv = relayout(torch.cat((q, k, v), dim=1), mesh, layout, contiguous)
         q, k, v = qkv.split((hq, hkv, hkv), dim=1)
         out = _contiguous(q, k, v, mesh, window, scale, doc, block)  # [B, Hq, n, D]
