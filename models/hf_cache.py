@@ -74,16 +74,21 @@ class ShardLayer(CacheLayerMixin):
         """Store k, v [B, Hkv, n, D] at global `positions` [n]."""
         need = self.length + k.shape[2]
         if need > self._k.shape[2]:
-            grown = max(need, 2 * self._k.shape[2])
-            for name in ("_k", "_v"):
-                old = getattr(self, name)
-                new = old.new_empty((*old.shape[:2], grown, old.shape[-1]))
-                new[:, :, :self.length] = old[:, :, :self.length]
-                setattr(self, name, new)
+            # doubling, but never past what this rank can ever hold (max_tokens bounds it):
+            # a prompt shard near the maximum grows once, by the decode share only
+            self._resize(max(need, min(2 * self._k.shape[2], self.owner.rank_capacity)))
         self._k[:, :, self.length:need] = k
         self._v[:, :, self.length:need] = v
         self.positions = torch.cat([self.positions, positions.to(self.positions.device)])
         self.length = need
+
+    def _resize(self, capacity: int) -> None:
+        """Move the cached keys/values into buffers of `capacity` keys."""
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            buf = old.new_empty((*old.shape[:2], capacity, old.shape[-1]))
+            buf[:, :, :self.length] = old[:, :, :self.length]
+            setattr(self, name, buf)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Keep the new K/V this rank owns; return this rank's (keys, values) to attend over:
@@ -112,6 +117,8 @@ class ShardLayer(CacheLayerMixin):
         self._k[:, :, :n] = self._k.index_select(2, idx.to(self._k.device))
         self._v[:, :, :n] = self._v.index_select(2, idx.to(self._v.device))
         self.positions, self.length = self.positions[idx], n
+        if self._k.shape[2] > 2 * n + 64:  # a window layer after the prompt: free the rest
+            self._resize(2 * n + 64)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0  # no mask is built for seqshard attention
@@ -196,6 +203,14 @@ class ShardedCache(Cache):
         self.prefilling = prefill
         self.step_positions, self.step_owned = positions, owned
         return positions.to(input_ids.device)
+
+    @property
+    def rank_capacity(self) -> int:
+        """The most keys one layer's shard on this rank can hold: its prompt shard and its
+        round-robin share of the max_tokens - N tokens decoding may add."""
+        p = self.mesh.size
+        share = len(range(self.mesh.rank, self.max_tokens - self.prompt_len, p))
+        return self.prompt_len // p + share
 
     def end(self) -> None:
         """The forward finished: its tokens now count as seen."""

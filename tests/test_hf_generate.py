@@ -53,6 +53,8 @@ def _generate_cases(rank, world):
                 want = (reference.generate(ids, max_new_tokens=NEW, do_sample=False)
                         if rank == 0 else None)
             sizes = [layer.length for layer in cache.layers]
+            if style in ("llama", "qwen", "qwen2"):  # full layers: buffers within max_tokens
+                assert all(layer._k.shape[2] == cache.rank_capacity for layer in cache.layers)
             results[(style, layout)] = (out[:, ids_local.shape[1]:],
                                         None if want is None else want[:, PROMPT:], sizes)
     return results
