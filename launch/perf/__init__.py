@@ -3,6 +3,9 @@
 
 - planner.py   the cost model: time, memory and traffic per strategy and mesh split
 - plan_cmd.py  `seqshard plan`: the planner's ranking for a shape, a length and a world size
+- model_plan.py     the whole-model plan: longest N, step time, the search over meshes
+- model_memory.py   memory per rank of a whole model: ZeRO, activations, buffers
+- model_validate.py real Trainer steps against the plan (`seqshard plan --validate`)
 - bench_cmd.py `seqshard bench`: measure a suite, write records, results.md and plots
 - results.py   the versioned msgpack schema of a bench run (machine, command, points); not
                launch/records.py, which keeps a training run's progress and summary
