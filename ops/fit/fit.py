@@ -168,6 +168,8 @@ class FITBlock(nn.Module):
         rank's rows (queries, residual, MLP), so the global work splits over the ranks.
         record: when a dict, record["global_inputs"] gets each layer's input [B, t*m, D].
         """
+        if record is not None:
+            record["global_inputs"] = []
         if not self.global_layers:
             return latents
         t, m = latents.shape[1], self.num_latents
@@ -182,8 +184,6 @@ class FITBlock(nn.Module):
                 f"global_mask has shape {tuple(mask.shape)}, expected {(t * m, world * t * m)} "
                 f"(this rank's {t} groups x all {world * t} groups, {m} latents each)")
         own = latents.flatten(1, 2)  # [B, t*m, D]
-        if record is not None:
-            record["global_inputs"] = []
         for layer in self.global_layers:
             if record is not None:
                 record["global_inputs"].append(own.detach())
