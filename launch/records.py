@@ -43,8 +43,9 @@ def read_records(path: str | Path) -> list[dict]:
         return list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
 
 
-BAR = "step {n_fmt}/{total_fmt} [{bar:20}] {elapsed}<{remaining} | {postfix}"
-"""The progress line: steps, bar, elapsed < ETA, then rate, loss, memory and attempt."""
+BAR = "step {n_fmt}/{total_fmt} [{bar:20}] {elapsed}<{remaining}{postfix}"
+"""The progress line: steps, bar, elapsed < ETA, then (tqdm's ', ') rate, loss, memory and
+attempt."""
 
 
 def tensorboard_problem() -> str | None:
@@ -95,7 +96,7 @@ class Recorder:
                 elif record.get("type") == "eval":
                     self.evals.append(record)
         self._tb = _tensorboard_writer(self.out) if tensorboard else None
-        self._bar = None
+        self._bar, self._pace = None, None
         if self.show and self.tty and total_steps > len(self.steps):  # something to train
             self._bar = tqdm(total=total_steps, initial=len(self.steps), file=self.stream,
                              bar_format=BAR, dynamic_ncols=True, leave=True)
@@ -152,11 +153,16 @@ class Recorder:
             self._bar.refresh()
             return
         # no terminal: one plain line per step, formatted (bar and ETA) by tqdm all the same
-        elapsed = time.time() - self.started
-        done = len(self.steps)  # steps seen by this driver set the pace of the ETA
-        self._line(tqdm.format_meter(min(int(r["step"]), self.total), self.total, elapsed,
-                                     bar_format=BAR, postfix=postfix, ncols=100,
-                                     rate=done / elapsed if elapsed > 0 else None))
+        now, step = time.time(), int(r["step"])
+        if self._pace is None:
+            self._pace = (now, step)
+        since, first = self._pace
+        # the ETA's pace: steps received since the first one (worker start-up excluded), or
+        # until there are two, the step's own time
+        rate = ((step - first) / (now - since) if step > first and now > since
+                else (1.0 / r["seconds"] if r.get("seconds") else None))
+        self._line(tqdm.format_meter(min(step, self.total), self.total, now - self.started,
+                                     bar_format=BAR, postfix=postfix, rate=rate))
 
     # --- TensorBoard -----------------------------------------------------------------------
     def _scalars(self, r: dict) -> None:

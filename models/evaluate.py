@@ -51,7 +51,8 @@ class EvalConfig:
     samples: int = 2
     """Held-out sequences per loss-by-position length, per data-parallel replica."""
     buckets: int = 8
-    """Log-spaced position buckets (fewer where short sequences merge them)."""
+    """Log-spaced position buckets over train.seq_len (fewer where short sequences merge
+    them); longer lengths continue the same grid, so their first buckets line up."""
     passkey_lengths: tuple[int, ...] = (1, 2, 4)
     """Passkey context lengths, as multiples of train.seq_len (empty: skip)."""
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -121,21 +122,29 @@ def token_losses(model, ids: torch.Tensor, targets: torch.Tensor,
 
 
 # --- loss by position -------------------------------------------------------------------------
-def bucket_edges(length: int, buckets: int) -> list[int]:
-    """`buckets` log-spaced bounds over the positions 0 .. length - 2 that have a next token:
-    bucket i holds positions edges[i] <= p < edges[i + 1]; the first is position 0 alone, the
-    rest split 1 .. length - 2 geometrically (fewer where short sequences merge them).
+def bucket_edges(length: int, buckets: int, base_length: int | None = None) -> list[int]:
+    """Log-spaced bucket bounds over the positions 0 .. length - 2 that have a next token:
+    bucket i holds positions edges[i] <= p < edges[i + 1]. The first is position 0 alone;
+    `buckets` buckets span a sequence of `base_length` (default `length`) geometrically, and a
+    longer sequence continues the same grid, so lengths N, 2N, 4N share their first buckets.
 
     >>> bucket_edges(64, 4)
     [0, 1, 4, 16, 63]
+    >>> bucket_edges(128, 4, base_length=64)
+    [0, 1, 4, 16, 63, 127]
     """
-    scored = length - 1
-    if scored < 1:
-        raise ValueError(f"loss by position needs length >= 2, got {length}")
-    if buckets == 1:
-        return [0, scored]
-    raw = {0} | {int(round(scored ** (i / (buckets - 1)))) for i in range(buckets)}
-    return sorted(raw)
+    scored, base = length - 1, (base_length or length) - 1
+    if scored < 1 or base < 1:
+        raise ValueError(f"loss by position needs lengths >= 2, got {length} (base "
+                         f"{base_length})")
+    if buckets == 1 or base == 1:
+        return sorted({0, 1, scored} if base == 1 and scored > 1 else {0, scored})
+    ratio = base ** (1.0 / (buckets - 1))
+    edges, i = {0}, 0
+    while round(ratio ** i) < scored:
+        edges.add(int(round(ratio ** i)))
+        i += 1
+    return sorted(edges | {scored})
 
 
 def _sum_over(stats: torch.Tensor, mesh: Mesh, *, sp: bool = True) -> torch.Tensor:
@@ -149,12 +158,14 @@ def _sum_over(stats: torch.Tensor, mesh: Mesh, *, sp: bool = True) -> torch.Tens
 
 @torch.no_grad()
 def loss_by_position(model, mesh: Mesh, layout: str | Layout, source: Source, length: int,
-                     samples: int, buckets: int, piece_tokens: int = 8192) -> list[dict]:
-    """Mean loss per log-spaced position bucket over `samples` sequences of `length` per
-    replica: one record per bucket (start, end, loss, tokens), the same on every rank."""
+                     samples: int, buckets: int, piece_tokens: int = 8192,
+                     base_length: int | None = None) -> list[dict]:
+    """Mean loss per log-spaced position bucket (`bucket_edges(length, buckets, base_length)`)
+    over `samples` sequences of `length` per replica: one record per bucket (start, end,
+    loss, tokens), the same on every rank."""
     layout = get_layout(layout)
     positions = layout.positions(length, mesh.rank, mesh.size)  # [N_local] global positions
-    edges = bucket_edges(length, buckets)
+    edges = bucket_edges(length, buckets, base_length)
     which = torch.bucketize(positions, torch.tensor(edges[1:]), right=True)  # [N_local]
     which = which.clamp(max=len(edges) - 2).to(mesh.device)
     sums = torch.zeros(2, len(edges) - 1, dtype=torch.float64, device=mesh.device)
@@ -269,7 +280,8 @@ def evaluate(trainer, cfg: EvalConfig, source: Source | None = None) -> list[dic
         with trainer.autocast:
             for m in cfg.lengths:
                 records += loss_by_position(model, trainer.mesh, trainer.layout, source,
-                                            m * tc.seq_len, cfg.samples, cfg.buckets, pieces)
+                                            m * tc.seq_len, cfg.samples, cfg.buckets, pieces,
+                                            base_length=tc.seq_len)
             for m in cfg.passkey_lengths if tokens is not None else ():
                 need = min_length(tokens, cfg.passkey_digits)
                 if m * tc.seq_len < need:  # a too-short cell, not a failed run at its end

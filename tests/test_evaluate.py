@@ -77,7 +77,10 @@ def test_bucket_edges_are_log_spaced_and_cover_every_scored_position():
     assert bucket_edges(1024, 6) == [0, 1, 4, 16, 64, 256, 1023]
     assert bucket_edges(3, 8) == [0, 1, 2]  # short sequences merge buckets
     assert bucket_edges(10, 1) == [0, 9]
-    with pytest.raises(ValueError, match="length >= 2"):
+    # longer lengths continue the training length's grid, so the buckets line up
+    assert bucket_edges(256, 4, base_length=64) == [0, 1, 4, 16, 63, 251, 255]
+    assert bucket_edges(255, 8)[:4] == bucket_edges(1024, 8, base_length=255)[:4]
+    with pytest.raises(ValueError, match="lengths >= 2, got 1"):
         bucket_edges(1, 4)
 
 
