@@ -85,11 +85,13 @@ class DeltaNet(nn.Module):
     mixer_piece_tokens: when the local shard is longer, the layer runs over it in pieces of this
     many tokens (pieces.py: one autograd.Function, recomputed piece by piece in backward), so
     its activations are O(piece) instead of O(N_local): ~16 KB per token of the shard drop to
-    the input, output and their gradients (see README.md). None: never. The default, 65536,
-    keeps shards up to 64K tokens on the whole-shard path (the pieces recompute the layer
-    once more in backward; the ranks no longer take turns over them, README.md; the value is
-    not yet re-chosen by measurement); pass a smaller value (e.g. 16384) for the least memory. Every rank must hold
-    the same N_local (the contiguous layout does), so all take the same path.
+    the input, output and their gradients (see README.md). None: never. The default, 16384,
+    was chosen by measurement (benchmarks/RESULTS.md, "DeltaNetLM in pieces without turns"):
+    in DeltaNetLM steps (checkpointed, 2 ranks) pieces of 4096 / 16384 cost 1.08x / 0.89x
+    the whole shard's CPU at 16K / 32K tokens per rank, and for the layer alone at 128K
+    tokens 16384 costs 0.90x the CPU of 65536 at 0.45x its memory; None (or a larger value)
+    keeps short shards whole. Every rank must hold the same N_local (the contiguous layout
+    does), so all take the same path.
 
     >>> layer = DeltaNet(dim=32, num_heads=2)
     >>> layer(torch.randn(1, 50, 32)).shape
@@ -101,7 +103,7 @@ class DeltaNet(nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int | None = None,
                  use_short_conv: bool = True, conv_size: int = 4, allow_neg_eigval: bool = False,
                  use_gate: bool = False, *, chunk_size: int | None = None, schedule: str = "scan",
-                 norm_eps: float = 1e-5, mixer_piece_tokens: int | None = 65536):
+                 norm_eps: float = 1e-5, mixer_piece_tokens: int | None = 16384):
         super().__init__()
         if num_heads < 1 or dim < 1:
             raise ValueError(f"dim={dim}, num_heads={num_heads} must be >= 1")
