@@ -214,7 +214,10 @@ def _plain(metrics: dict) -> dict:
 
 def main_from_env(cfg: JobConfig) -> dict:
     """`seqshard worker`: the job under torchrun / deepspeed; rank 0 records and prints."""
-    from .records import Recorder
+    from .records import Recorder, tensorboard_problem
+
+    if cfg.log.tensorboard and tensorboard_problem():  # on every rank, before any joins
+        raise ValueError(tensorboard_problem())
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
                               or int(cfg.launch.cpus_per_worker)))
