@@ -21,8 +21,15 @@ DEMO = CONFIGS / "demo.toml"
 # --- configs -------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
-    cfg = config.load(path)
-    assert cfg.mesh.shape().world_size == cfg.mesh.workers
+    if "[sweep" in path.read_text():  # a sweep file: every point is a job file, checked as one
+        from seqshard.launch import sweep
+
+        _, points = sweep.plan(path)
+        assert points and not [p.error for p in points if p.error]
+        cfgs = [p.cfg for p in points]
+    else:
+        cfgs = [config.load(path)]
+    assert all(cfg.mesh.shape().world_size == cfg.mesh.workers for cfg in cfgs)
 
 
 PYTHON_310 = """
