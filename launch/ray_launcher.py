@@ -84,7 +84,8 @@ class WorkerActor:
         return {"ip": ip, "node": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port}
 
-    def run(self, cfg: JobConfig, env: dict, attempt: int, hub, evaluate=None) -> dict:
+    def run(self, cfg: JobConfig, env: dict, attempt: int, hub, evaluate=None,
+            generate=None) -> dict:
         os.environ.update(env)
         if not env.get("CUDA_VISIBLE_DEVICES"):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
@@ -94,7 +95,7 @@ class WorkerActor:
         from .worker import run_worker
 
         return run_worker(cfg, attempt=attempt, report=lambda r: hub.push.remote(r),
-                          evaluate=evaluate)
+                          evaluate=evaluate, generate=generate)
 
 
 def assign_ranks(infos: list[dict]) -> list[dict]:
@@ -147,9 +148,10 @@ class WorkerGroup:
         self.master = (rank0["ip"], rank0["port"])
         self.infos = infos
 
-    def start(self, cfg: JobConfig, attempt: int, hub, evaluate=None) -> dict:
-        """Start every rank (to evaluate `evaluate` = (step, checkpoint folder) instead of
-        training, when given); returns {result ref: rank}."""
+    def start(self, cfg: JobConfig, attempt: int, hub, evaluate=None, generate=None) -> dict:
+        """Start every rank (to evaluate `evaluate` = (step, checkpoint folder), or to run
+        the generation spec `generate`, instead of training, when given); returns
+        {result ref: rank}."""
         addr, port = self.master
         refs = {}
         for p in self.plan:
@@ -157,7 +159,8 @@ class WorkerGroup:
                    "WORLD_SIZE": str(len(self.plan)), "LOCAL_WORLD_SIZE": str(p["local_world"]),
                    "MASTER_ADDR": addr, "MASTER_PORT": str(port),
                    "CUDA_VISIBLE_DEVICES": ",".join(p["gpus"])}
-            refs[self.actors[p["bundle"]].run.remote(cfg, env, attempt, hub, evaluate)] = p["rank"]
+            refs[self.actors[p["bundle"]].run.remote(cfg, env, attempt, hub, evaluate,
+                                                     generate)] = p["rank"]
         return refs
 
     def teardown(self) -> None:
@@ -209,11 +212,14 @@ def _watch(refs: dict, hub, recorder: Recorder, poll_s: float) -> list[dict]:
 
 
 def launch(cfg: JobConfig, *, address: str | None = None, on_record=None,
-           evaluate: tuple[int, str] | None = None) -> dict:
+           evaluate: tuple[int, str] | None = None, generate: dict | None = None) -> dict:
     """Run the job on Ray: start (or join) Ray, run workers, restart on failure.
 
     evaluate: (step, checkpoint folder) to load and evaluate on the job's mesh instead of
     training (`seqshard eval`); its records are added to the run's records and summary.
+    generate: a `seqshard generate` spec (launch/generate_cmd.py's `plan`, plus "step" and
+    "checkpoint"): every rank loads that checkpoint and generates; rank 0 streams each token
+    as a "token" record (to `on_record` as it arrives) and its result holds "generated".
 
     Returns rank 0's result plus "status", "attempts", "nodes" (node id per rank), "out".
     Raises LaunchError when restarts are exhausted or the failure is not retryable.
@@ -251,8 +257,8 @@ def launch(cfg: JobConfig, *, address: str | None = None, on_record=None,
                 recorder.event("placed", attempt=attempt,
                                nodes=len({p["node"] for p in group.plan}),
                                master=f"{group.master[0]}:{group.master[1]}")
-                results = _watch(group.start(cfg, attempt, hub, evaluate), hub, recorder,
-                                 cfg.launch.poll_s)
+                refs = group.start(cfg, attempt, hub, evaluate, generate)
+                results = _watch(refs, hub, recorder, cfg.launch.poll_s)
                 break
             except WorkerFailure as err:
                 recorder.event("failure", attempt=attempt, reason=str(err))
@@ -267,7 +273,8 @@ def launch(cfg: JobConfig, *, address: str | None = None, on_record=None,
                 if group is not None:
                     group.teardown()
         nodes = {p["rank"]: p["node"] for p in group.plan}
-        final = {"status": "evaluated" if evaluate else "completed", "attempts": attempt + 1,
+        status = "evaluated" if evaluate else "generated" if generate else "completed"
+        final = {"status": status, "attempts": attempt + 1,
                  **results[0],
                  "nodes": nodes, "out": str(cfg.out_dir)}
         final["summary"] = str(recorder.finish(final))

@@ -127,11 +127,13 @@ def _maybe_fail(cfg: JobConfig, rank: int, step: int, attempt: int) -> None:
 
 
 def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None,
-               evaluate: tuple[int, str] | None = None) -> dict:
+               evaluate: tuple[int, str] | None = None, generate: dict | None = None) -> dict:
     """Run the job on this rank; returns this rank's result (digest, exactness, steps).
 
     evaluate: (step, checkpoint folder) to load and evaluate instead of training (`seqshard
     eval`); otherwise the job trains, and evaluates after its last step when eval.at_end.
+    generate: a `seqshard generate` spec (launch/generate_run.py): load its checkpoint and
+    generate instead; the new token ids are the result's "generated".
 
     Example (after `torchrun --nproc_per_node 2 ...` set the environment):
         >>> from seqshard.launch import config, worker
@@ -144,20 +146,25 @@ def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None
         report({"type": "worker_started", "rank": rank, "pid": os.getpid(),
                 "host": socket.gethostname(), "attempt": attempt})
     task = make_task(cfg, mesh)
-    if evaluate is not None:
-        start = step = int(evaluate[0])
-        task.load(Path(evaluate[1]))
+    loaded = evaluate if generate is None else (generate["step"], generate["checkpoint"])
+    if loaded is not None:
+        start = step = int(loaded[0])
+        task.load(Path(loaded[1]))
         check_len = 0
     else:
         start, step = _train(task, cfg, mesh, attempt, emit)
         check_len = cfg.job.exactness_seq_len
     exactness = task.exactness_check(check_len) if check_len > 0 else None
-    evaluated = 0
-    if evaluate is not None or (cfg.job.task == "train" and cfg.eval.get("at_end", False)):
+    evaluated, generated = 0, None
+    if generate is not None:
+        from .generate_run import run_generation
+
+        generated = run_generation(task, generate, emit)
+    elif evaluate is not None or (cfg.job.task == "train" and cfg.eval.get("at_end", False)):
         evaluated = run_evaluation(task, cfg, step, emit)
     result = {"rank": rank, "steps": step, "resumed_from": start, "digest": task.digest(),
               "exactness": exactness, "exactness_seq_len": check_len, "mesh": mesh.describe(),
-              "evaluated": evaluated}
+              "evaluated": evaluated, "generated": generated}
     _barrier("finish")
     destroy_process_group()
     return result

@@ -1,6 +1,6 @@
 """`seqshard generate`: the worker side (any prompt length, exact against the unsharded
 model's `generate` on one process) on 2 and 4 gloo ranks, and the driver's refusals, which
-need no Ray. The end-to-end run on Ray is in test_generate_ray.py."""
+need no Ray. The end-to-end run on Ray trains a tiny run first."""
 
 from __future__ import annotations
 
@@ -64,6 +64,10 @@ name = "tiny"
 task = "train"
 [mesh]
 workers = 2
+collective_timeout_s = 300
+[launch]
+progress = false
+poll_s = 0.2
 [model]
 kind = "{kind}"
 dim = 16
@@ -143,3 +147,46 @@ def test_printer_decodes_bytes_across_tokens():
     printer({"type": "event"})
     printer.end()
     assert out.getvalue() == "é!\n" and printer.ids == [195, 169, 33]
+
+
+def _trained_weights(step_dir):
+    """The model's state dict from a DeepSpeed checkpoint folder, tensors only."""
+    from seqshard.models.safe_load import deepspeed_globals, load_weights_only
+
+    (tag,) = [p for p in step_dir.iterdir() if p.is_dir()]
+    states = load_weights_only(tag / "mp_rank_00_model_states.pt", allowed=deepspeed_globals())
+    return states["module"]
+
+
+def test_generate_streams_the_tokens_of_generate_on_one_process(tmp_path, capsys):
+    """A tiny run trained on Ray, then `seqshard generate` on its 2-rank mesh: the streamed text
+    is the greedy continuation that models.generate gives on one process, from its weights."""
+    ray = pytest.importorskip("ray")
+    from seqshard.dist import Mesh
+    from seqshard.launch.ray_launcher import launch
+    from seqshard.models import build_model
+    from seqshard.models.generate import generate
+
+    job, cfg = _cfg(tmp_path, extra="num_layers = 1\ninit_std = 0.2")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"hello, world!")  # 13 bytes: a prefix of 12 on 2 zigzag ranks + 1
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert launch(cfg)["status"] == "completed"
+        capsys.readouterr()
+        rc = main(["generate", str(job), "--out", str(tmp_path / "run"), "--prompt-file",
+                   str(prompt), "--max-new-tokens", "6"])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        too_long = main(["generate", str(job), "--out", str(tmp_path / "run"), "--prompt-file",
+                         str(prompt), "--max-new-tokens", "20"])  # 13 + 20 > seq_len 32
+        assert too_long == 2 and "more than the maximum 32" in capsys.readouterr().err
+    finally:
+        ray.shutdown()
+    single = build_model("transformer", dict(dim=16, num_layers=1, num_heads=2, vocab_size=256,
+                                             layout="contiguous"), Mesh.single())
+    single.load_state_dict(_trained_weights(tmp_path / "run" / "checkpoints" / "step-00000001"))
+    ids = torch.tensor([list(b"hello, world!")])
+    want = generate(single, ids, Mesh.single(), 6)[0].tolist()
+    assert out == bytes(want).decode("utf-8", errors="replace") + "\n"
+    assert "at step 1 after a 13-token prompt" in err and "output in" in err
