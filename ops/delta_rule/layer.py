@@ -87,8 +87,9 @@ class DeltaNet(nn.Module):
     its activations are O(piece) instead of O(N_local): ~16 KB per token of the shard drop to
     the input, output and their gradients (see README.md). None: never. The default, 16384,
     was chosen by measurement (benchmarks/RESULTS.md, "DeltaNetLM in pieces without turns"):
-    in DeltaNetLM steps (checkpointed, 2 ranks) pieces of 4096 / 16384 cost 1.08x / 0.89x
-    the whole shard's CPU at 16K / 32K tokens per rank, and for the layer alone at 128K
+    in DeltaNetLM steps (checkpointed, 2 ranks) pieces of 4096 / 16384 / 16384 cost 1.08x /
+    0.89x / 1.01x the whole shard's CPU at 16K / 32K / 64K tokens per rank, and for the
+    layer alone at 128K
     tokens 16384 costs 0.90x the CPU of 65536 at 0.45x its memory; None (or a larger value)
     keeps short shards whole. Every rank must hold the same N_local (the contiguous layout
     does), so all take the same path.
