@@ -89,9 +89,8 @@ class DeltaNet(nn.Module):
     was chosen by measurement (benchmarks/RESULTS.md, "DeltaNetLM in pieces without turns"):
     in DeltaNetLM steps (checkpointed, 2 ranks) pieces of 4096 / 16384 / 16384 cost 1.08x /
     0.89x / 1.01x the whole shard's CPU at 16K / 32K / 64K tokens per rank, and for the
-    layer alone at 128K
-    tokens 16384 costs 0.90x the CPU of 65536 at 0.45x its memory; None (or a larger value)
-    keeps short shards whole. Every rank must hold the same N_local (the contiguous layout
+    layer alone at 128K tokens 16384 costs 0.90x the CPU of 65536 at 0.45x its memory; None
+    (or a larger value) keeps short shards whole. Every rank must hold the same N_local (the contiguous layout
     does), so all take the same path.
 
     >>> layer = DeltaNet(dim=32, num_heads=2)
