@@ -101,7 +101,7 @@ def write(root: Path, points, header: dict, plots: list[str] = ()) -> Path:
              + (f", machine {header['machine_end']}" if header.get("machine_end") else ""),
              f"- points: {len(table)}; " + ", ".join(
                  f"{sum(r['status'] == s for r in table)} {s}"
-                 for s in ("completed", "failed", "invalid", "pending")
+                 for s in ("completed", "failed", "invalid", "interrupted", "pending")
                  if any(r["status"] == s for r in table)),
              "- final loss: mean training loss over the last tenth of the steps; held-out loss: "
              "[eval] at_end's loss by position at N, over all positions; tokens/s inside step(), "

@@ -48,6 +48,11 @@ def run_sweep(root: Path, points: list, *, address: str | None = None, command: 
             try:
                 launch(p.cfg, address=address)
                 status, error = "completed", ""
+            except KeyboardInterrupt:  # the table says which point was cut short, then stop
+                p.result = {"status": "interrupted", "error": "interrupted (Ctrl-C)",
+                            "wall_s": time.perf_counter() - begin,
+                            **sweep_report.run_numbers(Path(p.cfg.job.out))}
+                raise
             except LaunchError as err:
                 status, error = "failed", str(err)
             except Exception as err:  # noqa: BLE001 - any point's failure is recorded, the sweep goes on
