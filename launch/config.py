@@ -296,7 +296,27 @@ def _validate_model(cfg: JobConfig, shape: MeshShape) -> None:
     if mc.layout not in supported:
         raise ValueError(f"train.layout = {mc.layout!r}: model.kind = {kind!r} runs on the "
                          f"{' / '.join(supported)} layout only")
+    _validate_lengths(cfg, mc, shape)
     _validate_strategy(mc, shape)
+
+
+def _validate_lengths(cfg: JobConfig, mc, shape: MeshShape) -> None:
+    """The sequence lengths against the layout the model runs (set in [model] or [train]) and
+    FIT's groups, which a rank's shard must hold whole: otherwise every worker fails at once."""
+    layout = get_layout(mc.layout)
+    for key, n in (("train.seq_len", train_config(cfg).seq_len),
+                   ("job.exactness_seq_len", cfg.job.exactness_seq_len)):
+        if not n:
+            continue
+        if n % layout.divisor(shape.sp):
+            raise ValueError(f"{key} = {n} does not split over sp = {shape.sp} ranks with the "
+                             f"{layout.name} layout of model.layout (needs a multiple of "
+                             f"{layout.divisor(shape.sp)})")
+        group = getattr(mc, "group_size", None)
+        if group and (n // shape.sp) % group:
+            raise ValueError(f"{key} = {n} gives each of the sp = {shape.sp} ranks "
+                             f"{n // shape.sp} tokens, not a multiple of model.group_size = "
+                             f"{group} (FIT's groups stay whole on a rank)")
 
 
 def _validate_strategy(mc, shape: MeshShape) -> None:

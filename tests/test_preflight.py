@@ -22,6 +22,12 @@ DEMO = Path(__file__).resolve().parents[1] / "launch" / "configs" / "demo.toml"
      ["model.num_heads = 3", "Ulysses degree 2"]),
     # FIT's groups run on contiguous shards only
     (["model.kind=fit", "train.layout=zigzag"], ["zigzag", "fit", "contiguous"]),
+    # a layout set in [model] (as sweep variants do) is the one the length must split over
+    (["train.layout=contiguous", "model.layout=zigzag", "train.seq_len=66"],
+     ["train.seq_len = 66", "zigzag layout of model.layout", "multiple of 4"]),
+    # FIT's groups stay whole on a rank: 66 tokens on 2 ranks is 33 per rank
+    (["model.kind=fit", "model.group_size=8", "train.layout=contiguous", "train.seq_len=66"],
+     ["33 tokens", "model.group_size = 8"]),
     # ring attention never uses the Ulysses split: the summary would report a mesh that did not run
     (["mesh.ulysses=2"], ["mesh.ulysses = 2", "strategy='ring'"]),
     # auto picks ring when heads do not divide, which drops mesh.ulysses just as silently
