@@ -115,10 +115,11 @@ class DeltaNetConfig(LMConfig):
     """Chunk length of the WY/UT chunkwise kernel; None: per device (32 on CPU, 64 on GPUs)."""
     schedule: str = "scan"
     """How the state crosses ranks: 'scan' (log2 P prefix scan) or 'pass' (sequential)."""
-    mixer_piece_tokens: int = 65536
+    mixer_piece_tokens: int = 16384
     """A delta-rule layer whose shard is longer runs over it in pieces of this many tokens,
-    carrying the state from piece to piece (`DeltaNet(mixer_piece_tokens=)`): memory O(piece),
-    about 2x the wall time at P = 2. 0: never (the whole shard at once)."""
+    carrying the state from piece to piece (`DeltaNet(mixer_piece_tokens=)`): memory O(piece).
+    16384 by measurement: within 0.89x-1.08x the whole shard's CPU from 16K to 128K tokens per
+    rank, at 0.8x its peak at 128K (benchmarks/RESULTS.md). 0: never (the whole shard at once)."""
     attn_layers: tuple[int, ...] = ()
     """Indices of layers that use (global, causal) sharded attention instead of the delta rule:
     the hybrid of the DeltaNet paper."""
