@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from seqshard.dist import Mesh, relayout, relayout_plan
 from seqshard.ops.attention.window_layouts import MAX_HALO_RUNS
@@ -61,7 +62,11 @@ class DeltaNetBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def forward(self, x: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
-        h = self.mixer_norm(x)
+        # recomputed in backward: the norm would otherwise save its output [B, N_local, C]
+        # (for the weight's gradient) while the mixer's backward runs; the checkpoint keeps
+        # only x, which the block holds anyway
+        h = (checkpoint(self.mixer_norm, x, use_reentrant=False) if torch.is_grad_enabled()
+             else self.mixer_norm(x))  # [B, N_local, C]
         # the delta layer skips its agreement gather: CausalLM.forward agreed on the token shards
         x = x + (self.mixer(h, ctx) if self.is_attention else self.mixer(h, ctx.mesh, check=False))
         del h  # the mixer has what it needs; do not hold [B, N_local, C] through the MLP

@@ -119,8 +119,13 @@ class CausalLM(nn.Module):
             raise ValueError(problem)
         ctx = self.context(input_ids, doc_lens)
         x = self.mix(self.embed(input_ids), ctx)  # [B, N_local, C]
-        hidden = self.norm(x)  # [B, N_local, C]
         if targets is None:
-            return self.head(hidden)  # [B, N_local, V]
-        return lm_loss_in_pieces(hidden, self.head, targets, self.mesh, loss_mask=loss_mask,
-                                 piece_tokens=self.config.tokenwise_piece_tokens)
+            return self.head(self.norm(x))  # [B, N_local, V]
+        pieces = {"loss_mask": loss_mask, "piece_tokens": self.config.tokenwise_piece_tokens}
+        if torch.is_grad_enabled():
+            # the final norm runs inside the loss pieces: its output and saved tensors (2 KB a
+            # token at C = 256 in fp32) never exist for the whole shard, nor its backward's
+            return lm_loss_in_pieces(x, self.head, targets, self.mesh, norm=self.norm, **pieces)
+        # without autograd nothing is saved; one call over the shard, so a forward hook on the
+        # norm sees the whole hidden state (evaluate.token_losses)
+        return lm_loss_in_pieces(self.norm(x), self.head, targets, self.mesh, **pieces)

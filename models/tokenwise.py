@@ -48,10 +48,13 @@ def in_pieces(fn, x: torch.Tensor, piece_tokens: int) -> torch.Tensor:
     return torch.cat(outs, dim=1)
 
 
-def _piece_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _piece_loss(head: nn.Module, norm: nn.Module | None, hidden: torch.Tensor,
+                targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of weighted token cross-entropies, argmax ids) of one piece.
-    hidden [B, n, C], targets [B, n] (ignored positions hold any valid id), weights [B, n]."""
+    hidden [B, n, C] (before `norm` when one is given), targets [B, n] (ignored positions hold
+    any valid id), weights [B, n]."""
+    if norm is not None:
+        hidden = norm(hidden)  # [B, n, C]
     logits = head(hidden).float()  # [B, n, V], fp32 like sharded_lm_loss
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # [B * n]
     return (ce * weights.flatten()).sum(), logits.detach().argmax(-1)
@@ -59,7 +62,7 @@ def _piece_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
 
 def lm_loss_in_pieces(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
                     mesh: Mesh | None = None, *, loss_mask: torch.Tensor | None = None,
-                    piece_tokens: int = 8192,
+                    piece_tokens: int = 8192, norm: nn.Module | None = None,
                     ignore_index: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
     """`sharded_lm_loss(head(hidden), targets=targets, ...)` without ever holding the logits
     of the whole shard: the head and cross-entropy run on pieces of `piece_tokens` tokens and
@@ -70,6 +73,9 @@ def lm_loss_in_pieces(hidden: torch.Tensor, head: nn.Module, targets: torch.Tens
     Returns (loss, predictions): loss as `sharded_lm_loss` (value = global mean over the sp
     group, gradient = this rank's share), predictions [B, N_local] the argmax ids (for
     `sharded_accuracy`).
+    norm: a token-wise module applied to each piece before the head (the final RMSNorm): then
+    hidden is its input, and the norm's output and its saved tensors exist for one piece at a
+    time instead of the whole shard (the result is the same: the norm acts on each token alone).
 
     Example:
         >>> head = torch.nn.Linear(8, 10, bias=False)
@@ -93,7 +99,7 @@ def lm_loss_in_pieces(hidden: torch.Tensor, head: nn.Module, targets: torch.Tens
     # slice's backward would write a zero-padded gradient of the whole shard
     pieces = zip(torch.split(hidden, piece_tokens, dim=1), torch.split(safe, piece_tokens, dim=1),
                  torch.split(weights, piece_tokens, dim=1))
-    for args in ((head, *piece) for piece in pieces):
+    for args in ((head, norm, *piece) for piece in pieces):
         if torch.is_grad_enabled() and hidden.requires_grad:
             piece, pred = checkpoint(_piece_loss, *args, use_reentrant=False)
         else:

@@ -254,3 +254,36 @@ def test_packed_documents_match_each_document_alone():
             assert "DeltaNetLM does not take doc_lens" in refused, refused
             if world > 1:
                 assert "ranks were called with different arguments" in disagree, disagree
+
+
+def test_loss_path_saves_no_whole_shard_tensor_outside_checkpoints():
+    """With activation checkpointing, the DeltaNet LM's loss path saves only the blocks' inputs
+    for the whole shard: the final norm runs inside the loss pieces, so neither its output nor
+    its saved input is kept for the whole shard (2 KB a token at C = 256 in fp32)."""
+    from seqshard.models import build_model, next_token_targets
+
+    torch.manual_seed(0)
+    config = dict(DELTANET, activation_checkpointing=True, tokenwise_piece_tokens=5)
+    model = build_model("deltanet", config, mesh_single())
+    ids = torch.randint(0, DELTANET["vocab_size"], (2, 16))
+    whole = ids.numel() * DELTANET["dim"]  # elements of one [B, N_local, C] tensor
+    saved = []
+
+    def pack(t):
+        if t.numel() >= whole:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = model(ids, next_token_targets(ids))
+    # the checkpoints' inputs go through the hooks too: one per block, nothing else
+    assert saved == [(2, 16, DELTANET["dim"])] * DELTANET["num_layers"], \
+        f"whole-shard tensors saved besides the blocks' inputs: {saved}"
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def mesh_single():
+    from seqshard.dist import Mesh
+
+    return Mesh.single()
