@@ -129,5 +129,7 @@ def test_choice_of_follows_the_trainer():
     spec = mp.spec_of("deltanet", small_job("deltanet", 4096)[0],
                       {"seq_len": 4096, "activation_checkpointing": True})
     ch = choice_of(spec, 2)
+    from seqshard.models.config import DeltaNetConfig
+
     assert (ch.ring, ch.strategy, ch.checkpointing, ch.mixer_piece_tokens) == (
-        2, "scan", True, 65536)
+        2, "scan", True, DeltaNetConfig().mixer_piece_tokens)  # the Trainer's default pieces
