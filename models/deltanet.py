@@ -62,11 +62,10 @@ class DeltaNetBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def forward(self, x: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
-        # recomputed in backward: the norm would otherwise save its output [B, N_local, C]
-        # (for the weight's gradient) while the mixer's backward runs; the checkpoint keeps
-        # only x, which the block holds anyway
-        h = (checkpoint(self.mixer_norm, x, use_reentrant=False) if torch.is_grad_enabled()
-             else self.mixer_norm(x))  # [B, N_local, C]
+        # token-wise, so in pieces recomputed in backward: the norm would otherwise save its
+        # output [B, N_local, C] (for the weight's gradient) through the mixer's backward, and
+        # its own backward would make several temporaries of the whole shard
+        h = in_pieces(self.mixer_norm, x, self.tokenwise_piece_tokens)  # [B, N_local, C]
         # the delta layer skips its agreement gather: CausalLM.forward agreed on the token shards
         x = x + (self.mixer(h, ctx) if self.is_attention else self.mixer(h, ctx.mesh, check=False))
         del h  # the mixer has what it needs; do not hold [B, N_local, C] through the MLP
@@ -96,6 +95,23 @@ class DeltaNetLM(CausalLM):
         if layer in self.config.attn_layers:
             return "global"
         return "window" if layer in self.config.window_layers else "delta"
+
+    def embed_and_mix(self, input_ids: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
+        """As CausalLM's, but under activation checkpointing on a plain stack of blocks (one
+        rank or contiguous shards) the embedding runs inside block 0's checkpoint: what is
+        kept for backward is the ids (8 bytes a token), not the embedding's output (4 * C
+        bytes a token in fp32) through every block's backward. The recomputation stops once
+        block 0's input is rebuilt (non-reentrant early stop), so only the embedding reruns."""
+        plain = ctx.mesh.size == 1 or ctx.layout.name == "contiguous"
+        if not (self.config.activation_checkpointing and torch.is_grad_enabled() and plain):
+            return super().embed_and_mix(input_ids, ctx)
+        x = checkpoint(self._embed_first_block, input_ids, ctx, use_reentrant=False)
+        for block in self.blocks[1:]:
+            x = block(x, ctx)
+        return x  # [B, N_local, C]
+
+    def _embed_first_block(self, input_ids: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
+        return self.blocks[0](self.embed(input_ids), ctx)  # [B, N_local, C]
 
     def mix(self, x: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
         """x [B, N_local, C] in ctx's layout -> the blocks' output in the same layout, each

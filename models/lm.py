@@ -87,6 +87,11 @@ class CausalLM(nn.Module):
             x = block(x, ctx)
         return x
 
+    def embed_and_mix(self, input_ids: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
+        """input_ids [B, N_local] -> the blocks' output [B, N_local, C]; a subclass may
+        override it to recompute the embedding in backward with its first block."""
+        return self.mix(self.embed(input_ids), ctx)
+
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, doc_lens=None):
         """input_ids [B, N_local] (this rank's shard) -> logits [B, N_local, vocab_size].
@@ -118,7 +123,7 @@ class CausalLM(nn.Module):
         elif problem is not None:
             raise ValueError(problem)
         ctx = self.context(input_ids, doc_lens)
-        x = self.mix(self.embed(input_ids), ctx)  # [B, N_local, C]
+        x = self.embed_and_mix(input_ids, ctx)  # [B, N_local, C]
         if targets is None:
             return self.head(self.norm(x))  # [B, N_local, V]
         pieces = {"loss_mask": loss_mask, "piece_tokens": self.config.tokenwise_piece_tokens}
