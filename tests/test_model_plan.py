@@ -50,6 +50,7 @@ def test_memory_within_30_percent_of_real_trainer_steps():
         errors.append(f"{kind} N={n} {extra}: planned {planned / 2**20:.1f} MiB, measured "
                       f"{measured / 2**20:.1f} MiB ({ratio:.2f}x)")
         assert 0.7 <= ratio <= 1.3, "\n".join(errors)
+    print("\n".join(errors))  # the ratios, for -s
 
 
 def _spec(kind="transformer", **train):

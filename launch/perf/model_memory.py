@@ -216,10 +216,16 @@ def memory(spec: ModelSpec, n: int, ch: Choice, world: int, hw: Hardware):
                 kept_per_token(spec, mixer, ch, n_local, hw)) * b * n_local
         per_kind[mixer] = (mixer, kept, _transient(spec, mixer, ch, n_local, hw))
     blocks = [per_kind[m] for m in spec.mixers]
+    if (spec.kind == "deltanet" and ch.checkpointing
+            and (ch.sp == 1 or ch.layout == "contiguous")):
+        # DeltaNetLM.embed_and_mix: the embedding reruns inside block 0's checkpoint, which
+        # keeps the ids (8 bytes a token) instead of the embedded stream
+        mixer, kept, transient = blocks[0]
+        blocks[0] = (mixer, 8 * b * n_local, transient)
     piece = min(n_local, ch.tokenwise_piece_tokens) * b
-    # the final norm's input, normalised and scaled rows (the embedding's output is the
-    # first block's input, counted there)
-    ends = e * 3 * c.dim * b * n_local
+    # the last block's output, which the loss pieces' checkpoints keep (the final norm runs
+    # inside each piece: its output never exists for the whole shard)
+    ends = e * c.dim * b * n_local
     loss = 3 * 4 * piece * c.vocab_size  # one loss piece's fp32 logits, softmax and gradient
     # backward runs the loss first, then one block at a time: the peak is what every block
     # keeps plus the largest of those transients
