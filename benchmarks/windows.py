@@ -84,12 +84,17 @@ def main() -> None:
                 per_rank = pool.run(_stack, (layout, args.tokens, args.heads, args.dim,
                                              args.window, args.layers, args.global_every,
                                              args.reps), timeout_s=3 * COLLECTIVE_TIMEOUT_S)
-                walls = [max(r[i][0] for r in per_rank) for i in range(args.reps)]
-                cpus = [statistics.median(c for _, c in r) for r in per_rank]
-                print(f"| {world} | {layout} | {statistics.median(walls):.2f} "
-                      f"({min(walls):.2f}-{max(walls):.2f}) | "
-                      f"{' / '.join(f'{c:.2f}' for c in cpus)} | "
-                      f"{load0:.1f} / {os.getloadavg()[0]:.1f} |", flush=True)
+                print(table_row(world, layout, per_rank, args.reps, load0), flush=True)
+
+
+def table_row(world: int, layout: str, per_rank: list, reps: int, load0: float) -> str:
+    """One markdown row from each rank's [(wall s, CPU s)] per repeat: the slowest rank's wall
+    per repeat (median, min-max), each rank's median CPU, the load before and now."""
+    walls = [max(r[i][0] for r in per_rank) for i in range(reps)]
+    cpus = [statistics.median(c for _, c in r) for r in per_rank]
+    return (f"| {world} | {layout} | {statistics.median(walls):.2f} "
+            f"({min(walls):.2f}-{max(walls):.2f}) | {' / '.join(f'{c:.2f}' for c in cpus)} | "
+            f"{load0:.1f} / {os.getloadavg()[0]:.1f} |")
 
 
 if __name__ == "__main__":

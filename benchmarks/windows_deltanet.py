@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import time
 
 import torch
 
 from seqshard.dist import RankPool
+from windows import table_row  # the same row as the attention-only stack's (run as a script)
 
 COLLECTIVE_TIMEOUT_S = 900  # a 16K-token step on a busy shared host
 
@@ -85,12 +85,7 @@ def main() -> None:
                 load0 = os.getloadavg()[0]
                 per_rank = pool.run(_steps, (layout, args.tokens, model_args, args.reps),
                                     timeout_s=3 * COLLECTIVE_TIMEOUT_S)
-                walls = [max(r[i][0] for r in per_rank) for i in range(args.reps)]
-                cpus = [statistics.median(c for _, c in r) for r in per_rank]
-                print(f"| {world} | {layout} | {statistics.median(walls):.2f} "
-                      f"({min(walls):.2f}-{max(walls):.2f}) | "
-                      f"{' / '.join(f'{c:.2f}' for c in cpus)} | "
-                      f"{load0:.1f} / {os.getloadavg()[0]:.1f} |", flush=True)
+                print(table_row(world, layout, per_rank, args.reps, load0), flush=True)
 
 
 if __name__ == "__main__":
