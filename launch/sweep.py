@@ -1,8 +1,10 @@
 """`seqshard sweep CONFIG --over KEY=V1,V2,... [--over ...] [--set KEY=VALUE ...] [--out DIR]`.
 
 A sweep is the cross product of its --over lists; each point is one ordinary job (the same
-checks, the same launcher, its own run folder OUT/<nn>_<values>/), run one after another on
-one Ray instance that the sweep starts (or joins) once.
+checks, the same launcher, its own run folder OUT/<nn>_<values>/), run on one Ray instance
+that the sweep starts (or joins) once: side by side when the cluster seats several points'
+workers at once, else one after another (`[sweep] parallel = "auto" | N`, or --parallel;
+launch/sweep_pack.py).
 
     KEY = section.key       any key `--set` takes (train.seq_len, train.strategy, mesh.ulysses)
     KEY = model             names [model.<name>] sub-tables of the config: each is a model
@@ -11,7 +13,8 @@ one Ray instance that the sweep starts (or joins) once.
 
 A config may list its own axes in a [sweep] table, `over = { "train.seq_len" = [1024, 2048],
 model = ["transformer", "fit"] }` (or a [sweep.over] table with dotted keys); --over KEY
-replaces that key's list, other keys stay.
+replaces that key's list, other keys stay. `parallel` in the same table: "auto" (the default)
+runs as many points at once as fit, N at most N, 1 one after another; --parallel replaces it.
 
 Before anything starts, every point's config goes through the job checks. A bad key or value
 is a ValueError naming it (exit status 2): a value is bad when every point holding it fails
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config as job_config
+from .sweep_pack import AUTO, parse_parallel
 
 MODEL_AXIS = "model"
 X_KEY = "train.seq_len"
@@ -138,10 +142,12 @@ def read_config(path: str | os.PathLike) -> tuple[dict, dict[str, dict], list[Ax
         except job_config.tomllib.TOMLDecodeError as err:
             raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
     sweep = data.pop("sweep", {})
-    unknown = sorted(set(sweep) - {"over"})
+    unknown = sorted(set(sweep) - {"over", "parallel"})
     if unknown:
         raise ValueError(f"[sweep] key(s) {', '.join(unknown)} unknown; expected 'over', a table "
-                         f"of KEY = [values]")
+                         f"of KEY = [values], and 'parallel' (\"auto\" or N)")
+    if "parallel" in sweep:
+        parse_parallel(sweep["parallel"])
     over = sweep.get("over", {})
     if not isinstance(over, dict):
         raise ValueError(f"[sweep] over = {over!r}: expected a table of KEY = [values]")
@@ -156,6 +162,16 @@ def read_config(path: str | os.PathLike) -> tuple[dict, dict[str, dict], list[Ax
     variants = {name: dict(model.pop(name)) for name in list(model) if isinstance(model[name], dict)}
     data["model"] = model
     return data, variants, axes
+
+
+def config_parallel(path: str | os.PathLike, flag: str | None = None):
+    """The sweep's `parallel`: the --parallel flag, else the config's [sweep] parallel, else
+    "auto"; ValueError naming a bad value."""
+    if flag is not None:
+        return parse_parallel(flag, "--parallel")
+    with open(path, "rb") as f:
+        sweep = job_config.tomllib.load(f).get("sweep", {})
+    return parse_parallel(sweep.get("parallel", AUTO))
 
 
 def _flat(over: dict) -> list[tuple[str, object]]:
@@ -299,6 +315,10 @@ def add_arguments(p) -> None:
                    help="override a config value in every point (repeatable)")
     p.add_argument("--out", help="sweep folder (default: job.out, else "
                                  "runs/sweep-<job.name>-<date>-<time>); one run folder per point")
+    p.add_argument("--parallel", metavar="auto|N",
+                   help="points run side by side: 'auto' (default, or [sweep] parallel) as many "
+                        "as the Ray cluster's CPUs/GPUs seat, N at most N at once, 1 one after "
+                        "another")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an "
                                      "embedded local Ray started once for the sweep)")
 
@@ -307,10 +327,12 @@ def cmd_sweep(args) -> int:
     from .sweep_run import run_sweep
 
     root, points = plan(args.config, args.over, args.overrides, args.out)
+    parallel = config_parallel(args.config, args.parallel)
     command = " ".join(["seqshard sweep", args.config]
                        + [f"--over {t}" for t in args.over] + [f"--set {t}" for t in args.overrides]
-                       + ([f"--out {args.out}"] if args.out else []))
-    return run_sweep(root, points, address=args.address, command=command)
+                       + ([f"--out {args.out}"] if args.out else [])
+                       + ([f"--parallel {args.parallel}"] if args.parallel else []))
+    return run_sweep(root, points, address=args.address, command=command, parallel=parallel)
 
 
 cmd_sweep.add_arguments = add_arguments

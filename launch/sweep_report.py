@@ -14,6 +14,8 @@ so a resumed point counts the steps it ran before):
                     token counts); the number to compare lengths by. NaN without it
     wall_s          the point's launch as the sweep timed it: placing workers, starting them,
                     training, checkpoints, the exactness check, the evaluation
+    started, finished   its launch's start and end (local clock; start_s / end_s: epoch
+                    seconds in sweep.json), which show the points that ran side by side
 """
 
 from __future__ import annotations
@@ -97,18 +99,19 @@ def write(root: Path, points, header: dict, plots: list[str] = ()) -> Path:
     lines = [f"# seqshard sweep: {root.name}", "",
              f"- command: `{header.get('command') or '(from Python)'}`",
              f"- started {header['started']}, machine {header['machine']}",
+             *([f"- parallel = {header['parallel']}"] if header.get("parallel") else []),
              f"- finished {header.get('finished', '(running)')}"
              + (f", machine {header['machine_end']}" if header.get("machine_end") else ""),
              f"- points: {len(table)}; " + ", ".join(
                  f"{sum(r['status'] == s for r in table)} {s}"
-                 for s in ("completed", "failed", "invalid", "interrupted", "pending")
+                 for s in ("completed", "failed", "invalid", "interrupted", "running", "pending")
                  if any(r["status"] == s for r in table)),
              "- final loss: mean training loss over the last tenth of the steps; held-out loss: "
              "[eval] at_end's loss by position at N, over all positions; tokens/s inside step(), "
              "steps 2..; peak memory: rank 0's (equal shards on every rank)", "",
              "| point | N | line | status | final loss | held-out loss | tokens/s | peak mem/rank "
-             "| wall | run folder |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
+             "| started | finished | wall | run folder |",
+             "|---|---:|---|---|---:|---:|---:|---:|---|---|---:|---|"]
     for r in table:
         mem = r.get("peak_mem_bytes")
         lines.append(
@@ -116,6 +119,7 @@ def write(root: Path, points, header: dict, plots: list[str] = ()) -> Path:
             f"{_num(r.get('final_loss'), '.4f')} | {_num(r.get('heldout_loss'), '.4f')} | "
             f"{_num(r.get('tokens_per_s'), ',.0f')} | "
             f"{_num(mem / 2**20, ',.0f') + ' MiB' if mem else '-'} | "
+            f"{r.get('started') or '-'} | {r.get('finished') or '-'} | "
             f"{_num(r.get('wall_s'), '.1f') + ' s' if r.get('wall_s') else '-'} | "
             f"{os.path.relpath(r['out'], root) if r['out'] else '-'} |")
     failed = [r for r in table if r["error"]]
