@@ -21,6 +21,7 @@ Results are plain records ({"type": "eval", "metric": ...}) for records.msgpack 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,6 +64,9 @@ class EvalConfig:
     """Digits of the key."""
     seed: int = 0
     """Seeds the held-out samples and the keys (independent of train.seed)."""
+    tokenizer: str = ""
+    """The local tokenizer folder that made a .bin whose [data] does not name it (data.tokenizer
+    is used when set): passkeys on tokenized data are written in its ids."""
 
     def __post_init__(self) -> None:
         for name in ("lengths", "passkey_lengths", "passkey_depths"):
@@ -82,6 +86,9 @@ class EvalConfig:
         for name in ("samples", "buckets", "passkey_trials", "passkey_digits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} = {getattr(self, name)}: must be >= 1")
+        if self.tokenizer and not os.path.isdir(self.tokenizer):
+            raise ValueError(f"eval.tokenizer {self.tokenizer!r} is not a folder (a local "
+                             f"Hugging Face tokenizer; nothing is downloaded)")
 
 
 # --- per-token losses -------------------------------------------------------------------------
@@ -249,19 +256,29 @@ def task_source(trainer, seed: int) -> Source:
     return source
 
 
-def passkey_tokens(trainer) -> tuple[PasskeyTokens | None, str]:
+def passkey_tokens(trainer, tokenizer: str = "") -> tuple[PasskeyTokens | None, str]:
     """(the ids passkeys are written with, '') or (None, why there is no passkey here):
-    ASCII for byte data, the synthetic tasks' own ids, none for a tokenizer's .bin (its
-    phrases and digits would need the tokenizer)."""
+    ASCII for byte data, the synthetic tasks' own ids, and for a .bin of tokenizer ids the
+    tokenizer's (data.tokenizer, else `tokenizer` = eval.tokenizer; none named: skipped)."""
     tc = trainer.tc
-    if tc.task == "data":
-        from .sources import BinTokens
+    if tc.task != "data":
+        return PasskeyTokens.for_vocab(tc.vocab_size), ""
+    from .sources import BinTokens
+    from .tokenizer import load_tokenizer
 
-        if not isinstance(trainer.corpus.source, BinTokens):
-            return PasskeyTokens.for_vocab(256), ""  # text read as bytes
-        return None, (f"passkey skipped: data.path {trainer.corpus.name!r} holds tokenizer ids,"
-                      f" and passkeys are written as bytes (text data only)")
-    return PasskeyTokens.for_vocab(tc.vocab_size), ""
+    if not isinstance(trainer.corpus.source, BinTokens):
+        return PasskeyTokens.for_vocab(256), ""  # text read as bytes
+    named = trainer.corpus.cfg.tokenizer
+    if named and tokenizer and os.path.realpath(named) != os.path.realpath(tokenizer):
+        raise ValueError(f"eval.tokenizer = {tokenizer!r} but data.tokenizer = {named!r}: the "
+                         f"passkey must use the tokenizer that made {trainer.corpus.name!r}")
+    folder, key = (named, "data.tokenizer") if named else (tokenizer, "eval.tokenizer")
+    if not folder:
+        return None, (f"passkey skipped: data.path {trainer.corpus.name!r} holds tokenizer ids "
+                      f"and neither data.tokenizer nor eval.tokenizer names the tokenizer")
+    tokens = PasskeyTokens.for_tokenizer(load_tokenizer(folder, key), f"{key} {folder!r}")
+    tokens.check_vocab(tc.vocab_size, f"{key} {folder!r}")
+    return tokens, ""
 
 
 @torch.no_grad()
@@ -272,7 +289,7 @@ def evaluate(trainer, cfg: EvalConfig, source: Source | None = None) -> list[dic
     tc, model = trainer.tc, trainer.engine
     source = source or task_source(trainer, cfg.seed)
     pieces = trainer.model_config.tokenwise_piece_tokens
-    tokens, why = passkey_tokens(trainer)
+    tokens, why = passkey_tokens(trainer, cfg.tokenizer) if cfg.passkey_lengths else (None, "")
     records = [{"type": "eval_skipped", "reason": why}] if why and cfg.passkey_lengths else []
     was_training = model.training
     model.eval()

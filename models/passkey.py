@@ -10,6 +10,11 @@ positions whose next token is a key digit (the answer mask) must all predict tha
 Nothing is downloaded: for a byte vocabulary (>= 256 ids) the phrases and digits are ASCII;
 for a small synthetic vocabulary, the ten digits are ids 0..9 and the phrases are fixed runs
 of the top ids (a model trained on those tasks has never seen them: it scores near chance).
+For a .bin a tokenizer made (`for_tokenizer`), the phrases are the tokenizer's encoding of the
+same English and each digit is the tokenizer's own single token for it: the key is written
+digit by digit, so a k-digit key is exactly k tokens wherever it stands, and the sample is
+exactly `length` tokens (the overlays replace filler ids one for one; text is never
+re-tokenized). The score is on the key's digit ids.
 
 Every rank builds only its own shard: the overlays are written at the global positions this
 rank holds (`positions`), so the filler can come straight from a sharded read.
@@ -49,6 +54,35 @@ class PasskeyTokens:
                              f"(10 digits and 3 markers)")
         top = (vocab_size - 1, vocab_size - 2, vocab_size - 3)
         return cls(tuple(range(10)), top, top[::-1], top[1:] + top[:1])
+
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, name: str = "the tokenizer") -> "PasskeyTokens":
+        """The phrases as `tokenizer` encodes them (no special tokens) and, per digit, the
+        tokenizer's single token for it; ValueError naming the digit when it has none."""
+        def encode(text: bytes) -> tuple[int, ...]:
+            return tuple(tokenizer.encode(text.decode(), add_special_tokens=False))
+
+        digits = tuple(_digit_id(tokenizer, str(d), name) for d in range(10))
+        return cls(digits, encode(INTRO), encode(REMEMBER), encode(QUESTION))
+
+    def check_vocab(self, vocab_size: int, name: str) -> None:
+        """ValueError unless every id is below the model's vocab_size."""
+        top = max(self.digits + self.intro + self.outro + self.question)
+        if top >= vocab_size:
+            raise ValueError(f"passkey: {name} writes the passkey with id {top} >= the model's "
+                             f"vocab_size = {vocab_size}")
+
+
+def _digit_id(tokenizer, digit: str, name: str) -> int:
+    """The id of the one token that is `digit`: its encoding when that is one token, else the
+    vocabulary's entry (a tokenizer that prefixes a word marker to a lone digit)."""
+    ids = tokenizer.encode(digit, add_special_tokens=False)
+    found = ids[0] if len(ids) == 1 else tokenizer.convert_tokens_to_ids(digit)
+    if found is None or found == tokenizer.unk_token_id or tokenizer.decode([found]).strip() != digit:
+        raise ValueError(f"passkey: {name} has no single token for the digit {digit!r} (it "
+                         f"encodes as {ids}): the key is written digit by digit")
+    return int(found)
 
 
 def needle_and_tail(tokens: PasskeyTokens, key: list[int]) -> tuple[list[int], list[int]]:

@@ -194,3 +194,95 @@ def test_evaluation_reads_the_held_out_text_and_skips_passkeys_on_token_ids(tmp_
         assert on_bin[0]["type"] == "eval_skipped" and "tokenizer ids" in on_bin[0]["reason"]
         assert not [r for r in on_bin if r.get("metric") == "passkey"]
         assert [r for r in on_bin if r.get("metric") == "loss_by_position"]
+
+
+WORDS = "[UNK] [EOS] The pass key is Remember it What the def return x f ( ) : + = . ?".split()
+
+
+def _tokenizer(folder, digits="0123456789"):
+    """A tiny word-level Hugging Face tokenizer saved in `folder` (built here, nothing
+    downloaded): one id per word, punctuation mark and digit."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS + list(digits))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+    fast.save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_passkey_sample_in_a_tokenizers_ids(tmp_path):
+    pytest.importorskip("transformers")
+    from seqshard.models.passkey import PasskeyTokens, passkey_shard
+    from seqshard.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(_tokenizer(tmp_path / "tok"))
+    tokens = PasskeyTokens.for_tokenizer(tok)
+    assert tokens.digits == tuple(tok.convert_tokens_to_ids(list("0123456789")))
+    n = 60
+    filler = torch.tensor([tok.encode("def f ( x ) : return x + 1 " * 6)[:n]])  # [1, 60]
+    ids, answer = passkey_shard(filler, torch.arange(n), n, 0.5, [4, 0, 7], tokens)
+    assert ids.shape == (1, n)  # exact in tokens: the overlays replace filler one for one
+    text = tok.decode(ids[0].tolist())
+    assert "The pass key is 4 0 7 . Remember it ." in text
+    assert text.endswith("What is the pass key ? The pass key is 4 0 7")
+    # scored by the key's ids: the positions whose next token is a key digit
+    scored = answer[0].nonzero().flatten()
+    assert scored.tolist() == [n - 4, n - 3, n - 2]
+    assert ids[0, scored + 1].tolist() == [tokens.digits[d] for d in (4, 0, 7)]
+    with pytest.raises(ValueError, match="id 30 >= the model's vocab_size = 16"):
+        tokens.check_vocab(16, "the test tokenizer")
+    no_seven = load_tokenizer(_tokenizer(tmp_path / "no7", digits="012345689"))
+    with pytest.raises(ValueError, match="no single token for the digit '7'"):
+        PasskeyTokens.for_tokenizer(no_seven)
+    with pytest.raises(ValueError, match="eval.tokenizer '/nowhere' is not a folder"):
+        from seqshard.models.evaluate import EvalConfig
+
+        EvalConfig(tokenizer="/nowhere")
+
+
+def _evaluate_tokenized(rank, world, bin_path: str, folder: str):
+    from seqshard.models import Trainer
+    from seqshard.models.evaluate import EvalConfig, evaluate, passkey_tokens
+    from seqshard.models.passkey import PasskeyTokens
+    from seqshard.models.tokenizer import load_tokenizer
+
+    train = dict(batch_size=1, seq_len=32, steps=1, vocab_size=32, task="data", layout="zigzag")
+    small = dict(dim=16, num_layers=1, num_heads=2, vocab_size=32)
+    cfg = EvalConfig(lengths=(), passkey_lengths=(1, 2), passkey_depths=(0.0, 1.0),
+                     passkey_trials=1, passkey_digits=3)
+    out = {}
+    for name, data, eval_tokenizer in (("data", {"tokenizer": folder}, ""),
+                                       ("eval", {}, folder), ("none", {}, "")):
+        trainer = Trainer("transformer", small, train, mesh(),
+                          data={"path": bin_path, "heldout_fraction": 0.2, **data})
+        tokens, _ = passkey_tokens(trainer, eval_tokenizer)
+        expected = PasskeyTokens.for_tokenizer(load_tokenizer(folder))
+        out[name] = (tokens == expected if tokens else None,
+                     evaluate(trainer, EvalConfig(**{**cfg.__dict__, "tokenizer": eval_tokenizer})))
+    return out
+
+
+def test_evaluation_writes_passkeys_on_tokenized_data_in_the_tokenizers_ids(tmp_path):
+    pytest.importorskip("transformers")
+    from seqshard.launch.data_cmd import prepare
+
+    folder = _tokenizer(tmp_path / "tok")
+    text = tmp_path / "t.txt"
+    text.write_text("def f ( x ) : return x + 1 = 2 . \n" * 200)
+    bin_path = str(tmp_path / "ids.bin")
+    prepare(str(text), bin_path, tokenizer=folder, progress=False)
+    for out in run_ranks(_evaluate_tokenized, 2, bin_path, folder):
+        for name in ("data", "eval"):  # the tokenizer named by [data], or by [eval]
+            same, records = out[name]
+            assert same
+            passkey = [r for r in records if r.get("metric") == "passkey"]
+            assert [(r["length"], r["depth"], r["samples"]) for r in passkey] == [
+                (32, 0.0, 1), (32, 1.0, 1), (64, 0.0, 1), (64, 1.0, 1)]
+            assert not [r for r in records if r["type"] == "eval_skipped"]
+        same, records = out["none"]
+        assert same is None and records[0]["type"] == "eval_skipped"
+        assert "neither data.tokenizer nor eval.tokenizer" in records[0]["reason"]
