@@ -18,23 +18,27 @@ Per-token counts (`kept_per_token`) are the tensors each sub-layer saves (see it
 in the activation dtype (4 bytes, 2 under bf16 autocast). A checkpointed block keeps only its
 input; its whole graph exists again while it is recomputed, one block at a time.
 
-Time per step: each mixer's fwd+bwd from planner.py (the per-op cost model), the dense
-matmuls (projections, MLP, head: 6 flops per weight per token), x 4/3 where a forward is run
-twice (checkpointing, token-wise pieces, the DeltaNet mixer in pieces), plus the ZeRO/dp
-gradient reduction. A DeltaNet layer whose shard runs in pieces (issue 19) is serial across
-ranks only in its state chains: time = the parallel rest + P x one shard's chain
-(`delta_pieces_time`).
+Time per step (launch/perf/step_model.py): each mixer's fwd+bwd from planner.py (the per-op
+cost model) scaled by its measured rate, the dense matmuls (projections, MLP, head: 6 flops
+per weight per token) at a dense rate, the elementwise passes at a bandwidth, x 4/3 where a
+forward is run twice (checkpointing, token-wise pieces, the DeltaNet mixer in pieces), the
+ZeRO/dp gradient reduction, the optimizer per parameter and a fixed cost per step. The rates
+are a profile's datasheet numbers unless calibrated (`seqshard plan --calibrate-here`). A
+DeltaNet layer whose shard runs in pieces (issue 19) is serial across ranks only in its
+state chains: time = the parallel rest + P x one shard's chain (`delta_pieces_time`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from . import planner
 from .model_memory import (  # noqa: F401  (the plan's public names live here too)
     Choice, ModelSpec, _attn_shape, _delta_shape, _fit_shape, kept_per_token, memory,
     mixer_family, spec_from_job, spec_of)
 from .planner import Hardware
+from .step_model import (  # noqa: F401  (delta_pieces_time: the plan's public name)
+    StepRates, delta_pieces_time, step_features, step_seconds)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -60,85 +64,12 @@ class ModelPlan:
 
 
 # --- time ---------------------------------------------------------------------------------------
-def _share(hw: Hardware, world: int) -> float:
-    """A rank's share of a core on a shared CPU host (planner.features' rule), else 1."""
-    if not hw.shared_cores:
-        return 1.0
-    return min(1.0, hw.cores_by_world.get(world, hw.shared_cores) / world)
-
-
-def delta_pieces_time(shape: dict, n: int, p: int, hw: Hardware) -> tuple[float, float]:
-    """(serial s, parallel s) of one DeltaNet layer's fwd+bwd when its shards run in pieces
-    (ops/delta_rule/pieces.py after issue 19): every rank's projections, conv, chunk kernel
-    and readout run side by side (the parallel rest, plus one recomputed forward: x 4/3);
-    only the state chains cross ranks one after the other, so the serial part is P times one
-    shard's chain, run at a whole core (the others wait). The old schedule, where ranks took
-    turns over whole layers, would be P x (serial / P + parallel)."""
-    t = planner.terms("delta_rule", "pass", shape, n, 1, p, hw)
-    rate = hw.flops * planner.efficiency(hw, "delta_rule", "pass", p)
-    serial = t.flops_seq / rate + t.steps_seq * hw.step_overhead
-    f = planner.features(replace(t, flops_seq=0.0, steps_seq=0.0), p, hw)
-    parallel = (4 / 3) * (f["flops"] / rate + f["steps"] * hw.step_overhead
-                          + f["call"] * hw.call_overhead)
-    return serial, parallel
-
-
-def _mixer_time(spec, mixer, ch, n, world, hw) -> tuple[float, float]:
-    """(seconds, of which serial across ranks) of one block's mixer, fwd+bwd."""
-    b = spec.train.batch_size
-    if mixer in ("attention", "window"):
-        impl = ch.strategy if ch.sp > 1 else "ulysses"
-        pred = planner.predict("attention", impl, _attn_shape(spec, b), n, ch.ulysses, ch.ring,
-                               hw)
-        t = pred.time_s
-        if mixer == "window":  # keys per query: the window instead of half the sequence
-            t *= min(1.0, 2 * spec.config.window / n)
-        return t * (1 + 1 / 3.5 * ch.checkpointing), 0.0  # the forward is 1 / 3.5 of it
-    if mixer == "delta":
-        shape = _delta_shape(spec, b, hw)
-        pieces = ch.mixer_piece_tokens and n // ch.sp > ch.mixer_piece_tokens
-        if pieces and ch.sp == 2:
-            serial, par = delta_pieces_time(shape, n, ch.sp, hw)
-            return serial + par, serial
-        # whole shards; or pieces on one rank, or on P >= 3 ranks where pieces.py runs the
-        # scan schedule (middle ranks compose their maps side by side): the backward
-        # recomputes each piece's forward
-        pred = planner.predict("delta_rule", "scan" if pieces else spec.config.schedule,
-                               shape, n, 1, ch.sp, hw)
-        return pred.time_s * (1 + (ch.checkpointing or bool(pieces)) / 3), 0.0
-    pred = planner.predict("fit", "fit", _fit_shape(spec, b), n, 1, ch.sp, hw)
-    return pred.time_s * (1 + ch.checkpointing / 3), 0.0
-
-
-def step_time(spec: ModelSpec, n: int, ch: Choice, world: int, hw: Hardware):
-    """(step seconds, serial seconds, per-block seconds)."""
-    c, b = spec.config, spec.train.batch_size
-    n_local = n // ch.sp
-    rate = hw.flops * hw.efficiency.get("dense", hw.efficiency["attention"]) * _share(hw, world)
-    per_block, serial = [], 0.0
-    for mixer, dense in zip(spec.mixers, spec.block_dense):
-        t, s = _mixer_time(spec, mixer, ch, n, world, hw)
-        # dense matmuls: 2 flops per weight per token forward, 4 backward; a forward again
-        # when checkpointed or (DeltaNet's token-wise MLP) in pieces
-        twice = ch.checkpointing or (mixer == "delta" and n_local > ch.tokenwise_piece_tokens)
-        t += 6 * dense * b * n_local * (1 + twice / 3) / rate
-        # the elementwise work around them (norms, activations, residuals, the gradients of
-        # what the block keeps): each kept byte written in forward, read in backward, its
-        # gradient written and read; once more when the forward runs twice
-        whole = replace(ch, checkpointing=False, mixer_piece_tokens=0)
-        kept = kept_per_token(spec, mixer, whole, n_local, hw) * b * n_local
-        t += (4 + twice) * kept / (hw.mem_bw * _share(hw, world))
-        per_block.append(t)
-        serial += s
-    head = 6 * c.dim * c.vocab_size * b * n_local * (4 / 3) / rate  # loss pieces recompute
-    # the gradient reduction over all W ranks (ring all-reduce: 2 (W-1)/W of the bytes), and
-    # the optimizer's pass over its state (memory-bound)
-    reduce = 0.0
-    if world > 1:
-        bw = hw.intra_bw if world <= hw.devices_per_node else hw.inter_bw
-        reduce = 2 * 4 * spec.params * (world - 1) / world / bw
-    opt = 16 * spec.params / max(1, world if spec.train.zero_stage else 1) / hw.mem_bw
-    return sum(per_block) + head + reduce + opt, serial, per_block
+def step_time(spec: ModelSpec, n: int, ch: Choice, world: int, hw: Hardware,
+              rates: StepRates | None = None):
+    """(step seconds, serial seconds, per-block seconds): step_model.py's linear model, at
+    `rates` (default: the uncalibrated rates of the profile `hw`)."""
+    f = step_features(spec, n, ch, world, hw)
+    return step_seconds(f, rates or StepRates.from_hardware(hw))
 
 
 # --- the search ---------------------------------------------------------------------------------
@@ -184,17 +115,19 @@ def quantum(spec: ModelSpec, ch: Choice) -> int:
     return q
 
 
-def evaluate(spec: ModelSpec, n: int, ch: Choice, world: int, hw: Hardware) -> ModelPlan:
+def evaluate(spec: ModelSpec, n: int, ch: Choice, world: int, hw: Hardware,
+             rates: StepRates | None = None) -> ModelPlan:
     split, blocks = memory(spec, n, ch, world, hw)
-    step, serial, times = step_time(spec, n, ch, world, hw)
+    step, serial, times = step_time(spec, n, ch, world, hw, rates)
     layers = [(m, k, t, s) for (m, k, t), s in zip(blocks, times)]
     room = budget(hw, world)
     return ModelPlan(ch, n, world, split, layers, step, serial, split["total"] <= room, room)
 
 
-def plan_at(spec: ModelSpec, n: int, world: int, hw: Hardware) -> list[ModelPlan]:
+def plan_at(spec: ModelSpec, n: int, world: int, hw: Hardware,
+            rates: StepRates | None = None) -> list[ModelPlan]:
     """Every choice that can run N tokens on `world` ranks: fitting first, fastest first."""
-    plans = [evaluate(spec, n, ch, world, hw) for ch in choices(spec, world)
+    plans = [evaluate(spec, n, ch, world, hw, rates) for ch in choices(spec, world)
              if n % quantum(spec, ch) == 0]
     if not plans:
         raise ValueError(f"N={n} splits over no mesh of world={world} for {spec.kind}")
@@ -214,15 +147,15 @@ def _largest(spec, ch, world, hw, n_max: int) -> int:
     return lo * q
 
 
-def max_context(spec: ModelSpec, world: int, hw: Hardware,
-                n_max: int = 1 << 34) -> ModelPlan | None:
+def max_context(spec: ModelSpec, world: int, hw: Hardware, n_max: int = 1 << 34,
+                rates: StepRates | None = None) -> ModelPlan | None:
     """The plan with the largest N that fits (ties: the fastest step); None if none fits."""
     best = None
     for ch in choices(spec, world):
         n = _largest(spec, ch, world, hw, n_max)
         if n == 0:
             continue
-        p = evaluate(spec, n, ch, world, hw)
+        p = evaluate(spec, n, ch, world, hw, rates)
         if best is None or (p.n, -p.step_s) > (best.n, -best.step_s):
             best = p
     return best

@@ -22,6 +22,7 @@ from seqshard.dist import RankPool
 from seqshard.dist.memory import reset_peak, peak_bytes, rss_bytes
 
 from .runner import THREADS_PER_RANK, _bench_setup
+from .step_model import StepRates, cpu_seconds, step_features
 
 # (kind, model overrides, train overrides) at sizes that run in seconds on 2 cores
 SMALL = {"dim": 64, "num_layers": 2, "num_heads": 2, "vocab_size": 256, "mlp_ratio": 2}
@@ -118,30 +119,60 @@ def choice_of(spec, world: int):
                   getattr(c, "mixer_piece_tokens", 0), c.layout)
 
 
-def predicted(world: int, kind: str, model: dict, train: dict, hw) -> tuple[float, float]:
-    """(memory bytes per rank, step seconds) the plan gives a measured point."""
+def predicted(world: int, kind: str, model: dict, train: dict, hw,
+              rates=None) -> tuple[float, float]:
+    """(memory bytes per rank, CPU seconds per rank) the plan gives a measured point."""
     from . import model_plan as mp
 
     spec = mp.spec_of(kind, model, train)
     ch = choice_of(spec, world)
     split, _ = mp.memory(spec, train["seq_len"], ch, world, hw)
-    return split["total"], mp.step_time(spec, train["seq_len"], ch, world, hw)[0]
+    return split["total"], planned_cpu(world, kind, model, train, hw, rates)
 
 
-def validate_report(hw, points=None) -> str:
-    """Measure `points` (default_points()) and tabulate them against the plan. Time is
-    compared with the busier rank's CPU seconds: on a shared host the wall moves with load."""
+def point_features(world: int, kind: str, model: dict, train: dict, hw) -> dict:
+    """step_model.step_features of a measured point (with 'sp', for fit_rates)."""
+    from . import model_plan as mp
+
+    spec = mp.spec_of(kind, model, train)
+    ch = choice_of(spec, world)
+    return dict(step_features(spec, train["seq_len"], ch, world, hw), sp=ch.sp)
+
+
+def planned_cpu(world: int, kind: str, model: dict, train: dict, hw, rates=None) -> float:
+    """The CPU seconds per rank the plan gives a point: the step less the waiting on the
+    other ranks' serial chains (what process_time measures)."""
+    f = point_features(world, kind, model, train, hw)
+    return cpu_seconds(f, rates or StepRates.from_hardware(hw), f["sp"])
+
+
+def samples_of(measured: list, hw) -> list[tuple[dict, float]]:
+    """step_model.fit_rates' samples from `run_points`' results: the busier rank's CPU s."""
+    return [(point_features(*point, hw), max(r["cpu_s"] for r in ranks))
+            for point, ranks in measured]
+
+
+def validate_report(hw, points=None, rates=None, measured=None) -> str:
+    """Measure `points` (default_points()) and tabulate them against the plan, uncalibrated
+    (`hw`'s datasheet rates) and with `rates` (a calibrated StepRates) where given. Time is
+    compared with the busier rank's CPU seconds: on a shared host the wall moves with load.
+    measured: `run_points`' results, to tabulate without measuring again."""
+    measured = measured if measured is not None else run_points(points or default_points())
     rows = ["| model | P | N | checkpointing | mixer pieces | MiB measured | MiB planned | "
-            "ratio | step s measured | CPU s/rank | step s planned | planned / CPU |",
-            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for (world, kind, model, train), ranks in run_points(points or default_points()):
+            "ratio | step s (wall) | CPU s/rank | planned CPU s (uncalibrated) | ratio | "
+            "planned CPU s (calibrated) | ratio |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (world, kind, model, train), ranks in measured:
         mem = max(r["mem_bytes"] for r in ranks)
         wall = max(r["step_s"] for r in ranks)
         cpu = max(r["cpu_s"] for r in ranks)
         pm, pt = predicted(world, kind, model, train, hw)
+        cal = (f"{planned_cpu(world, kind, model, train, hw, rates):.2f} | "
+               f"{planned_cpu(world, kind, model, train, hw, rates) / cpu:.2f}"
+               if rates else "- | -")
         rows.append(f"| {kind} | {world} | {train['seq_len']} | "
                     f"{'on' if train.get('activation_checkpointing') else 'off'} | "
                     f"{model.get('mixer_piece_tokens', '-')} | {mem / 2**20:.1f} | "
                     f"{pm / 2**20:.1f} | {pm / mem:.2f} | {wall:.2f} | {cpu:.2f} | {pt:.2f} | "
-                    f"{pt / cpu:.2f} |")
+                    f"{pt / cpu:.2f} | {cal} |")
     return "\n".join(rows) + "\n"

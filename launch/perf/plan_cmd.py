@@ -12,6 +12,8 @@ or the best way to run a given N; or the plan checked against real Trainer steps
     seqshard plan --model launch/configs/long_1m_cpu.toml --hardware h100 --world 64 --max-context
     seqshard plan --model launch/configs/demo.toml --hardware cpu --world 2 --seq-len 64K
     seqshard plan --validate                     # small Trainer runs here against the plan
+    seqshard plan --calibrate-here cpu-here.json # step-time rates measured here (seconds)
+    seqshard plan --model launch/configs/demo.toml --hardware cpu-here.json --world 2
 
 Also runs as `python -m seqshard.launch.perf plan ...`.
 """
@@ -45,7 +47,11 @@ def plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", default="1M", help="global sequence length, e.g. 131072, 512K, 1M")
     p.add_argument("--world", type=int, default=64, help="ranks (GPUs) in the sequence group")
     p.add_argument("--hardware", default="h100",
-                   help=f"{' | '.join(sorted(HARDWARE))} | FILE.toml | bench records.msgpack")
+                   help=f"{' | '.join(sorted(HARDWARE))} (datasheet rates: step times "
+                        "predicted, not measured) | FILE.toml (Hardware's fields) | bench "
+                        "records.msgpack (op rates fitted to a `seqshard bench` run) | "
+                        "PROFILE.json (written by --calibrate-here or --calibrate-from: op "
+                        "rates plus the model-level step rates measured on that machine)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=32, help="query heads (attention, delta rule)")
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: heads)")
@@ -65,7 +71,24 @@ def plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", default=None,
                    help="with --model: plan at this N (default: the job's train.seq_len)")
     p.add_argument("--validate", action="store_true",
-                   help="run small real Trainer steps here and compare them with the plan")
+                   help="run small real Trainer steps here (10 points, ~2 min on 2 cores) and "
+                        "print per point measured vs planned memory and CPU s/rank, with the "
+                        "--hardware profile's rates (default cpu) and calibrated ones (the "
+                        "PROFILE.json given, else measured here as by --calibrate-here)")
+    p.add_argument("--calibrate-here", default=None, metavar="PROFILE.json",
+                   help="measure the step-time rates on this machine (a few seconds: a "
+                        "matmul, an elementwise chain, one process's attention / delta rule "
+                        "/ FIT, two tiny Trainer steps; launch/perf/step_calibrate.py), write "
+                        "them with the --hardware profile (default cpu) to PROFILE.json and "
+                        "plan with them")
+    p.add_argument("--calibrate-from", default=None, metavar="RECORDS.json",
+                   help="fit every step-time rate (dense FLOP/s, elementwise bytes/s, per-op "
+                        "scales, fixed s per step, optimizer s per parameter) to the Trainer "
+                        "steps --validate --records wrote; with --calibrate-here's PROFILE.json "
+                        "as the output (else printed only)")
+    p.add_argument("--records", default=None, metavar="RECORDS.json",
+                   help="with --validate: also write the measured steps here (input of "
+                        "--calibrate-from)")
 
 
 def shape_from_args(args) -> dict:
@@ -126,26 +149,29 @@ def scaling_table(family: str, shape: dict, hw: Hardware, ns=SCALING_N, worlds=S
 
 
 def model_report(path: str, hw: Hardware, world: int, max_context: bool,
-                 seq_len: str | None) -> str:
+                 seq_len: str | None, rates=None) -> str:
     """`seqshard plan --model`: the model-level plan, then the per-layer tables at its N."""
     from seqshard.launch.config import load
 
     from . import model_plan as mp
 
     spec = mp.spec_from_job(load(path))
+    from .step_model import StepRates
+
     out = [f"hardware: {hw.name} ({hw.note})",
+           f"step-time rates: {(rates or StepRates.from_hardware(hw)).source}",
            f"model: {spec.kind}, {spec.params:,} parameters, {spec.config.num_layers} blocks, "
            f"ZeRO stage {spec.train.zero_stage}, {spec.train.dtype}, batch "
            f"{spec.train.batch_size} per replica; {world} ranks", ""]
     if max_context:
-        best = mp.max_context(spec, world, hw)
+        best = mp.max_context(spec, world, hw, rates=rates)
         if best is None:
             return "\n".join(out + ["nothing fits: even the smallest N overflows a rank's "
                                     f"{mp.fmt_bytes(mp.budget(hw, world))}\n"])
         out.append("largest N that fits:")
     else:
         n = parse_tokens(seq_len) if seq_len else spec.train.seq_len
-        ranked = mp.plan_at(spec, n, world, hw)
+        ranked = mp.plan_at(spec, n, world, hw, rates)
         best = ranked[0]
         out.append("best way to run it:" if best.fits else "nothing fits; the fastest:")
     out.append(mp.describe(best))
@@ -160,16 +186,75 @@ def model_report(path: str, hw: Hardware, world: int, max_context: bool,
     return "\n".join(out)
 
 
-def cmd_plan(args) -> int:
-    if args.validate:
-        from .model_validate import validate_report
+def profile_from(text: str):
+    """(Hardware, StepRates or None) of --hardware: a calibrated PROFILE.json carries both;
+    the others are op-level profiles whose step rates are their datasheet's (None)."""
+    if text.endswith(".json"):
+        from .step_model import load_profile
 
-        print(validate_report(hardware_from(args.hardware if args.hardware != "h100"
-                                            else "cpu")))
+        return load_profile(text)
+    return hardware_from(text), None
+
+
+def _calibrated(args, hw: Hardware, rates):
+    """The rates --calibrate-here / --calibrate-from ask for (written to PROFILE.json), else
+    `rates` unchanged."""
+    from .step_model import StepRates, fit_rates, save_profile
+
+    if args.calibrate_from:
+        import json
+
+        from .model_validate import samples_of
+
+        with open(args.calibrate_from) as f:
+            measured = [(tuple(p), r) for p, r in json.load(f)]
+        rates = fit_rates(samples_of(measured, hw), rates or StepRates.from_hardware(hw))
+        info = {"from": args.calibrate_from, "points": len(measured)}
+    elif args.calibrate_here:
+        from .step_calibrate import calibrate_here
+
+        rates, info = calibrate_here(hw)
+    else:
+        return rates
+    print(f"step-time rates ({rates.source}): dense {rates.dense_flops_s / 1e9:.2f} GFLOP/s, "
+          f"elementwise {rates.elem_bytes_s / 1e9:.2f} GB/s, op scales "
+          + ", ".join(f"{k} {v:.2f}" for k, v in rates.op_scale.items())
+          + f", fixed {fmt_time(rates.fixed_s)} per step, optimizer "
+          f"{rates.opt_s_per_param * 1e9:.1f} ns per parameter")
+    if args.calibrate_here:
+        save_profile(args.calibrate_here, hw, rates, info)
+        print(f"profile written to {args.calibrate_here} (use it: --hardware "
+              f"{args.calibrate_here})")
+    return rates
+
+
+def cmd_plan(args) -> int:
+    here = args.validate or args.calibrate_here or args.calibrate_from
+    if here and args.hardware == "h100":  # the default: measuring here means this CPU
+        args.hardware = "cpu"
+    if args.validate:
+        import json
+
+        from .model_validate import default_points, run_points, validate_report
+
+        hw, rates = profile_from(args.hardware)
+        if not (args.calibrate_here or args.calibrate_from or rates):
+            from .step_calibrate import calibrate_here
+
+            rates, _ = calibrate_here(hw)
+        rates = _calibrated(args, hw, rates)
+        measured = run_points(default_points())
+        if args.records:
+            with open(args.records, "w") as f:
+                json.dump([[list(p), r] for p, r in measured], f)
+        print(validate_report(hw, rates=rates, measured=measured))
         return 0
-    hw = hardware_from(args.hardware)
+    hw, rates = profile_from(args.hardware)
+    rates = _calibrated(args, hw, rates)
     if args.model:
-        print(model_report(args.model, hw, args.world, args.max_context, args.seq_len))
+        print(model_report(args.model, hw, args.world, args.max_context, args.seq_len, rates))
+        return 0
+    if args.calibrate_here or args.calibrate_from:
         return 0
     shape = shape_from_args(args)
     print(f"hardware: {hw.name} ({hw.note})")
