@@ -4,9 +4,10 @@ A step's seconds on a rank are a sum of terms, each a count the plan derives fro
 (`step_features`) times a rate of the machine (`StepRates`):
 
     dense_flops / dense_flops_s     projections, MLP, head: 6 flops per weight per token
-                                    (2 forward, 4 backward), x 4/3 where a forward reruns
+                                    (2 forward, 4 backward), + 2 per forward rerun
+                                    (checkpointing, token-wise pieces, mixer pieces)
     elem_bytes  / elem_bytes_s      norms, activations, residuals, the gradients of what each
-                                    block keeps: (4 + reruns) passes over its kept bytes
+                                    block would keep whole: (4 + reruns) passes over it
     op_s[f]     x op_scale[f]       each mixer's fwd+bwd as planner.py prices it (attention,
                                     delta_rule, fit) under the op-level Hardware, scaled to
                                     this machine's measured kernels
@@ -31,7 +32,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import planner
-from .model_memory import _attn_shape, _delta_shape, _fit_shape, kept_per_token
+from .model_memory import (_act_bytes, _attn_shape, _delta_shape, _fit_shape, _hidden,
+                           kept_per_token)
 from .planner import Hardware
 
 OPS = ("attention", "delta_rule", "fit")
@@ -122,15 +124,26 @@ def step_features(spec, n: int, ch, world: int, hw: Hardware) -> dict:
     serial, blocks = dict.fromkeys(OPS, 0.0), []
     for mixer, dense in zip(spec.mixers, spec.block_dense):
         family, op_s, op_serial = _mixer_time(spec, mixer, ch, n, hw)
-        # dense matmuls: 2 flops per weight per token forward, 4 backward; a forward again
-        # when checkpointed, and again (DeltaNet's token-wise MLP) in pieces
-        reruns = ch.checkpointing + (mixer == "delta" and n_local > ch.tokenwise_piece_tokens)
-        flops = 6 * dense * b * n_local * (1 + reruns / 3) / share
-        # the elementwise work around them: each kept byte written in forward, read in
-        # backward, its gradient written and read; once more per forward rerun
-        whole = replace(ch, checkpointing=False, mixer_piece_tokens=0)
+        # Each part of a block runs its forward once more per rerun: under checkpointing all
+        # of it; DeltaNet's token-wise MLP when the shard exceeds its pieces; DeltaNet's
+        # whole mixer (projections, conv, norms, kernel: pieces.py recomputes the layer)
+        # when the mixer runs in pieces.
+        pieces = mixer == "delta" and ch.mixer_piece_tokens and n_local > ch.mixer_piece_tokens
+        mixer_reruns = ch.checkpointing + bool(pieces)
+        mlp_reruns = ch.checkpointing + (mixer == "delta" and n_local > ch.tokenwise_piece_tokens)
+        mlp_w = 3 * c.dim * _hidden(spec) if mixer != "fit" else 0  # SwiGLU's three weights
+        # dense matmuls: 2 flops per weight per token forward, 4 backward, 2 per rerun
+        flops = (6 * b * n_local * ((dense - mlp_w) * (1 + mixer_reruns / 3)
+                                    + mlp_w * (1 + mlp_reruns / 3)) / share)
+        # the elementwise work around them (norms, activations, residuals, the gradients of
+        # what the block would keep whole): each kept byte written in forward, read in
+        # backward, its gradient written and read; once more per rerun
+        whole = replace(ch, checkpointing=False, mixer_piece_tokens=0,
+                        tokenwise_piece_tokens=n_local)
         kept = kept_per_token(spec, mixer, whole, n_local, hw) * b * n_local
-        elem = (4 + reruns) * kept / share
+        mlp_kept = (_act_bytes(spec) * (3 * c.dim + 4 * _hidden(spec)) * b * n_local
+                    if mixer != "fit" else 0.0)
+        elem = ((4 + mixer_reruns) * (kept - mlp_kept) + (4 + mlp_reruns) * mlp_kept) / share
         f["dense_flops"] += flops
         f["elem_bytes"] += elem
         f[f"op_s.{family}"] += op_s
