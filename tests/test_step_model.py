@@ -57,6 +57,17 @@ def test_fit_recovers_known_rates_from_synthetic_steps():
                                           *(f"op_s.{o}" for o in OPS)))
     assert held.dense_flops_s == RATES.dense_flops_s
     assert held.fixed_s == pytest.approx(RATES.fixed_s, rel=1e-4)
+    # collinear columns (every sample one shape: the dense work a fixed multiple of the
+    # kernel's) cannot be told apart: the one fitted to 0 is held at the base's rate, not
+    # read as infinitely fast, and the other explains the time
+    one = {"dense_flops": 1e9, "elem_bytes": 0.0, "op_s.attention": 0.1, "serial": {}}
+    flat = [(dict(one, dense_flops=k * 1e9, **{"op_s.attention": k * 0.1}), k * 0.125)
+            for k in (1, 2, 3)]
+    got = fit_rates(flat, replace(RATES, fixed_s=0.0, opt_s_per_param=0.0))
+    assert (got.dense_flops_s, got.op_scale["attention"]) in (
+        (RATES.dense_flops_s, pytest.approx((0.125 - 1 / 40) / 0.1)),
+        (pytest.approx(1e9 / (0.125 - 0.04)), RATES.op_scale["attention"]))
+    assert "held" in got.source
     with pytest.raises(ValueError, match="no samples"):
         fit_rates([], RATES)
     with pytest.raises(ValueError, match="> 0"):

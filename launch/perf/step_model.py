@@ -37,7 +37,6 @@ from .model_memory import (_act_bytes, _attn_shape, _delta_shape, _fit_shape, _h
 from .planner import Hardware
 
 OPS = ("attention", "delta_rule", "fit")
-UNRESOLVED = 1e30  # a fitted rate whose cost the samples could not tell from zero
 
 
 @dataclass(frozen=True)
@@ -197,9 +196,10 @@ def fit_rates(samples: list[tuple[dict, float]], base: StepRates, keep=()) -> St
 
     Non-negative least squares in relative error (each row divided by its measurement, so a
     0.3 s point counts as much as a 3 s one). A coefficient whose column is all zero (no
-    sample exercises it), or named in `keep`, keeps `base`'s value; its time is taken off the
-    measurement first. The serial chains' waiting is not work, so each sample's features are
-    its CPU share (`cpu_seconds`' rule) -- samples carry 'sp' for that."""
+    sample exercises it), named in `keep`, or fitted to 0 (the samples cannot resolve it),
+    keeps `base`'s value; its time is taken off the measurement first. The serial chains'
+    waiting is not work, so each sample's features are its CPU share (`cpu_seconds`' rule):
+    samples carry 'sp' for that."""
     if not samples:
         raise ValueError("fit_rates: no samples")
     base_coef = {"dense_flops": 1 / base.dense_flops_s, "elem_bytes": 1 / base.elem_bytes_s,
@@ -212,22 +212,30 @@ def fit_rates(samples: list[tuple[dict, float]], base: StepRates, keep=()) -> St
         for o, s in f.get("serial", {}).items():  # the chains other ranks run: not CPU here
             row[f"op_s.{o}"] -= s * (1 - 1 / sp)
         rows.append(row)
-    free = [k for k in FITTED if k not in keep and any(r[k] for r in rows)]
     y = np.array([t for _, t in samples], dtype=float)
     if (y <= 0).any():
         raise ValueError(f"fit_rates: measured seconds must be > 0, got {y.min()}")
-    held = np.array([sum(r[k] * base_coef[k] for k in FITTED if k not in free)
-                     + f.get("comm_s", 0.0) for r, (f, _) in zip(rows, samples)])
-    a = np.array([[r[k] for k in free] for r in rows])
-    coef = dict(base_coef)
-    if free:
-        coef.update(zip(free, _nnls(a / y[:, None], (y - held) / y)))
-    # a rate whose coefficient came out 0: too fast to resolve from these samples
-    inv = lambda k: 1 / coef[k] if coef[k] > 0 else UNRESOLVED  # noqa: E731
-    return StepRates(inv("dense_flops"), inv("elem_bytes"),
+    free = [k for k in FITTED if k not in keep and any(r[k] for r in rows)]
+    while True:
+        held = np.array([sum(r[k] * base_coef[k] for k in FITTED if k not in free)
+                         + f.get("comm_s", 0.0) for r, (f, _) in zip(rows, samples)])
+        a = np.array([[r[k] for k in free] for r in rows])
+        coef = dict(base_coef)
+        if free:
+            coef.update(zip(free, _nnls(a / y[:, None], (y - held) / y)))
+        # a coefficient the samples cannot tell from 0 (collinear with others, as on few
+        # points of one shape) is not evidence of a free resource: hold it at the base's
+        # and fit the rest again
+        zero = [k for k in free if coef[k] <= 0 and base_coef[k] > 0]
+        if not zero:
+            break
+        free = [k for k in free if k not in zero]
+    return StepRates(1 / coef["dense_flops"], 1 / coef["elem_bytes"],
                      {o: float(coef[f"op_s.{o}"]) for o in OPS}, float(coef["fixed"]),
                      float(coef["opt_params"]),
-                     f"fitted to {len(samples)} measured steps")
+                     f"fitted to {len(samples)} measured steps"
+                     + (f" ({', '.join(k for k in FITTED if k not in free)} held)"
+                        if len(free) < len(FITTED) else ""))
 
 
 # --- the profile file ---------------------------------------------------------------------------
