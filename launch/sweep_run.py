@@ -23,6 +23,7 @@ points in flight 'interrupted' and disconnects from Ray, which removes their wor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -74,30 +75,34 @@ def run_sweep(root: Path, points: list, *, address: str | None = None, command: 
     header["parallel"] = (f"{parallel}: up to {packer.at_once([need(p.cfg) for p in runnable])} "
                           f"point(s) at once on {packer.capacity['CPU']:g} CPUs, "
                           f"{packer.capacity['GPU']:g} GPUs")
-    interrupted = False
-    try:
-        _run_points(runnable, packer, address, side_by_side, root, points, header)
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    finally:
-        running = [p for p in runnable if p.result.get("status") == "running"]
-        for p in running:  # the table says which points were cut short
-            p.result = _outcome(p, "interrupted", "interrupted (Ctrl-C)", p.result["start_s"],
-                                time.time())
-        if started or (interrupted and running):  # disconnecting removes their workers
-            ray.shutdown()
-        header.update(finished=sweep_report.now(), machine_end=sweep_report.machine())
-        table = sweep_report.rows(points)
-        plots = write_plots(root, table, title=root.name)
-        path = sweep_report.write(root, points, header, plots)
+    interrupted, threads = False, []
+    with _no_auto_connect():  # until every thread is done with Ray
+        try:
+            _run_points(runnable, packer, address, side_by_side, root, points, header, threads)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            running = [p for p in runnable if p.result.get("status") == "running"]
+            for p in running:  # the table says which points were cut short
+                p.result = _outcome(p, "interrupted", "interrupted (Ctrl-C)",
+                                    p.result["start_s"], time.time())
+            if started or (interrupted and running):  # disconnecting removes their workers
+                ray.shutdown()
+            deadline = time.monotonic() + 10.0
+            for thread in threads:  # their launches fail fast once Ray is gone
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            header.update(finished=sweep_report.now(), machine_end=sweep_report.machine())
+            table = sweep_report.rows(points)
+            plots = write_plots(root, table, title=root.name)
+            path = sweep_report.write(root, points, header, plots)
     print(path.read_text())
     print(f"seqshard sweep: output in {root}")
     return 0 if all(p.result.get("status") == "completed" for p in points) else 1
 
 
 def _run_points(runnable: list, packer: Packer, address, side_by_side: bool, root: Path,
-                points: list, header: dict) -> None:
+                points: list, header: dict, threads: list) -> None:
     """Start points in order as they fit; record each as it ends (main thread only)."""
     done: queue.Queue = queue.Queue()
     waiting = list(runnable)
@@ -112,8 +117,9 @@ def _run_points(runnable: list, packer: Packer, address, side_by_side: bool, roo
             p.result = {"status": "running", "started": _clock(begin), "start_s": begin}
             print(f"[sweep] point {count - len(waiting)}/{count} {p.name}: {p.label} "
                   f"started", flush=True)
-            threading.Thread(target=_launch_point, args=(p, address, done), daemon=True,
-                             name=f"sweep-{p.name}").start()
+            threads.append(threading.Thread(target=_launch_point, args=(p, address, done),
+                                            daemon=True, name=f"sweep-{p.name}"))
+            threads[-1].start()
             sweep_report.write(root, points, header)
         p, status, error, begin, end = _next(done)
         packer.finish(p.index)
@@ -121,6 +127,23 @@ def _run_points(runnable: list, packer: Packer, address, side_by_side: bool, roo
         print(f"[sweep] {p.name}: {status} in {p.result['wall_s']:.1f} s"
               + (f": {error}" if error else ""), flush=True)
         sweep_report.write(root, points, header)
+
+
+@contextlib.contextmanager
+def _no_auto_connect():
+    """Ray starts a fresh local instance when an API is called while disconnected. After
+    Ctrl-C the main thread disconnects while points' threads are still inside `launch`; their
+    next Ray call must fail (ending the thread), not start a new Ray that keeps the process
+    alive (seen by hand). The sweep always connects first, so it never needs the auto-start.
+    Ray 2.60 reads the switch from this module attribute at each call."""
+    from ray._private import auto_init_hook
+
+    saved = auto_init_hook.enable_auto_connect
+    auto_init_hook.enable_auto_connect = False
+    try:
+        yield
+    finally:
+        auto_init_hook.enable_auto_connect = saved
 
 
 def _next(done: queue.Queue):

@@ -79,7 +79,8 @@ def _digit_id(tokenizer, digit: str, name: str) -> int:
     vocabulary's entry (a tokenizer that prefixes a word marker to a lone digit)."""
     ids = tokenizer.encode(digit, add_special_tokens=False)
     found = ids[0] if len(ids) == 1 else tokenizer.convert_tokens_to_ids(digit)
-    if found is None or found == tokenizer.unk_token_id or tokenizer.decode([found]).strip() != digit:
+    unknown = found is None or found == tokenizer.unk_token_id
+    if unknown or tokenizer.decode([found]).strip() != digit:
         raise ValueError(f"passkey: {name} has no single token for the digit {digit!r} (it "
                          f"encodes as {ids}): the key is written digit by digit")
     return int(found)

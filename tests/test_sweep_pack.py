@@ -95,3 +95,14 @@ def test_three_points_side_by_side_on_ray_one_killed(tmp_path):
     table = (out / "sweep.md").read_text()
     assert "- parallel = 3: up to 3 point(s) at once" in table
     assert "| started | finished |" in table and good1["started"] in table
+
+
+def test_cli_refuses_a_bad_parallel_before_anything_starts(tmp_path, capsys):
+    from seqshard.launch import cli
+
+    config = tmp_path / "probe.toml"
+    config.write_text(PROBE)
+    code = cli.main(["sweep", str(config), "--over", "fault.rank=1,-1", "--parallel", "none",
+                     "--out", str(tmp_path / "never")])
+    assert code == 2 and "--parallel = 'none'" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
