@@ -4,7 +4,9 @@ Evaluates a trained run on Ray, on the run's own mesh: its config comes from the
 records.msgpack (the config it trained with; --set changes it, e.g. --set eval.lengths=[1,2]),
 the weights from its newest intact checkpoint or from the checkpoint folder named
 (RUN/checkpoints/step-NNNNNNNN). The numbers go into the run's records.msgpack and
-summary.md, the tables and PNGs beside them (or into --out).
+summary.md, the tables and PNGs beside them (or into --out). Passkeys on a tokenizer's .bin
+are written in that tokenizer's ids: data.tokenizer names it, or, for a run whose [data] did
+not, --set eval.tokenizer=DIR (a local folder).
 """
 
 from __future__ import annotations
