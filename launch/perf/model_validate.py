@@ -3,11 +3,12 @@
 Each point trains a small model of one kind for a few steps on P gloo ranks (a fresh
 `seqshard.dist.RankPool` per world size, 1 thread per rank, glibc's mmap threshold pinned so
 the resident set follows the live tensors) and records, per rank, what the plan predicts:
-  mem_bytes  the peak resident set during the last step above the resident set just before
+  mem_bytes  the peak resident set during a timed step above the resident set just before
              the Trainer was built (imports done, DeepSpeed imported): the model's own
              memory, without the interpreter and libraries (the profile's `process_bytes`);
-  step_s     the last step's wall seconds (the first step pays one-off set-up);
-  cpu_s      the rank's CPU seconds of that step.
+  step_s     the median wall seconds of the timed steps (the first step, untimed, pays
+             one-off set-up);
+  cpu_s      the rank's median CPU seconds of those steps.
 Memory is deterministic enough to assert on (tests/test_model_plan.py); time moves with the
 load of the machine, so time is compared here and written to benchmarks/RESULTS.md.
 """
@@ -40,9 +41,11 @@ def small_job(kind: str, n: int, **extra) -> tuple[dict, dict]:
 
 
 def measure_steps(rank: int, world: int, kind: str, model: dict, train: dict,
-                  steps: int = 2) -> dict:
-    """Per-rank {mem_bytes, step_s, cpu_s} of the last of `steps` Trainer steps (see above).
-    Runs inside a rank process (RankPool / tests/harness.py run_ranks)."""
+                  steps: int = 2, timed: int = 1) -> dict:
+    """Per-rank {mem_bytes, step_s, cpu_s} of Trainer steps (see above): `steps` - 1 untimed
+    steps, then `timed` more, each measured: the largest peak, the median wall and CPU
+    seconds (one step's CPU time moves by a third on a loaded host; the median of three is
+    steadier). Runs inside a rank process (RankPool / tests/harness.py run_ranks)."""
     import deepspeed  # noqa: F401  (imported before the base is read: library, not model)
     import torch
 
@@ -55,16 +58,25 @@ def measure_steps(rank: int, world: int, kind: str, model: dict, train: dict,
     trainer = Trainer(kind, model, train, mesh)
     for _ in range(steps - 1):
         trainer.step()
-    gc.collect()
-    reset_peak(torch.device("cpu"))
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    metrics = trainer.step()
-    out = {"mem_bytes": peak_bytes(torch.device("cpu")) - base,
-           "step_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0,
-           "loss": metrics["loss"]}
+    runs = []
+    for _ in range(timed):
+        gc.collect()
+        reset_peak(torch.device("cpu"))
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        metrics = trainer.step()
+        runs.append({"mem_bytes": peak_bytes(torch.device("cpu")) - base,
+                     "step_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0,
+                     "loss": metrics["loss"]})
+    mid = len(runs) // 2
+    out = {"mem_bytes": max(r["mem_bytes"] for r in runs),
+           "step_s": sorted(r["step_s"] for r in runs)[mid],
+           "cpu_s": sorted(r["cpu_s"] for r in runs)[mid], "loss": runs[-1]["loss"]}
     del trainer
     gc.collect()
     return out
+
+
+TIMED_STEPS = 3  # the validation's measured steps per point (their median)
 
 
 def run_points(points: list[tuple[int, str, dict, dict]], timeout_s: float = 900.0) -> list:
@@ -82,7 +94,8 @@ def run_points(points: list[tuple[int, str, dict, dict]], timeout_s: float = 900
             for w, kind, model, train in points:
                 if w == world:
                     out.append(((w, kind, model, train),
-                                pool.run(measure_steps, (kind, model, train),
+                                pool.run(measure_steps, (kind, model, train, 2,
+                                                         TIMED_STEPS),
                                          timeout_s=timeout_s, fail_fast=True)))
         finally:
             pool.close()

@@ -127,8 +127,8 @@ def measure_here(rank: int = 0, world: int = 1, hw: Hardware = CPU_DEFAULT) -> d
     tiny = []
     for width in TINY_WIDTHS:
         model, train = _tiny_job(width, world)
-        # one Trainer (its set-up costs seconds); the last of a few steps is measured
-        r = measure_steps(rank, world, "transformer", model, train, steps=4)
+        # one Trainer (its set-up costs seconds): the median of 3 steps after a first
+        r = measure_steps(rank, world, "transformer", model, train, steps=2, timed=3)
         tiny.append({"dim": width, "cpu_s": r["cpu_s"]})
     return {"dense_flops": flops, "dense_s": dense_s, "elem_bytes": elem_b, "elem_s": elem_s,
             "op_scale": scales, "tiny": tiny, "world": world}
