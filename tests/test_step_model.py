@@ -145,3 +145,29 @@ def test_bad_profile_names_the_key(tmp_path, edit, key):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_profile(str(path))
+
+
+def test_calibrate_from_validation_records_writes_a_profile(tmp_path, capsys):
+    """`seqshard plan --calibrate-from RECORDS.json --calibrate-here PROFILE.json`: the rates
+    fitted to (here synthetic) --validate records, written where --hardware reads them."""
+    from seqshard.launch import cli
+
+    base = StepRates.from_hardware(CPU_DEFAULT)
+    records = []
+    for pt in _points():
+        f = point_features(*pt, CPU_DEFAULT)
+        cpu = cpu_seconds(f, RATES, f["sp"])
+        records.append([list(pt), [{"cpu_s": cpu, "mem_bytes": 1, "step_s": cpu}] * pt[0]])
+    rec, out = tmp_path / "records.json", tmp_path / "profile.json"
+    rec.write_text(json.dumps(records))
+    assert cli.main(["plan", "--calibrate-from", str(rec), "--calibrate-here", str(out)]) == 0
+    assert f"fitted to {len(records)} measured steps" in capsys.readouterr().out
+    hw, got = load_profile(str(out))
+    assert hw == CPU_DEFAULT and got.fixed_s == pytest.approx(RATES.fixed_s, rel=1e-4)
+    assert got.dense_flops_s == pytest.approx(RATES.dense_flops_s, rel=1e-4) != base.dense_flops_s
+    # a bad profile is a clean error naming the key, before anything runs
+    data = json.loads(out.read_text())
+    data["step"]["fixed_s"] = "soon"
+    out.write_text(json.dumps(data))
+    assert cli.main(["plan", "--hardware", str(out), "--model", "x.toml"]) != 0
+    assert "step.fixed_s" in capsys.readouterr().err

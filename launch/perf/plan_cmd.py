@@ -71,10 +71,11 @@ def plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", default=None,
                    help="with --model: plan at this N (default: the job's train.seq_len)")
     p.add_argument("--validate", action="store_true",
-                   help="run small real Trainer steps here (10 points, ~2 min on 2 cores) and "
-                        "print per point measured vs planned memory and CPU s/rank, with the "
-                        "--hardware profile's rates (default cpu) and calibrated ones (the "
-                        "PROFILE.json given, else measured here as by --calibrate-here)")
+                   help="run small real Trainer steps here (10 points, the median of 3 "
+                        "steps each: ~2-4 min on 2 cores) and print per point measured vs "
+                        "planned memory and CPU s/rank, with the --hardware profile's "
+                        "datasheet rates (default cpu) and calibrated ones (the PROFILE.json "
+                        "given, else measured first as by --calibrate-here: ~1 min more)")
     p.add_argument("--calibrate-here", default=None, metavar="PROFILE.json",
                    help="measure the step-time rates on this machine (a few seconds: a "
                         "matmul, an elementwise chain, one process's attention / delta rule "
