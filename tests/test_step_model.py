@@ -123,7 +123,7 @@ def test_profile_round_trips_through_its_file(tmp_path):
     job.write_text('[model]\nkind = "transformer"\ndim = 64\nnum_layers = 2\nnum_heads = 2\n'
                    '[train]\nseq_len = 4096\n')
     text = model_report(str(job), got_hw, 2, False, None, got)
-    assert "step-time rates: known" in text
+    assert "step-time rates (known): dense 40.00 GFLOP/s" in text
 
 
 @pytest.mark.parametrize("edit, key", [

@@ -159,8 +159,8 @@ def model_report(path: str, hw: Hardware, world: int, max_context: bool,
     spec = mp.spec_from_job(load(path))
     from .step_model import StepRates
 
-    out = [f"hardware: {hw.name} ({hw.note})",
-           f"step-time rates: {(rates or StepRates.from_hardware(hw)).source}",
+    out = [f"hardware (op-level rates): {hw.name} ({hw.note})",
+           rates_line(rates or StepRates.from_hardware(hw)),
            f"model: {spec.kind}, {spec.params:,} parameters, {spec.config.num_layers} blocks, "
            f"ZeRO stage {spec.train.zero_stage}, {spec.train.dtype}, batch "
            f"{spec.train.batch_size} per replica; {world} ranks", ""]
@@ -197,6 +197,15 @@ def profile_from(text: str):
     return hardware_from(text), None
 
 
+def rates_line(rates) -> str:
+    """One line naming the step-time rates and where they came from."""
+    return (f"step-time rates ({rates.source}): dense {rates.dense_flops_s / 1e9:.2f} GFLOP/s, "
+            f"elementwise {rates.elem_bytes_s / 1e9:.2f} GB/s, op scales "
+            + ", ".join(f"{k} {v:.2f}" for k, v in rates.op_scale.items())
+            + f", fixed {fmt_time(rates.fixed_s)} per step, optimizer "
+            f"{rates.opt_s_per_param * 1e9:.1f} ns per parameter")
+
+
 def _calibrated(args, hw: Hardware, rates):
     """The rates --calibrate-here / --calibrate-from ask for (written to PROFILE.json), else
     `rates` unchanged."""
@@ -217,11 +226,7 @@ def _calibrated(args, hw: Hardware, rates):
         rates, info = calibrate_here(hw)
     else:
         return rates
-    print(f"step-time rates ({rates.source}): dense {rates.dense_flops_s / 1e9:.2f} GFLOP/s, "
-          f"elementwise {rates.elem_bytes_s / 1e9:.2f} GB/s, op scales "
-          + ", ".join(f"{k} {v:.2f}" for k, v in rates.op_scale.items())
-          + f", fixed {fmt_time(rates.fixed_s)} per step, optimizer "
-          f"{rates.opt_s_per_param * 1e9:.1f} ns per parameter")
+    print(rates_line(rates))
     if args.calibrate_here:
         save_profile(args.calibrate_here, hw, rates, info)
         print(f"profile written to {args.calibrate_here} (use it: --hardware "
