@@ -171,3 +171,28 @@ def test_calibrate_from_validation_records_writes_a_profile(tmp_path, capsys):
     out.write_text(json.dumps(data))
     assert cli.main(["plan", "--hardware", str(out), "--model", "x.toml"]) != 0
     assert "step.fixed_s" in capsys.readouterr().err
+
+
+def test_calibrate_here_rates_from_its_measurements():
+    """step_calibrate.rates_from: the micro-benchmarks' rates as measured, and the fixed and
+    optimizer costs recovered from the two tiny Trainer steps (here synthetic, from known
+    rates: what the tiny steps would measure on a machine that runs exactly at them)."""
+    from seqshard.launch.perf import step_calibrate as sc
+
+    tiny = []
+    for width in sc.TINY_WIDTHS:
+        f = point_features(2, "transformer", *sc._tiny_job(width, 2), CPU_DEFAULT)
+        tiny.append({"dim": width, "cpu_s": cpu_seconds(f, RATES, 2)})
+    m = {"dense_flops": 8e9, "dense_s": 8e9 / RATES.dense_flops_s, "elem_bytes": 4e8,
+         "elem_s": 4e8 / RATES.elem_bytes_s, "op_scale": dict(RATES.op_scale), "tiny": tiny,
+         "world": 2}
+    got = sc.rates_from(m, CPU_DEFAULT)
+    assert got.dense_flops_s == pytest.approx(RATES.dense_flops_s)
+    assert got.elem_bytes_s == pytest.approx(RATES.elem_bytes_s)
+    assert got.op_scale == RATES.op_scale
+    assert got.fixed_s == pytest.approx(RATES.fixed_s, rel=1e-3)
+    assert got.opt_s_per_param == pytest.approx(RATES.opt_s_per_param, rel=1e-3)
+    # the slowest rank's measurement is the one kept
+    slow = dict(m, dense_s=2 * m["dense_s"], op_scale={**m["op_scale"], "fit": 9.0})
+    assert sc.busiest([m, slow])["dense_s"] == slow["dense_s"]
+    assert sc.busiest([m, slow])["op_scale"]["fit"] == 9.0
