@@ -27,6 +27,7 @@ from seqshard.dist import Mesh, all_reduce, ring_shift
 
 from .api import delta_rule
 from .pieces import deltanet_in_pieces
+from .short_conv import causal_conv
 
 
 def causal_halo(x: torch.Tensor, rows: int, mesh: Mesh | None) -> torch.Tensor:
@@ -63,17 +64,14 @@ class ShortConv(nn.Module):
         bound = 1.0 / math.sqrt(size)  # torch's Conv1d default for a depthwise kernel
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def padded(self, x_ext: torch.Tensor) -> torch.Tensor:
-        """The convolution of rows that come with their context: x_ext [B, size - 1 + n, C]
-        (the `size - 1` tokens before the n tokens first) -> [B, n, C]."""
-        if self.size == 1:
-            return x_ext * self.weight[:, 0, 0]
-        out = F.conv1d(x_ext.transpose(1, 2), self.weight, groups=x_ext.shape[-1])  # [B, C, n]
-        return out.transpose(1, 2)
+    def with_context(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The convolution of n rows x [B, n, C] given the `size - 1` rows before them,
+        context [B, size - 1, C] -> [B, n, C] (short_conv.py: in place along the tokens,
+        no transposition to conv1d's channels-first layout)."""
+        return causal_conv(x, context, self.weight[:, 0])  # weight [C, 1, K] -> [C, K]
 
     def forward(self, x: torch.Tensor, mesh: Mesh | None = None) -> torch.Tensor:
-        halo = causal_halo(x, self.size - 1, mesh)  # [B, size - 1, C]
-        return self.padded(torch.cat([halo, x], dim=1) if self.size > 1 else x)
+        return self.with_context(x, causal_halo(x, self.size - 1, mesh))  # halo [B, size - 1, C]
 
 
 class DeltaNet(nn.Module):
@@ -147,7 +145,7 @@ class DeltaNet(nn.Module):
         before them, context [B, halo, dim], that the conv reads.
         Returns q, k [B, H, n, Dk], v [B, H, n, Dv], beta and gate (or None) [B, H, n]."""
         if self.convs:  # no bias: the halo's zero rows on rank 0 project to zero
-            qkv = [conv.padded(torch.cat([proj(context), proj(x)], dim=1))  # [B, n, H * D]
+            qkv = [conv.with_context(proj(x), proj(context))  # [B, n, H * D]
                    for conv, proj in zip(self.convs, (self.q_proj, self.k_proj, self.v_proj))]
         else:
             qkv = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]  # each [B, n, H * D]

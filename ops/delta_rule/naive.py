@@ -60,3 +60,19 @@ def naive_delta_rule(
         outs.append(torch.einsum("bhkv,bhk->bhv", S, q_t))
     o = torch.stack(outs, dim=2).to(v.dtype)  # [B, H, N, Dv]
     return o, (S if output_final_state else None)
+
+
+def naive_short_conv(x_ext: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The short depthwise causal convolution as torch's conv1d: x_ext [B, K - 1 + n, C] (the
+    K - 1 rows before the n rows first), weight [C, K] -> [B, n, C]; the reference for
+    short_conv.causal_conv. Computed in fp32 (float64 stays float64), returned in x's dtype.
+
+    >>> naive_short_conv(torch.ones(1, 5, 2), torch.ones(2, 3))[0, :, 0]
+    tensor([3., 3., 3.])
+    """
+    work = torch.float64 if x_ext.dtype == torch.float64 else torch.float32
+    if x_ext.shape[1] < weight.shape[1]:  # no rows (conv1d refuses an input shorter than K)
+        return x_ext[:, :0] * weight[:, 0]
+    out = torch.nn.functional.conv1d(x_ext.to(work).transpose(1, 2), weight.to(work)[:, None],
+                                     groups=x_ext.shape[-1])  # [B, C, n]
+    return out.transpose(1, 2).to(x_ext.dtype)
