@@ -15,19 +15,13 @@ import os
 import numpy as np
 
 from seqshard.models.sources import BIN_DTYPES, SEPARATOR, text_files
+from seqshard.models.tokenizer import load_tokenizer
 
 CHUNK = 1 << 24  # bytes read (and written) at a time for byte ids
 
 
 def _load_tokenizer(folder: str):
-    if not os.path.isdir(folder):
-        raise ValueError(f"--tokenizer {folder!r} is not a folder (a local Hugging Face "
-                         f"tokenizer; nothing is downloaded)")
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise ValueError("--tokenizer needs the transformers package") from None
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return load_tokenizer(folder, "--tokenizer")
 
 
 def prepare(source: str, out: str, *, tokenizer: str = "", dtype: str = "uint16",

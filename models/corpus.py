@@ -22,7 +22,6 @@ positions.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 from .data import _generator
 from .fill import fill
 from .sources import BIN_DTYPES, SEPARATOR, WINDOW, BinTokens, open_source
+from .tokenizer import load_tokenizer
 
 SPLITS = ("train", "heldout")
 
@@ -154,14 +154,7 @@ class Corpus:
 
 def _tokenizer_vocab(folder: str) -> int:
     """len() of the Hugging Face tokenizer in a local folder (no download is ever tried)."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"data.tokenizer {folder!r} is not a folder (a local Hugging Face "
-                         f"tokenizer; nothing is downloaded)")
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise ValueError(f"data.tokenizer = {folder!r} needs the transformers package") from None
-    return len(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    return len(load_tokenizer(folder, "data.tokenizer"))
 
 
 def open_corpus(cfg: DataConfig | dict, vocab_size: int, *, seq_len: int = 0,

@@ -6,6 +6,8 @@
 - model_plan.py     the whole-model plan: longest N, step time, the search over meshes
 - model_memory.py   memory per rank of a whole model: ZeRO, activations, buffers
 - model_validate.py real Trainer steps against the plan (`seqshard plan --validate`)
+- step_model.py     the whole-model step time: rates, their fit, the calibrated profile file
+- step_calibrate.py `seqshard plan --calibrate-here`: the step-time rates measured here
 - bench_cmd.py `seqshard bench`: measure a suite, write records, results.md and plots
 - results.py   the versioned msgpack schema of a bench run (machine, command, points); not
                launch/records.py, which keeps a training run's progress and summary
