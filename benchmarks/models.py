@@ -27,6 +27,15 @@ many piece-sized tensors (a few MiB) from its heap, whose fragmentation roughly 
 resident set at 128K tokens (FIT: 1953 vs 1033 MiB/rank) and got the 1M step OOM-killed; the
 price is page faults on every fresh tensor (that run took 2.3x as long).
 
+--allocator jemalloc runs the ranks on jemalloc (the libjemalloc.so that the ray wheel ships
+in ray/core, preloaded with LD_PRELOAD) configured never to purge freed pages
+(MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0): freed blocks are
+reused by size class instead of being mapped fresh, so no page faults after the first step's
+growth, and its size classes fragment much less than glibc's heap. glibc leaves the choice
+between its heap (fast, fragmented) and --mmap-threshold (lean, every fresh tensor
+page-faulted and zeroed: up to half of a DeltaNetLM step's CPU time); benchmarks/RESULTS.md
+has the three side by side.
+
 Each row runs in fresh rank processes started by torchrun (`torch.distributed.run`), whose
 process group and mesh wait --collective-timeout seconds in a collective. It must exceed the
 longest time one rank waits for another: with the DeltaNet layer in pieces, a whole layer's
@@ -154,6 +163,21 @@ def layer_table(args) -> None:
                   flush=True)
 
 
+def use_jemalloc() -> None:
+    """Start the rank processes (they inherit this environment) on the jemalloc that the
+    installed ray wheel ships, never purging freed pages."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray")
+    library = os.path.join(spec.submodule_search_locations[0], "core", "libjemalloc.so") \
+        if spec and spec.submodule_search_locations else ""
+    if not os.path.isfile(library):
+        raise SystemExit(f"--allocator jemalloc: no libjemalloc.so in the installed ray "
+                         f"package ({library or 'ray is not installed'})")
+    os.environ["LD_PRELOAD"] = ":".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))
+    os.environ["MALLOC_CONF"] = "dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="transformer,deltanet,fit")
@@ -167,6 +191,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=600.0)
     parser.add_argument("--mmap-threshold", type=int, default=0,
                         help="MALLOC_MMAP_THRESHOLD_ for the ranks in bytes (0: glibc default)")
+    parser.add_argument("--allocator", default="glibc", choices=("glibc", "jemalloc"),
+                        help="the ranks' malloc: glibc's (with --mmap-threshold) or jemalloc "
+                             "without purging (ray's bundled libjemalloc.so)")
     parser.add_argument("--layer", action="store_true",
                         help="one DeltaNet layer alone, for each --pieces value")
     parser.add_argument("--pieces", default="none,65536,16384",
@@ -185,6 +212,8 @@ def main() -> None:
         return _rank_task(args.rank_task)
     if args.mmap_threshold:  # before the first run_ranks starts the rank processes
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    if args.allocator == "jemalloc":
+        use_jemalloc()
     if args.layer:
         return layer_table(args)
 
