@@ -20,10 +20,6 @@ from seqshard.models.tokenizer import load_tokenizer
 CHUNK = 1 << 24  # bytes read (and written) at a time for byte ids
 
 
-def _load_tokenizer(folder: str):
-    return load_tokenizer(folder, "--tokenizer")
-
-
 def prepare(source: str, out: str, *, tokenizer: str = "", dtype: str = "uint16",
             progress: bool = True) -> dict:
     """Write `source`'s token ids to `out` (written beside it, then renamed into place).
@@ -33,7 +29,7 @@ def prepare(source: str, out: str, *, tokenizer: str = "", dtype: str = "uint16"
     if not out.endswith(".bin"):
         raise ValueError(f"output {out!r} must end in .bin ([data] path reads *.bin as token ids)")
     files = text_files(source)
-    tok = _load_tokenizer(tokenizer) if tokenizer else None
+    tok = load_tokenizer(tokenizer, "--tokenizer") if tokenizer else None
     vocab = len(tok) if tok is not None else 256
     eos = (tok.eos_token_id if tok is not None else SEPARATOR)
     limit = np.iinfo(BIN_DTYPES[dtype]).max + 1

@@ -71,8 +71,9 @@ def run_sweep(root: Path, points: list, *, address: str | None = None, command: 
             ray_connect.start_embedded(cpus)
             started = True
     packer = Packer(ray.cluster_resources(), parallel)
-    side_by_side = packer.at_once([need(p.cfg) for p in runnable]) > 1
-    header["parallel"] = (f"{parallel}: up to {packer.at_once([need(p.cfg) for p in runnable])} "
+    at_once = packer.at_once([need(p.cfg) for p in runnable])
+    side_by_side = at_once > 1
+    header["parallel"] = (f"{parallel}: up to {at_once} "
                           f"point(s) at once on {packer.capacity['CPU']:g} CPUs, "
                           f"{packer.capacity['GPU']:g} GPUs")
     interrupted, threads = False, []

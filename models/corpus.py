@@ -152,11 +152,6 @@ class Corpus:
         return {**asdict(self.cfg), "source": self.name, "tokens": self.source.size}
 
 
-def _tokenizer_vocab(folder: str) -> int:
-    """len() of the Hugging Face tokenizer in a local folder (no download is ever tried)."""
-    return len(load_tokenizer(folder, "data.tokenizer"))
-
-
 def open_corpus(cfg: DataConfig | dict, vocab_size: int, *, seq_len: int = 0,
                 batch_size: int = 1) -> Corpus:
     """The checked corpus of a [data] section for a model of `vocab_size` ids.
@@ -168,7 +163,7 @@ def open_corpus(cfg: DataConfig | dict, vocab_size: int, *, seq_len: int = 0,
     source = open_source(cfg.path, cfg.dtype)
     if isinstance(source, BinTokens):
         if cfg.tokenizer:
-            vocab_size = min(vocab_size, _tokenizer_vocab(cfg.tokenizer))
+            vocab_size = min(vocab_size, len(load_tokenizer(cfg.tokenizer, "data.tokenizer")))
         top, where = source.max_id()
         if top >= vocab_size:
             raise ValueError(f"data.path {cfg.path!r} holds token id {top} (at position "

@@ -34,6 +34,7 @@ from seqshard.dist import Layout, Mesh, get_layout
 from .data import _generator, random_batch, recall_batch
 from .loss import IGNORE, next_token_targets
 from .passkey import PasskeyTokens, min_length, passkey_shard, random_key
+from .tokenizer import check_folder, load_tokenizer
 
 Source = Callable[[int, int, torch.Tensor], torch.Tensor]
 HELD_OUT_STEP = -(10**9)
@@ -86,9 +87,8 @@ class EvalConfig:
         for name in ("samples", "buckets", "passkey_trials", "passkey_digits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} = {getattr(self, name)}: must be >= 1")
-        if self.tokenizer and not os.path.isdir(self.tokenizer):
-            raise ValueError(f"eval.tokenizer {self.tokenizer!r} is not a folder (a local "
-                             f"Hugging Face tokenizer; nothing is downloaded)")
+        if self.tokenizer:
+            check_folder(self.tokenizer, "eval.tokenizer")
 
 
 # --- per-token losses -------------------------------------------------------------------------
@@ -264,7 +264,6 @@ def passkey_tokens(trainer, tokenizer: str = "") -> tuple[PasskeyTokens | None, 
     if tc.task != "data":
         return PasskeyTokens.for_vocab(tc.vocab_size), ""
     from .sources import BinTokens
-    from .tokenizer import load_tokenizer
 
     if not isinstance(trainer.corpus.source, BinTokens):
         return PasskeyTokens.for_vocab(256), ""  # text read as bytes
