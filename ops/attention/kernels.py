@@ -37,6 +37,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..dtypes import compute_dtype
 from .checks import check_qkv
 from .plain import check_kind, plain_backward, plain_forward
 
@@ -217,7 +218,7 @@ def _fused_bwd(path, do, q, k, v, out, lse, causal: bool, scale: float):
     """(dq, dk, dv) of one fused call from the FINAL out and lse of its rows."""
     if path == "cpu":
         # the kernel keeps its LSE in the accumulation dtype: fp64 for fp64 inputs, else fp32
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(q.dtype)
         return FUSED_CPU[1](do, q, k, v, out, lse.to(acc).contiguous(), 0.0, causal,
                             scale=scale)
     d, (nq, nk) = q.shape[-1], (q.shape[2], k.shape[2])

@@ -7,7 +7,7 @@ import torch
 
 from seqshard.dist import Mesh, agree
 
-from ..dtypes import FLOAT_DTYPES
+from ..dtypes import FLOAT_DTYPES, compute_dtype
 from .chunk import LocalSchedule, default_chunk_size, run
 from .sharded import SCHEDULES, sharded_delta_rule
 
@@ -70,7 +70,7 @@ def _nonfinite(named) -> list[str]:
         # fp32, so its small range does not send ordinary inputs to the slow path.
         if t is None:
             continue
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(t.dtype)
         if not bool(torch.isfinite(t.detach().sum(dtype=acc))):
             count = int((~torch.isfinite(t.detach())).sum())
             if count:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import compute_dtype
 from .chain import _per_chunk, chain_grads, chain_states, shard_map
 from .chunk_math import (_NO_KEPT, Chunks, _blocks, _chunk_grads, _chunk_math,
                          _flat_inputs, _Kept, _rows, _scores, flat, from_chunks,
@@ -116,7 +117,7 @@ def _bwd(inputs, states, do, ds_final, schedule, scale, C):
 class _DeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, gate, h0, schedule, scale, C):
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp32 state chain
+        work = compute_dtype(q.dtype)  # fp32 state chain (fp64 stays fp64)
         inputs = [t.to(work) if t is not None else None for t in (q, k, v, beta, gate)]
         s0 = h0.to(work) if h0 is not None else q.new_zeros(
             q.shape[:2] + (k.shape[-1], v.shape[-1]), dtype=work)

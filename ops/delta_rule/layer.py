@@ -66,7 +66,7 @@ class ShortConv(nn.Module):
 
     def with_context(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The convolution of n rows x [B, n, C] given the `size - 1` rows before them,
-        context [B, size - 1, C] -> [B, n, C] (short_conv.py: in place along the tokens,
+        context [B, size - 1, C] -> [B, n, C] (short_conv.py: along the token axis,
         no transposition to conv1d's channels-first layout)."""
         return causal_conv(x, context, self.weight[:, 0])  # weight [C, 1, K] -> [C, K]
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import compute_dtype
+
 
 def naive_delta_rule(
     q: torch.Tensor,
@@ -36,7 +38,7 @@ def naive_delta_rule(
     >>> o.shape, s.shape
     (torch.Size([1, 2, 5, 3]), torch.Size([1, 2, 4, 3]))
     """
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    work = compute_dtype(q.dtype)
     B, H, N, Dk = q.shape
     Dv = v.shape[-1]
     scale = Dk ** -0.5 if scale is None else scale
@@ -70,7 +72,7 @@ def naive_short_conv(x_ext: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     >>> naive_short_conv(torch.ones(1, 5, 2), torch.ones(2, 3))[0, :, 0]
     tensor([3., 3., 3.])
     """
-    work = torch.float64 if x_ext.dtype == torch.float64 else torch.float32
+    work = compute_dtype(x_ext.dtype)
     if x_ext.shape[1] < weight.shape[1]:  # no rows (conv1d refuses an input shorter than K)
         return x_ext[:, :0] * weight[:, 0]
     out = torch.nn.functional.conv1d(x_ext.to(work).transpose(1, 2), weight.to(work)[:, None],

@@ -39,7 +39,7 @@ import torch
 
 from seqshard.dist import Mesh, agree, exchange, exclusive_scan
 
-from ..dtypes import FLOAT_DTYPES
+from ..dtypes import FLOAT_DTYPES, compute_dtype
 from .api import _nonfinite, agreement_facts
 from .chunk import default_chunk_size, prepare_blocked, shard_map
 from .sharded import compose
@@ -80,7 +80,7 @@ class _Shard:
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         self.first = self.mesh is None or self.mesh.rank == 0
         self.last = self.mesh is None or self.mesh.rank == self.mesh.size - 1
-        self.work = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 chain
+        self.work = compute_dtype(x.dtype)  # the chain's dtype
         head_dim = layer.head_dim
         self.state_shape = (x.shape[0], layer.num_heads, head_dim, head_dim)  # [B, H, Dk, Dv]
         device = x.device.type  # backward recomputes the pieces under the forward's autocast

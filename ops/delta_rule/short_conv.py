@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _work(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..dtypes import compute_dtype
 
 
 def _taps(K: int):
@@ -34,7 +32,7 @@ class _CausalConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, context, weight):
         ctx.save_for_backward(x, context, weight)
-        work = _work(x.dtype)
+        work = compute_dtype(x.dtype)
         xw, cw, w = x.to(work), context.to(work), weight.to(work)  # [B, n, C], [B, K-1, C], [C, K]
         n, K = x.shape[1], weight.shape[1]
         y = xw * w[:, K - 1]  # [B, n, C]: the tap on the row itself
@@ -48,7 +46,7 @@ class _CausalConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, context, weight = ctx.saved_tensors
-        work = _work(x.dtype)
+        work = compute_dtype(x.dtype)
         xw, cw, w, g = x.to(work), context.to(work), weight.to(work), dy.to(work)
         n, K = x.shape[1], weight.shape[1]
         dx = g * w[:, K - 1]  # [B, n, C]
