@@ -46,10 +46,25 @@ seq_len = 12
 """
 
 
-def _wait_listening(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
+# Ports `ray start` claims for fixed components whatever --port says: the client server, the
+# dashboard, the dashboard agent's HTTP port, and the worker port range. A head --port on one of
+# them makes `ray start` refuse ("trying to use a port number ... used by other components").
+RAY_FIXED_PORTS = {10001, 8265, 52365, *range(10002, 20000)}
+
+
+def _head_port() -> int:
+    """A free port that none of Ray's fixed-port components wants (free_port() can return
+    52365, the dashboard agent's default: that once failed this test on CI)."""
+    while (port := free_port()) in RAY_FIXED_PORTS:
+        pass
+    return port
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"ray start exited with {proc.returncode}"
+        assert proc.poll() is None, (f"ray start exited with {proc.returncode}:\n"
+                                     + log.read_text(errors="replace")[-3000:])
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -83,17 +98,18 @@ def test_two_node_cli_cluster_with_token_auth(tmp_path):
     # the documented token setup: token mode on every node and on the driver, one shared token
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
-    port = free_port()
+    port = _head_port()
     address = f"127.0.0.1:{port}"
     config = tmp_path / "probe.toml"
     config.write_text(PROBE)
+    head_log = tmp_path / "ray_head.log"
     procs: list[subprocess.Popen] = []
     try:
         procs.append(subprocess.Popen(
             [BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
              "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp_dir}", "--block"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait_listening(port, procs[0], timeout_s=60)
+            env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT))
+        _wait_listening(port, procs[0], head_log, timeout_s=60)
         procs.append(subprocess.Popen(
             [BIN / "ray", "start", f"--address={address}", "--num-cpus=1", "--block"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
