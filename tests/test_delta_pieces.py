@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from seqshard.dist import Contiguous, all_reduce
 from seqshard.ops.delta_rule import DeltaNet
@@ -235,3 +236,27 @@ def test_checkpoint_recomputation_keeps_the_last_piece_for_backward():
     assert len(calls) == 4 + 4 + 3
     for (name, _), ref, g in zip([("x", x)] + list(layer.named_parameters()), g_ref, grads):
         assert_close(f"d{name}", ref, g, TOL["grad"])
+
+
+def _sends_hold_no_input(rank, world):
+    """The one-way sends stay in flight until the layer's next call, so each must own its
+    tensor: a view of the input (the halo rows) would keep the whole shard x [B, N, C] alive
+    on every rank but the last, one such tensor per layer of a model until its backward."""
+    torch.manual_seed(3)
+    layer = DeltaNet(32, 2, chunk_size=4, mixer_piece_tokens=4)
+    x = torch.randn(1, 12, 32)
+    kept = StorageWeakRef(x.untyped_storage())
+    with torch.no_grad():  # nothing saved for backward: only the sends could hold x
+        y = layer(x, mesh=mesh(), check=False)
+    del x
+    in_flight = len(layer._in_flight)
+    freed = kept.expired()
+    all_reduce(y.sum(), mesh().group)  # the other ranks' receives done before the next test
+    return freed, in_flight
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_in_flight_sends_do_not_keep_the_input_alive(world):
+    results = run_ranks(_sends_hold_no_input, world)
+    assert [freed for freed, _ in results] == [True] * world, results
+    assert all(in_flight > 0 for _, in_flight in results[:-1]), results  # the test sees sends

@@ -99,8 +99,11 @@ class _Shard:
     def send(self, t: torch.Tensor, dst: int) -> None:
         """A one-way send that this rank never waits for in line: the receiver may be a whole
         layer behind (backward) and waiting would make the ranks take turns. The pending send
-        is kept on the layer and settled at its next forward (`settle`)."""
-        self.layer._in_flight.append(exchange([(t.contiguous(), dst)], [], self.mesh.group,
+        is kept on the layer and settled at its next forward (`settle`), so it sends a copy
+        of its own: a view (the halo rows of x) would keep its whole base alive until then,
+        one shard-sized tensor per layer of a model held from its forward to its backward."""
+        t = t.clone(memory_format=torch.contiguous_format)
+        self.layer._in_flight.append(exchange([(t, dst)], [], self.mesh.group,
                                               timeout=self.mesh.timeout, op="DeltaNet handoff"))
 
     def post_recv(self, like: torch.Tensor, src: int):
