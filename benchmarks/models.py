@@ -28,11 +28,15 @@ resident set at 128K tokens (FIT: 1953 vs 1033 MiB/rank) and got the 1M step OOM
 price is page faults on every fresh tensor (that run took 2.3x as long).
 
 --allocator jemalloc runs the ranks on jemalloc (the libjemalloc.so that the ray wheel ships
-in ray/core, preloaded with LD_PRELOAD) configured never to purge freed pages
-(MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0): freed blocks are
-reused by size class instead of being mapped fresh, so no page faults after the first step's
-growth, and its size classes fragment much less than glibc's heap. glibc leaves the choice
-between its heap (fast, fragmented) and --mmap-threshold (lean, every fresh tensor
+in ray/core, preloaded with LD_PRELOAD) as `[launch] allocator = "jemalloc"` runs the
+launcher's workers (launch/allocator.py): never purging freed pages
+(MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:134217728), freed blocks
+are reused by size class instead of being mapped fresh, so no page faults after the first
+step's growth, and its size classes fragment much less than glibc's heap. Blocks of 128 MiB
+and more (whole-shard tensors from 128K tokens per rank at width 256) come from an arena of
+their own, so the pieces' blocks of a few MiB never split a freed whole-shard block (at 1M
+tokens on 2 ranks that arena cut jemalloc's resident peak from 5719 to 4728 MiB per rank).
+glibc leaves the choice between its heap (fast, fragmented) and --mmap-threshold (lean, every fresh tensor
 page-faulted and zeroed: up to half of a DeltaNetLM step's CPU time); benchmarks/RESULTS.md
 has the three side by side.
 
@@ -165,17 +169,13 @@ def layer_table(args) -> None:
 
 def use_jemalloc() -> None:
     """Start the rank processes (they inherit this environment) on the jemalloc that the
-    installed ray wheel ships, never purging freed pages."""
-    import importlib.util
+    installed ray wheel ships, set up as the launcher's `[launch] allocator = "jemalloc"`."""
+    from seqshard.launch.allocator import jemalloc_env
 
-    spec = importlib.util.find_spec("ray")
-    library = os.path.join(spec.submodule_search_locations[0], "core", "libjemalloc.so") \
-        if spec and spec.submodule_search_locations else ""
-    if not os.path.isfile(library):
-        raise SystemExit(f"--allocator jemalloc: no libjemalloc.so in the installed ray "
-                         f"package ({library or 'ray is not installed'})")
-    os.environ["LD_PRELOAD"] = ":".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))
-    os.environ["MALLOC_CONF"] = "dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0"
+    try:
+        os.environ.update(jemalloc_env(os.environ.get("LD_PRELOAD", "")))
+    except FileNotFoundError as err:
+        raise SystemExit(f"--allocator jemalloc: {err}") from None
 
 
 def main() -> None:

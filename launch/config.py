@@ -32,6 +32,8 @@ from seqshard.models.evaluate import EvalConfig
 from seqshard.models.config import CONFIGS
 from seqshard.models.fill import fill, suggest
 
+from .allocator import ALLOCATORS, jemalloc_library
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser as a package (declared for < 3.11)
@@ -97,6 +99,12 @@ class LaunchSection:
     """How often the driver drains metrics and checks worker health."""
     progress: bool = True
     """Print a live progress line."""
+    allocator: str = "system"
+    """The workers' malloc: "system" (whatever the environment gives them, the C library's by
+    default) or "jemalloc" (the libjemalloc.so that the ray wheel ships, preloaded into the
+    workers, never purging freed pages: no page faults and little fragmentation in
+    long-context CPU steps; launch/allocator.py). jemalloc is looked for at the driver's ray
+    path on every node: a worker that starts without it fails the job, naming the path."""
 
 
 @dataclass
@@ -247,6 +255,10 @@ def validate(cfg: JobConfig) -> None:
     if lc.keep_checkpoints < 2:
         raise ValueError(f"launch.keep_checkpoints = {lc.keep_checkpoints}: must be >= 2 so a "
                          f"torn latest checkpoint can fall back to the previous one")
+    if lc.allocator not in ALLOCATORS:
+        raise ValueError(f"launch.allocator = {lc.allocator!r}: expected one of {ALLOCATORS}")
+    if lc.allocator == "jemalloc":
+        jemalloc_library()  # FileNotFoundError naming the path, before any worker starts
     if lc.cpus_per_worker <= 0 or lc.gpus_per_worker < 0:
         raise ValueError(f"launch.cpus_per_worker = {lc.cpus_per_worker}, launch.gpus_per_worker"
                          f" = {lc.gpus_per_worker}: need cpus > 0 and gpus >= 0")

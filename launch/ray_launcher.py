@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from seqshard.dist import free_port
 
 from . import ray_connect
+from .allocator import jemalloc_env, running_allocator
 from .config import JobConfig
 from .records import Recorder, tensorboard_problem
 from .worker import run_meta, train_config_steps
@@ -82,7 +83,8 @@ class WorkerActor:
         ip = ray.util.get_node_ip_address()
         port = free_port(host=ip)  # used only if this actor becomes rank 0
         return {"ip": ip, "node": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port}
+                "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port,
+                "allocator": running_allocator()}
 
     def run(self, cfg: JobConfig, env: dict, attempt: int, hub, evaluate=None,
             generate=None) -> dict:
@@ -134,15 +136,25 @@ class WorkerGroup:
                 f"could not place {world} workers x {bundle} ({lc.placement}) within "
                 f"{PLACEMENT_TIMEOUT_S:.0f} s; the cluster has {ray.cluster_resources()}",
                 retryable=False)
+        # the allocator is chosen when a worker process starts: LD_PRELOAD in its environment
+        runtime_env = {"env_vars": jemalloc_env()} if lc.allocator == "jemalloc" else None
         self.actors = [
             WorkerActor.options(
                 num_cpus=lc.cpus_per_worker, num_gpus=lc.gpus_per_worker, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=i),
+                runtime_env=runtime_env,
             ).remote()
             for i in range(world)
         ]
         infos = ray.get([a.node_info.remote() for a in self.actors])
+        without = [info for info in infos if runtime_env and info["allocator"] != "jemalloc"]
+        if without:  # the loader skips a preload it cannot find, with only a line on stderr
+            self.teardown()
+            raise WorkerFailure(
+                f"launch.allocator = 'jemalloc', but {len(without)} worker(s) started without "
+                f"it (node {without[0]['ip']}, pid {without[0]['pid']}): is "
+                f"{runtime_env['env_vars']['LD_PRELOAD']} on every node?", retryable=False)
         self.plan = assign_ranks(infos)
         rank0 = infos[self.plan[0]["bundle"]]
         self.master = (rank0["ip"], rank0["port"])

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from seqshard.dist import CollectiveError, Mesh, destroy_process_group
 
 from . import checkpoint as ckpt
+from .allocator import running_allocator
 from .config import JobConfig, resume_meta, train_config
 from .tasks import make_task
 
@@ -144,7 +145,8 @@ def run_worker(cfg: JobConfig, *, attempt: int = 0, report: Report | None = None
     emit = report if (report is not None and rank == 0) else None
     if report is not None:
         report({"type": "worker_started", "rank": rank, "pid": os.getpid(),
-                "host": socket.gethostname(), "attempt": attempt})
+                "host": socket.gethostname(), "attempt": attempt,
+                "allocator": running_allocator()})
     task = make_task(cfg, mesh)
     loaded = evaluate if generate is None else (generate["step"], generate["checkpoint"])
     if loaded is not None:

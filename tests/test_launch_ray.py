@@ -78,6 +78,7 @@ def test_two_worker_job_completes(baseline):
     started = _events(out, "worker_started")
     assert sorted(e["rank"] for e in started) == [0, 1]
     assert len({e["pid"] for e in started}) == 2
+    assert {e["allocator"] for e in started} == {"system"}  # the default changes nothing
 
 
 def test_killed_worker_resumes_to_identical_state(baseline, tmp_path):
@@ -148,6 +149,21 @@ def test_stalled_collective_times_out_and_restarts_are_bounded(local_ray, tmp_pa
     assert final[-1]["status"] == "failed"
     steps = [r["step"] for r in read_records(tmp_path / "stalled") if r["type"] == "step"]
     assert steps == [1, 2]
+
+
+def test_workers_on_jemalloc(local_ray, tmp_path):
+    """launch.allocator = "jemalloc": both workers start with ray's libjemalloc.so preloaded
+    (their own /proc/self/maps says so) and train; a name it does not know is refused."""
+    path = tmp_path / "probe.toml"
+    path.write_text(PROBE.split("[fault]")[0] + '[train]\nsteps = 2\nseq_len = 60\n')
+    cfg = config.load(path, ["launch.allocator=jemalloc"])
+    cfg.job.out = str(tmp_path / "jemalloc")
+    assert launch(cfg)["status"] == "completed"
+    started = _events(tmp_path / "jemalloc", "worker_started")
+    assert [(e["rank"], e["allocator"]) for e in sorted(started, key=lambda e: e["rank"])] == [
+        (0, "jemalloc"), (1, "jemalloc")]
+    with pytest.raises(ValueError, match="launch.allocator = 'tcmalloc': expected one of"):
+        config.load(path, ["launch.allocator=tcmalloc"])
 
 
 def test_same_job_under_torchrun(baseline, tmp_path):
