@@ -31,8 +31,8 @@ def jemalloc_library() -> str:
     folders = spec.submodule_search_locations if spec is not None else None
     library = os.path.join(folders[0], "core", "libjemalloc.so") if folders else ""
     if not os.path.isfile(library):
-        raise FileNotFoundError(f"allocator 'jemalloc': no libjemalloc.so in the installed "
-                                f"ray package ({library or 'ray is not installed'})")
+        raise FileNotFoundError(f"no libjemalloc.so in the installed ray package "
+                                f"({library or 'ray is not installed'})")
     return library
 
 

@@ -258,7 +258,10 @@ def validate(cfg: JobConfig) -> None:
     if lc.allocator not in ALLOCATORS:
         raise ValueError(f"launch.allocator = {lc.allocator!r}: expected one of {ALLOCATORS}")
     if lc.allocator == "jemalloc":
-        jemalloc_library()  # FileNotFoundError naming the path, before any worker starts
+        try:  # before any worker starts
+            jemalloc_library()
+        except FileNotFoundError as err:
+            raise ValueError(f"launch.allocator = 'jemalloc': {err}") from None
     if lc.cpus_per_worker <= 0 or lc.gpus_per_worker < 0:
         raise ValueError(f"launch.cpus_per_worker = {lc.cpus_per_worker}, launch.gpus_per_worker"
                          f" = {lc.gpus_per_worker}: need cpus > 0 and gpus >= 0")
